@@ -1,0 +1,1 @@
+"""Simulated wearable device agents for MeshHealth."""

@@ -1,0 +1,176 @@
+"""The MQTT side of a wearable or a gateway: publish from the outbox, clear it on receipts.
+
+One :class:`Agent` serves one device (a wearable) or many (a gateway: one
+MQTT connection for all of them).  It never forgets a reading before a
+node-signed receipt covers it:
+
+* every reading goes to the outbox first, then to MQTT (QoS 1);
+* a receipt (checked: signed by an authority of our network) deletes the
+  readings it covers;
+* when a device's receipts stop advancing for ``resend_after`` seconds, its
+  unreceipted readings are re-sent (the interval backs off up to 60 s and
+  resets on progress); after a reconnect everything unreceipted is re-sent.
+  Nodes drop what they already stored, so the stored result is exactly-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from device_agents.device import Device
+from device_agents.outbox import Outbox
+from meshhealth.errors import MeshHealthError
+from meshhealth.ingest.mqtt import parse_broker_url
+from meshhealth.wire import Receipt
+
+log = logging.getLogger(__name__)
+
+READINGS_TOPIC = "mh/v1/readings/{device}"
+RECEIPTS_TOPIC = "mh/v1/receipts/{device}"
+
+
+@dataclass
+class _Track:
+    acked: int = 0  # highest seq a receipt covered
+    sent_upto: int = 0  # highest seq published on the current connection
+    progress_at: float = field(default_factory=time.monotonic)
+    backoff: float = 0.0
+
+
+class Agent:
+    def __init__(self, outbox: Outbox, devices: Iterable[Device], broker_url: str, *,
+                 network: bytes, authorities: set[bytes], client_id: str = "",
+                 resend_after: float = 5.0, window: int = 2000, username: str = "",
+                 password: str = "") -> None:
+        self.outbox = outbox
+        self.devices = {d.id: d for d in devices}
+        self.host, self.port, self.tls = parse_broker_url(broker_url)
+        self.network, self.authorities = network, authorities
+        self.client_id = client_id
+        self.resend_after, self.window = resend_after, window
+        self.username, self.password = username, password
+        self.track = {d: _Track() for d in self.devices}
+        self._wake = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.stats = {"published": 0, "resent": 0, "receipts": 0, "bad_receipts": 0,
+                      "acked": 0, "connects": 0}
+
+    # --- producing ----------------------------------------------------------
+
+    async def record(self, items: list[tuple[Device, int, bytes]]) -> None:
+        """Persist new readings (and the devices' next seq) before anything is sent."""
+        if not items:
+            return
+        states = {d.id: d.state() for d, _, _ in items}
+        await asyncio.to_thread(
+            self.outbox.put_many, [(d.id, s, r) for d, s, r in items], states
+        )
+        self._wake.set()
+
+    def pending(self) -> int:
+        return self.outbox.count()
+
+    async def wait_drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.outbox.count) == 0:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    # --- connection ---------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                delay = 0.5
+            except aiomqtt.MqttError as exc:
+                log.info("agent %s: broker connection lost (%s); retry in %.1fs",
+                         self.client_id, exc, delay)
+            self.connected.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        async with aiomqtt.Client(self.host, self.port, identifier=self.client_id or None,
+                                  username=self.username or None,
+                                  password=self.password or None,
+                                  tls_params=aiomqtt.TLSParameters() if self.tls else None,
+                                  max_queued_outgoing_messages=0, keepalive=30) as client:
+            self.stats["connects"] += 1
+            topics = [(RECEIPTS_TOPIC.format(device=d.hex()), 1) for d in self.devices]
+            for i in range(0, len(topics), 200):
+                await client.subscribe(topics[i : i + 200])
+            for t in self.track.values():  # everything unreceipted goes again
+                t.sent_upto = t.acked
+            self.connected.set()
+            async with asyncio.TaskGroup() as tg:
+                rx = tg.create_task(self._receive(client))
+                tx = tg.create_task(self._send(client))
+                await stop.wait()
+                rx.cancel()
+                tx.cancel()
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            if isinstance(msg.payload, bytes):
+                await self._on_receipt(msg.payload)
+
+    async def _on_receipt(self, payload: bytes) -> None:
+        try:
+            rc = Receipt.decode(payload).verify()
+        except MeshHealthError:
+            self.stats["bad_receipts"] += 1
+            return
+        t = self.track.get(rc.device)
+        if t is None or rc.network != self.network or rc.node not in self.authorities:
+            self.stats["bad_receipts"] += 1
+            return
+        self.stats["receipts"] += 1
+        if rc.seq > t.acked:
+            n = await asyncio.to_thread(self.outbox.ack, rc.device, rc.seq)
+            self.stats["acked"] += n
+            t.acked = rc.seq
+            t.sent_upto = max(t.sent_upto, t.acked)
+            t.progress_at, t.backoff = time.monotonic(), 0.0
+            self._wake.set()
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            for dev, t in self.track.items():
+                if t.sent_upto > t.acked and now - t.progress_at > self.resend_after + t.backoff:
+                    self.stats["resent"] += t.sent_upto - t.acked
+                    t.sent_upto = t.acked  # receipts stalled: send the unreceipted again
+                    t.progress_at = now
+                    t.backoff = min(60.0, max(1.0, t.backoff * 2))
+                room = self.window - (t.sent_upto - t.acked)
+                if room <= 0:
+                    continue
+                batch = await asyncio.to_thread(
+                    lambda d=dev, a=t.sent_upto, n=room: list(self.outbox.pending(d, a, n))
+                )
+                topic = READINGS_TOPIC.format(device=dev.hex())
+                for seq, raw in batch:
+                    await client.publish(topic, raw, qos=1)
+                    t.sent_upto = seq
+                    self.stats["published"] += 1
+                if batch and t.acked == 0 and t.progress_at == 0:
+                    t.progress_at = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+
+    def statistics(self) -> dict[str, Any]:
+        return dict(self.stats, devices=len(self.devices))

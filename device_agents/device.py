@@ -1,0 +1,96 @@
+"""One wearable: its identity, its stream keys, and how it turns samples into readings.
+
+A device holds, per stream, a forward-only ratchet cursor unsealed from the
+patient's enrolment; it can encrypt for its current epoch and any later
+one, never for an earlier one.  Samples are split at key-epoch boundaries
+(and at ``max_samples``) so every reading is encrypted under one message
+key and stays under the wire's size bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.signing
+
+from device_agents.sensors import STREAMS
+from meshhealth.crypto.keys import Identity
+from meshhealth.sharing.keychain import ChainCursor, encode_samples, encrypt, unseal
+from meshhealth.wire import EnrollDevice, Reading
+from meshhealth.wire.types import MAX_SPAN_MS
+
+Sample = tuple[int, tuple[float, ...]]
+MAX_SAMPLES = 200  # keeps a reading well under 4 KiB
+
+
+@dataclass
+class Device:
+    identity: Identity
+    patient: bytes
+    cursors: dict[str, ChainCursor] = field(default_factory=dict)
+    next_seq: int = 1
+
+    @property
+    def id(self) -> bytes:
+        return self.identity.public
+
+    def accept_enrollment(self, tx: EnrollDevice) -> None:
+        """Unseal this device's stream keys from the patient's enrolment."""
+        if tx.device != self.id or tx.patient != self.patient:
+            raise ValueError("enrolment is for another device or patient")
+        tx.verify()
+        for sk in tx.streams:
+            key = unseal(sk.sealed, self.identity.box_private)
+            self.cursors[sk.stream] = ChainCursor(sk.chain_id, sk.epoch_ms, sk.key_epoch, key)
+
+    def readings(self, stream: str, samples: Sequence[Sample], *, max_samples: int = MAX_SAMPLES) -> list[tuple[int, bytes]]:
+        """Encrypt and sign ``samples`` (time-ordered) into readings; returns (seq, bytes)."""
+        cur = self.cursors[stream]
+        spec = STREAMS[stream]
+        out: list[tuple[int, bytes]] = []
+        group: list[Sample] = []
+
+        def flush() -> None:
+            if group:
+                out.append(self._seal(stream, spec.unit, spec.decimals, cur, group))
+                group.clear()
+
+        for s in samples:
+            if group and (
+                len(group) >= max_samples
+                or s[0] // cur.epoch_ms != group[0][0] // cur.epoch_ms
+                or s[0] - group[0][0] > MAX_SPAN_MS
+            ):
+                flush()
+            group.append(s)
+        flush()
+        return out
+
+    def _seal(self, stream: str, unit: str, decimals: int, cur: ChainCursor,
+              group: list[Sample]) -> tuple[int, bytes]:
+        t0 = group[0][0]
+        epoch = t0 // cur.epoch_ms
+        seq = self.next_seq
+        self.next_seq += 1
+        header = Reading(self.id, self.patient, stream, seq, t0, group[-1][0] - t0, cur.chain_id,
+                         epoch, b"\0" * 24, b"", b"\0" * 64)
+        nonce, ct = encrypt(cur.message_key(epoch), encode_samples(unit, decimals, t0, group),
+                            header.associated_data())
+        r = Reading.create(self.identity.signing, patient=self.patient, stream=stream, seq=seq,
+                           t_ms=t0, span_ms=header.span_ms, chain_id=cur.chain_id, epoch=epoch,
+                           nonce=nonce, ciphertext=ct)
+        return seq, r.encode()
+
+    # --- persistence (kept in the outbox) ------------------------------------
+
+    def state(self) -> list[Any]:
+        return [bytes(self.identity.signing), self.patient, self.next_seq,
+                [[s, c.chain_id, c.epoch_ms, c.epoch, c.key] for s, c in self.cursors.items()]]
+
+    @classmethod
+    def from_state(cls, state: list[Any]) -> Device:
+        seed, patient, next_seq, cursors = state
+        return cls(Identity("device", nacl.signing.SigningKey(seed)), patient,
+                   {s: ChainCursor(cid, ems, ep, k) for s, cid, ems, ep, k in cursors}, next_seq)

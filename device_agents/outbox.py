@@ -1,0 +1,117 @@
+"""A device's persistent outbox (LMDB): nothing leaves it until a receipt covers it.
+
+Keys::
+
+    b"r" + device(32) + seq(8)  -> encoded, signed reading
+    b"d" + device(32)           -> the device's state (key seed, patient,
+                                   next seq, stream key cursors)
+
+A reading and the device's next sequence number are written in one
+transaction, so a restarted agent never reuses a sequence number (which
+would also reuse nothing cryptographic: nonces are random).  The directory
+holds device secrets; it is created with mode 0700.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from meshhealth.wire.codec import pack, unpack
+
+
+class Outbox:
+    def __init__(self, path: Path, *, map_size_mb: int = 256) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        self.env = lmdb.open(str(path), map_size=map_size_mb << 20, max_dbs=1)
+        self._counts: dict[bytes, int] = {}
+
+    def close(self) -> None:
+        self.env.close()
+
+    def _write(self, fn: Any) -> Any:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def save_state(self, device: bytes, state: list[Any]) -> None:
+        self._write(lambda txn: txn.put(b"d" + device, pack(state)))
+
+    def states(self) -> dict[bytes, list[Any]]:
+        with self.env.begin() as txn:
+            cur = txn.cursor()
+            out = {}
+            if cur.set_range(b"d"):
+                for k, v in cur:
+                    if k[:1] != b"d":
+                        break
+                    out[bytes(k[1:])] = unpack(bytes(v), max_len=1 << 20)
+            return out
+
+    def put(self, device: bytes, seq: int, reading: bytes, state: list[Any]) -> None:
+        def fn(txn: Any) -> None:
+            txn.put(b"r" + device + struct.pack(">Q", seq), reading)
+            txn.put(b"d" + device, pack(state))
+
+        self._write(fn)
+
+    def put_many(self, items: list[tuple[bytes, int, bytes]], states: dict[bytes, list[Any]]) -> None:
+        """Store many readings (and the devices' new states) in one transaction."""
+
+        def fn(txn: Any) -> None:
+            for device, seq, reading in items:
+                txn.put(b"r" + device + struct.pack(">Q", seq), reading)
+            for device, state in states.items():
+                txn.put(b"d" + device, pack(state))
+
+        self._write(fn)
+
+    def ack(self, device: bytes, upto: int) -> int:
+        """Drop every reading of ``device`` with seq <= ``upto``; returns how many."""
+
+        def fn(txn: Any) -> int:
+            cur = txn.cursor()
+            n = 0
+            prefix = b"r" + device
+            if cur.set_range(prefix):
+                while cur.key()[:33] == prefix and struct.unpack(">Q", cur.key()[33:])[0] <= upto:
+                    if not cur.delete():
+                        break
+                    n += 1
+            return n
+
+        return int(self._write(fn))
+
+    def pending(self, device: bytes, after: int = 0, limit: int = 1 << 30) -> Iterator[tuple[int, bytes]]:
+        """(seq, reading) of ``device`` above ``after``, in seq order."""
+        with self.env.begin() as txn:
+            cur = txn.cursor()
+            prefix = b"r" + device
+            n = 0
+            if cur.set_range(prefix + struct.pack(">Q", after + 1)):
+                for k, v in cur:
+                    if k[:33] != prefix or n >= limit:
+                        break
+                    n += 1
+                    yield struct.unpack(">Q", k[33:])[0], bytes(v)
+
+    def count(self, device: bytes | None = None) -> int:
+        with self.env.begin() as txn:
+            cur = txn.cursor()
+            prefix = b"r" + (device or b"")
+            n = 0
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[: len(prefix)] != prefix:
+                        break
+                    n += 1
+            return n

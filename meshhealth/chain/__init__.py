@@ -1,0 +1,1 @@
+"""Blocks, Merkle trees, chain verification and the access-control state."""

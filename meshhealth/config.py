@@ -1,0 +1,211 @@
+"""The genesis (network) file and the node configuration file, both TOML.
+
+Every setting has a default a newcomer can run with; a bad value raises a
+:class:`ConfigError` whose message names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from meshhealth.crypto.hashing import h
+from meshhealth.errors import ConfigError
+from meshhealth.wire.codec import pack
+
+
+@dataclass(frozen=True)
+class Authority:
+    name: str
+    key: bytes
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """Names the network and its authority nodes; its hash is the network id."""
+
+    name: str
+    created_ms: int
+    authorities: tuple[Authority, ...]
+    max_future_skew_ms: int = 30_000
+
+    @property
+    def network_id(self) -> bytes:
+        auths = sorted([a.key, a.name] for a in self.authorities)
+        return h(pack(["G1", self.name, self.created_ms, self.max_future_skew_ms, auths]))
+
+    def is_authority(self, key: bytes) -> bool:
+        return any(a.key == key for a in self.authorities)
+
+    def dumps(self) -> str:
+        return tomli_w.dumps(
+            {
+                "network": {
+                    "name": self.name,
+                    "created_ms": self.created_ms,
+                    "max_future_skew_ms": self.max_future_skew_ms,
+                },
+                "authority": [{"name": a.name, "key": a.key.hex()} for a in self.authorities],
+            }
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Genesis:
+        doc = _read_toml(path, "genesis file", "create one with `meshhealth network create`")
+        return cls.from_doc(doc, str(path))
+
+    @classmethod
+    def load_text(cls, text: str) -> Genesis:
+        return cls.from_doc(tomllib.loads(text), "stored genesis")
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], path: str) -> Genesis:
+        try:
+            net = doc["network"]
+            auths = tuple(Authority(a["name"], bytes.fromhex(a["key"])) for a in doc["authority"])
+            g = cls(net["name"], int(net["created_ms"]), auths,
+                    int(net.get("max_future_skew_ms", 30_000)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: malformed genesis file ({exc})") from exc
+        if not g.authorities or any(len(a.key) != 32 for a in g.authorities):
+            raise ConfigError(f"{path}: a network needs at least one 32-byte authority key")
+        return g
+
+
+def _read_toml(path: Path, what: str, fix: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {path} not found; {fix}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    broker: str = ""  # "mqtt://host:port"; empty runs the embedded broker
+    embedded_port: int = 1883
+    username: str = ""
+    password: str = ""
+    client_id: str = ""  # default: "mh-node-<short id>"
+    readings_topic: str = "mh/v1/readings/+"
+    receipts_topic: str = "mh/v1/receipts/{device}"
+    shared_group: str = ""  # MQTT 5 shared subscription group
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    block_interval_s: float = 1.0
+    max_entries: int = 10_000
+    max_block_bytes: int = 8 * 1024 * 1024
+    verify_workers: int = 2
+    chunk_size: int = 256
+    max_backlog: int = 200_000
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8700
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    map_size_mb: int = 64
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    base: Path = Path(".")
+    key_file: str = "node.key"
+    genesis_file: str = "genesis.toml"
+    data_dir: str = "data"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def path(self, name: str) -> Path:
+        p = Path(name)
+        return p if p.is_absolute() else self.base / p
+
+    @property
+    def key_path(self) -> Path:
+        return self.path(self.key_file)
+
+    @property
+    def genesis_path(self) -> Path:
+        return self.path(self.genesis_file)
+
+    @property
+    def data_path(self) -> Path:
+        return self.path(self.data_dir)
+
+    def dumps(self) -> str:
+        def section(obj: Any) -> dict[str, Any]:
+            return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+        return tomli_w.dumps(
+            {
+                "node": {"key_file": self.key_file, "genesis_file": self.genesis_file,
+                         "data_dir": self.data_dir},
+                "mqtt": section(self.mqtt),
+                "ingest": section(self.ingest),
+                "api": section(self.api),
+                "storage": section(self.storage),
+            }
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> NodeConfig:
+        doc = _read_toml(path, "node config", "create one with `meshhealth init`")
+        return cls.from_doc(doc, base=Path(path).resolve().parent, source=str(path))
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], *, base: Path, source: str = "config") -> NodeConfig:
+        known = {"node", "mqtt", "ingest", "api", "storage"}
+        for k in doc:
+            if k not in known:
+                raise ConfigError(f"{source}: unknown section [{k}] (known: {sorted(known)})")
+
+        def build(kind: type[Any], name: str) -> Any:
+            sec = doc.get(name, {})
+            allowed = {f.name: f for f in fields(kind)}
+            for k, v in sec.items():
+                if k not in allowed:
+                    raise ConfigError(f"{source}: unknown key {name}.{k} (known: {sorted(allowed)})")
+                default = getattr(kind(), k)
+                if isinstance(default, float) and isinstance(v, int):
+                    v = float(v)
+                if type(v) is not type(default):
+                    raise ConfigError(f"{source}: {name}.{k} must be a {type(default).__name__}")
+            return kind(**sec)
+
+        node = doc.get("node", {})
+        cfg = cls(
+            base=base,
+            key_file=node.get("key_file", "node.key"),
+            genesis_file=node.get("genesis_file", "genesis.toml"),
+            data_dir=node.get("data_dir", "data"),
+            mqtt=build(MqttConfig, "mqtt"),
+            ingest=build(IngestConfig, "ingest"),
+            api=build(ApiConfig, "api"),
+            storage=build(StorageConfig, "storage"),
+        )
+        ing = cfg.ingest
+        if not 0.01 <= ing.block_interval_s <= 3600:
+            raise ConfigError(f"{source}: ingest.block_interval_s must be in [0.01, 3600]")
+        if not 1 <= ing.max_entries <= 65_535:
+            raise ConfigError(f"{source}: ingest.max_entries must be in [1, 65535]")
+        if not 64 * 1024 <= ing.max_block_bytes <= 8 * 1024 * 1024:
+            raise ConfigError(f"{source}: ingest.max_block_bytes must be in [64 KiB, 8 MiB]")
+        if not 0 <= ing.verify_workers <= 64:
+            raise ConfigError(f"{source}: ingest.verify_workers must be in [0, 64]")
+        return cfg
+
+    def with_overrides(self, **kw: Any) -> NodeConfig:
+        return replace(self, **kw)

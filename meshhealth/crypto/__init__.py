@@ -1,0 +1,1 @@
+"""Keys, hashes and key files (PyNaCl underneath; nothing hand-rolled)."""

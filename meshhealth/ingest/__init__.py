@@ -1,0 +1,1 @@
+"""Reading ingest: MQTT in, verification, de-duplication, batching, receipts out."""

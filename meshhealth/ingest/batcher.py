@@ -1,0 +1,163 @@
+"""The pure heart of ingest: admit entries, batch them, seal blocks.
+
+No I/O here.  The shell feeds it verified readings and control transactions
+with the current time, asks ``due(now)`` and, when due, calls ``seal(now)``
+to get a :class:`Commit` for the store.  Policy checks that need state live
+here; checks that need only the bytes (size, decoding, signature) run
+before, in the verifier processes.
+
+Sequence marks are updated when a block is *sealed*, not when it is
+committed, so a reading that arrives while its twin is being written is
+still recognised as a duplicate.  A failed commit is fatal for the node
+process (restart rebuilds everything from LMDB), which keeps this simple.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import nacl.signing
+
+from meshhealth.chain.acl import AccessState
+from meshhealth.chain.block import build_block
+from meshhealth.crypto.hashing import h
+from meshhealth.errors import Rejected, RemoteError
+from meshhealth.ingest.seqmarks import SeqMark
+from meshhealth.store.lmdb_store import Commit, IndexedReading
+from meshhealth.wire import EnrollDevice, Reading, Receipt
+
+
+@dataclass
+class BatchLimits:
+    interval_ms: int = 1000
+    max_entries: int = 10_000
+    max_bytes: int = 8 * 1024 * 1024
+    max_future_skew_ms: int = 30_000
+
+
+@dataclass
+class Batcher:
+    key: nacl.signing.SigningKey
+    network: bytes
+    limits: BatchLimits
+    access: AccessState
+    marks: dict[bytes, SeqMark]
+    height: int = -1  # height of the last sealed block
+    prev: bytes = b""  # hash of the last sealed block (network id before the first)
+    rejects: Counter[str] = field(default_factory=Counter)
+    accepted: int = 0
+    # the batch being built
+    _entries: list[bytes] = field(default_factory=list)
+    _readings: list[IndexedReading] = field(default_factory=list)
+    _txs: list[tuple[bytes, int]] = field(default_factory=list)
+    _seqs: dict[bytes, list[int]] = field(default_factory=dict)
+    _bytes: int = 0
+    _started_ms: int | None = None
+    # devices that re-sent committed readings: they need a fresh receipt
+    want_receipt: set[bytes] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.prev:
+            self.prev = self.network
+
+    # --- admission --------------------------------------------------------
+
+    def reject(self, reason: str) -> None:
+        self.rejects[reason] += 1
+
+    def admit_reading(self, raw: bytes, r: Reading, now_ms: int, *, topic_device: bytes | None = None) -> None:
+        """Add a signature-checked reading to the batch or raise :class:`Rejected`."""
+        if topic_device is not None and topic_device != r.device:
+            raise Rejected("topic_mismatch", "reading published on another device's topic")
+        if r.t_last_ms > now_ms + self.limits.max_future_skew_ms:
+            raise Rejected("future_timestamp", f"{r.t_last_ms - now_ms} ms ahead")
+        self.access.check_reading(r)
+        mark = self.marks.get(r.device)
+        if mark is None:
+            mark = self.marks[r.device] = SeqMark()
+        pending = self._seqs.setdefault(r.device, [])
+        if mark.has(r.seq) or r.seq in pending:
+            self.want_receipt.add(r.device)
+            raise Rejected("duplicate", f"seq {r.seq} already stored")
+        if not mark.room_for(r.seq):
+            raise Rejected("seq_window", "too many readings above a gap; re-send the gap first")
+        pending.append(r.seq)
+        self._add(raw, now_ms)
+        self._readings.append(IndexedReading(len(self._entries) - 1, r.patient, r.stream, r.t_ms))
+
+    def admit_tx(self, raw: bytes, tx: EnrollDevice, now_ms: int) -> bytes:
+        """Verify and add a control transaction; returns its hash."""
+        try:
+            tx.verify()
+        except RemoteError as exc:
+            raise Rejected("bad_signature", str(exc)) from exc
+        if tx.ts_ms > now_ms + self.limits.max_future_skew_ms:
+            raise Rejected("future_timestamp", "transaction from the future")
+        if tx.device == tx.patient:
+            raise Rejected("bad_tx", "a patient cannot enrol itself as a device")
+        tid = h(raw)
+        if not self.access.apply(tx):
+            raise Rejected("duplicate_tx", tid.hex()[:16])
+        self._add(raw, now_ms)
+        self._txs.append((tid, len(self._entries) - 1))
+        return tid
+
+    def _add(self, raw: bytes, now_ms: int) -> None:
+        if self._started_ms is None:
+            self._started_ms = now_ms
+        self._entries.append(raw)
+        self._bytes += len(raw) + 3
+        self.accepted += 1
+
+    # --- sealing ----------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self._entries)
+
+    def full(self) -> bool:
+        return (
+            len(self._entries) >= self.limits.max_entries
+            or self._bytes + 4096 > self.limits.max_bytes
+        )
+
+    def due(self, now_ms: int) -> bool:
+        if not self._entries:
+            return False
+        assert self._started_ms is not None
+        return self.full() or now_ms - self._started_ms >= self.limits.interval_ms
+
+    def deadline_ms(self) -> int | None:
+        """When the current batch becomes due by time alone."""
+        return None if self._started_ms is None else self._started_ms + self.limits.interval_ms
+
+    def seal(self, now_ms: int) -> Commit:
+        touched: dict[bytes, SeqMark] = {}
+        for device, seqs in self._seqs.items():
+            if not seqs:
+                continue
+            mark = self.marks[device]
+            for s in seqs:
+                mark.add(s)
+            touched[device] = mark.copy()
+        block = build_block(
+            self.key,
+            network=self.network,
+            height=self.height + 1,
+            prev=self.prev,
+            ts_ms=now_ms,
+            entries=self._entries,
+        )
+        commit = Commit(block, tuple(self._readings), touched, tuple(self._txs))
+        self.height, self.prev = block.header.height, block.hash
+        self._entries, self._readings, self._txs, self._seqs = [], [], [], {}
+        self._bytes, self._started_ms = 0, None
+        return commit
+
+
+def make_receipt(
+    key: nacl.signing.SigningKey, network: bytes, device: bytes, mark: SeqMark, height: int, now_ms: int
+) -> Receipt:
+    return Receipt.create(key, network=network, device=device, seq=mark.contiguous,
+                          height=max(height, 0), ts_ms=now_ms)

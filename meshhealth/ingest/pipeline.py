@@ -1,0 +1,220 @@
+"""The async ingest shell: raw payloads in, committed blocks and receipts out.
+
+Three tasks share the work:
+
+* ``_verify_loop`` takes chunks of raw payloads off the inbox and ships them
+  to the verifier processes, keeping a bounded number of chunks in flight and
+  consuming the results in submission order (so a device's readings are
+  admitted in the order they arrived).
+* ``_seal_loop`` seals the batch when it is full or its interval has passed,
+  commits it in the single LMDB writer thread, then publishes receipts.
+* The MQTT callback only appends to the inbox; past ``max_backlog`` it drops
+  (counted as ``overload``): the devices still hold those readings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+import multiprocessing
+from typing import Any
+
+from meshhealth.errors import MalformedMessage, Rejected
+from meshhealth.ingest import verify
+from meshhealth.ingest.batcher import Batcher, make_receipt
+from meshhealth.ingest.seqmarks import SeqMark
+from meshhealth.store.lmdb_store import Commit, Store
+from meshhealth.wire import EnrollDevice
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], None]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Pipeline:
+    def __init__(self, batcher: Batcher, store: Store, *, workers: int, chunk_size: int,
+                 max_backlog: int, receipts_topic: str, publish: Publish) -> None:
+        self.batcher = batcher
+        self.store = store
+        self.chunk_size = chunk_size
+        self.max_backlog = max_backlog
+        self.receipts_topic = receipts_topic
+        self.publish = publish
+        self.workers = workers
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._seal_now = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.committed: dict[bytes, SeqMark] = store.seqmarks()
+        self.received = 0
+        self.blocks = 0
+        self.committed_readings = store.reading_count()
+        self.commit_seconds = 0.0
+        self._pool: Executor | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="lmdb-writer")
+
+    # --- inputs -----------------------------------------------------------
+
+    def on_payload(self, topic: str, payload: bytes) -> None:
+        self.received += 1
+        if len(self._inbox) >= self.max_backlog:
+            self.batcher.reject("overload")
+            return
+        self._inbox.append((topic, payload))
+        if len(self._inbox) >= self.chunk_size:
+            self._wake.set()
+
+    def submit_tx(self, raw: bytes) -> bytes:
+        """Admit a control transaction from the API; raises on anything bad."""
+        try:
+            tx = EnrollDevice.decode(raw)
+        except MalformedMessage:
+            self.batcher.reject("malformed_tx")
+            raise
+        try:
+            tid = self.batcher.admit_tx(raw, tx, now_ms())
+        except Rejected as exc:
+            self.batcher.reject(exc.reason)
+            raise
+        self._check_full()
+        return tid
+
+    # --- tasks ------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.workers > 0:
+            ctx = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._verify_loop())
+                tg.create_task(self._seal_loop())
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._writer.shutdown(wait=True)
+
+    async def _verify_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        in_flight: deque[tuple[list[str], list[bytes], asyncio.Future[list[verify.Result]]]]
+        in_flight = deque()
+        limit = max(1, 2 * self.workers)
+        while True:
+            if not self._inbox and not in_flight:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.005)
+                except TimeoutError:
+                    pass
+            elif not self._inbox or len(in_flight) >= limit:
+                topics, payloads, fut = in_flight.popleft()
+                await self._admit(topics, payloads, await fut)
+                continue
+            if not self._inbox:
+                continue
+            n = min(self.chunk_size, len(self._inbox))
+            chunk = [self._inbox.popleft() for _ in range(n)]
+            topics = [t for t, _ in chunk]
+            payloads = [p for _, p in chunk]
+            if self._pool is None:
+                await self._admit(topics, payloads, verify.check_chunk(payloads))
+            else:
+                fut = loop.run_in_executor(self._pool, verify.check_chunk, payloads)
+                in_flight.append((topics, payloads, fut))
+
+    async def _admit(self, topics: list[str], payloads: list[bytes],
+                     results: list[verify.Result]) -> None:
+        b = self.batcher
+        t = now_ms()
+        for i, (topic, res) in enumerate(zip(topics, results, strict=True)):
+            if res[0] is not None:
+                b.reject(res[0])
+                continue
+            r = verify.rebuild(res)
+            try:
+                dev = bytes.fromhex(topic.rsplit("/", 1)[-1])
+            except ValueError:
+                dev = b""
+            try:
+                b.admit_reading(payloads[i], r, t, topic_device=dev)
+            except Rejected as exc:
+                b.reject(exc.reason)
+            if b.full():
+                self._check_full()
+                await self._room.wait()
+
+    def _check_full(self) -> None:
+        if self.batcher.full():
+            self._room.clear()
+            self._seal_now.set()
+
+    async def _seal_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        b = self.batcher
+        while True:
+            deadline = b.deadline_ms()
+            wait_s = 0.05 if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
+            try:
+                await asyncio.wait_for(self._seal_now.wait(), wait_s)
+            except TimeoutError:
+                pass
+            self._seal_now.clear()
+            if not b.due(now_ms()):
+                if b.want_receipt:
+                    self._send_receipts(set())
+                continue
+            t0 = time.perf_counter()
+            commit = b.seal(now_ms())
+            self._room.set()
+            await loop.run_in_executor(self._writer, self.store.commit_block, commit)
+            self.commit_seconds += time.perf_counter() - t0
+            self._on_committed(commit)
+
+    def _on_committed(self, c: Commit) -> None:
+        self.blocks += 1
+        self.committed_readings += len(c.readings)
+        self.committed.update(c.seqmarks)
+        self._send_receipts(set(c.seqmarks))
+
+    def _send_receipts(self, devices: set[bytes]) -> None:
+        b = self.batcher
+        devices |= b.want_receipt
+        b.want_receipt = set()
+        t = now_ms()
+        for d in devices:
+            mark = self.committed.get(d)
+            if mark is None:
+                continue
+            rc = make_receipt(b.key, b.network, d, mark, b.height, t)
+            self.publish(self.receipts_topic.format(device=d.hex()), rc.encode())
+
+    def statistics(self) -> dict[str, Any]:
+        b = self.batcher
+        return {
+            "received": self.received,
+            "accepted": b.accepted,
+            "rejects": dict(b.rejects),
+            "rejected": sum(b.rejects.values()),
+            "backlog": len(self._inbox),
+            "pending": b.pending,
+            "blocks_sealed": self.blocks,
+            "height": b.height,
+            "readings_committed": self.committed_readings,
+            "commit_seconds": round(self.commit_seconds, 3),
+        }
+
+    async def flush(self) -> None:
+        """Seal and commit whatever is batched (graceful stop; the writer thread is done)."""
+        if self.batcher.pending:
+            commit = self.batcher.seal(now_ms())
+            await asyncio.to_thread(self.store.commit_block, commit)
+            self._on_committed(commit)

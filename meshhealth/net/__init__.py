@@ -1,0 +1,1 @@
+"""aiohttp shells: the node API (and, later, gossip)."""

@@ -1,0 +1,135 @@
+"""The composition root of a running node: one TaskGroup owns every task.
+
+Start-up rebuilds all in-memory state from LMDB (chain head, sequence
+marks, enrolments read back from the blocks), so a node killed at any
+instant resumes exactly where its last committed block left it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import time
+from typing import Any
+
+from aiohttp import web
+
+from meshhealth.chain.acl import AccessState
+from meshhealth.config import Genesis, NodeConfig
+from meshhealth.crypto.keys import Identity, load_identity
+from meshhealth.errors import ConfigError, NetworkError
+from meshhealth.ingest.batcher import Batcher, BatchLimits
+from meshhealth.ingest.broker import EmbeddedBroker
+from meshhealth.ingest.mqtt import MqttIngest
+from meshhealth.ingest.pipeline import Pipeline
+from meshhealth.net.api import make_app
+from meshhealth.store.lmdb_store import Store
+from meshhealth.wire import EnrollDevice, decode_entry
+
+log = logging.getLogger(__name__)
+
+
+def open_store(cfg: NodeConfig, genesis: Genesis) -> Store:
+    store = Store(cfg.data_path, map_size_mb=cfg.storage.map_size_mb)
+    stored = store.meta("genesis")
+    if stored is None:
+        store.set_meta("genesis", genesis.dumps().encode())
+    elif Genesis.load_text(stored.decode()).network_id != genesis.network_id:
+        store.close()
+        raise ConfigError(f"{cfg.data_path} holds another network's data; point data_dir elsewhere")
+    return store
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, *, identity: Identity | None = None) -> None:
+        self.cfg = cfg
+        self.identity = identity or load_identity(cfg.key_path)
+        self.genesis = Genesis.load(cfg.genesis_path)
+        if not self.genesis.is_authority(self.identity.public):
+            raise ConfigError(f"node {self.identity.short} is not an authority of network "
+                              f"{self.genesis.name!r}; add its key to {cfg.genesis_path}")
+        self.network = self.genesis.network_id
+        self.store = open_store(cfg, self.genesis)
+        access = AccessState()
+        for raw in self.store.control_entries():
+            tx = decode_entry(raw)
+            if isinstance(tx, EnrollDevice):
+                access.apply(tx)
+        head = self.store.head(self.identity.public)
+        ing = cfg.ingest
+        self.batcher = Batcher(
+            key=self.identity.signing,
+            network=self.network,
+            limits=BatchLimits(int(ing.block_interval_s * 1000), ing.max_entries,
+                               ing.max_block_bytes, self.genesis.max_future_skew_ms),
+            access=access,
+            marks={d: m.copy() for d, m in self.store.seqmarks().items()},
+            height=-1 if head is None else head[0],
+            prev=b"" if head is None else head[1],
+        )
+        m = cfg.mqtt
+        self.mqtt = MqttIngest(m.client_id or f"mh-node-{self.identity.short}",
+                               f"$share/{m.shared_group}/{m.readings_topic}" if m.shared_group
+                               else m.readings_topic,
+                               self._on_payload, username=m.username, password=m.password)
+        self.pipeline = Pipeline(self.batcher, self.store, workers=ing.verify_workers,
+                                 chunk_size=ing.chunk_size, max_backlog=ing.max_backlog,
+                                 receipts_topic=m.receipts_topic, publish=self.mqtt.publish)
+        self.api_requests: dict[str, int] = {}
+        self.started = time.time()
+        self.api_url = ""
+        self.broker_url = m.broker
+
+    def _on_payload(self, topic: str, payload: bytes) -> None:
+        self.pipeline.on_payload(topic, payload)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.identity.public.hex(),
+            "network": self.network.hex(),
+            "network_name": self.genesis.name,
+            "uptime_s": round(time.time() - self.started, 1),
+            "broker": self.broker_url,
+            "mqtt_connected": self.mqtt.connected.is_set(),
+            "ingest": self.pipeline.statistics(),
+            "store": self.store.statistics(),
+            "enrolled_devices": len(self.batcher.access.known_devices),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "pid": os.getpid(),
+        }
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.store.close)
+            if not self.broker_url:
+                broker = EmbeddedBroker(port=self.cfg.mqtt.embedded_port)
+                try:
+                    await stack.enter_async_context(broker)
+                except OSError as exc:
+                    raise NetworkError(f"embedded broker: port {broker.port} is in use ({exc}); "
+                                       "set mqtt.embedded_port or mqtt.broker") from exc
+                self.broker_url = broker.url
+            runner = web.AppRunner(make_app(self), access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, self.cfg.api.host, self.cfg.api.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise NetworkError(f"API port {self.cfg.api.host}:{self.cfg.api.port} is in use "
+                                   f"({exc}); set api.port") from exc
+            self.api_url = f"http://{self.cfg.api.host}:{self.cfg.api.port}"
+            async with asyncio.TaskGroup() as tg:
+                pipe = tg.create_task(self.pipeline.run())
+                await self.mqtt.start(self.broker_url)
+                stack.push_async_callback(self.mqtt.stop)
+                log.info("node %s up: api %s, broker %s", self.identity.short, self.api_url,
+                         self.broker_url)
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
+                pipe.cancel()
+            await self.pipeline.flush()

@@ -1,0 +1,1 @@
+"""Patient-controlled keys: key chains, sealing to devices and grantees."""

@@ -1,0 +1,1 @@
+"""LMDB storage of chains, indexes and node state (blocking; keep off the event loop)."""

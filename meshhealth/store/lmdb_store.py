@@ -1,0 +1,256 @@
+"""One LMDB environment per node.
+
+Named databases::
+
+    headers   node(32) + height(8)        -> encoded BlockHeader
+    bodies    node(32) + height(8)        -> encoded body (list of entries)
+    heads     node(32)                    -> height(8) + hash(32)
+    readings  pid(4) stream(1) hour(4) nid(2) height(4) -> entry indexes (msgpack)
+    seqmarks  device(32)                  -> SeqMark
+    acl       tx hash(32)                 -> node(32) + height(8) + index(4)
+    names     kind(1) + name               -> small local id (and back)
+    meta      key                          -> value
+
+The ``readings`` index groups the readings of one patient's stream that fall
+in one hour *and* one block under one key, with the patient, stream and
+chain interned to small local ids, so an index entry costs a few bytes per
+reading when a block carries many readings of a stream.
+
+A block is committed with everything it implies (header, body, head,
+index, seq marks, enrolments) in **one** write transaction: after a crash
+either all of it is there or none of it.  ``MapFullError`` doubles the map
+and retries instead of failing.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from meshhealth.chain.block import Block, decode_body, encode_body
+from meshhealth.errors import StorageError
+from meshhealth.ingest.seqmarks import SeqMark
+from meshhealth.wire import BlockHeader
+from meshhealth.wire.codec import pack, unpack
+
+HOUR_MS = 3_600_000
+_DBS = ("headers", "bodies", "heads", "readings", "seqmarks", "acl", "names", "meta")
+
+
+def chain_key(node: bytes, height: int) -> bytes:
+    return node + struct.pack(">Q", height)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedReading:
+    """What the batcher tells the store about one reading it put in a block."""
+
+    index: int
+    patient: bytes
+    stream: str
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Everything one block commit writes, prepared by the (pure) batcher."""
+
+    block: Block
+    readings: tuple[IndexedReading, ...]
+    seqmarks: dict[bytes, SeqMark]
+    txs: tuple[tuple[bytes, int], ...]  # (tx hash, entry index)
+
+
+class Store:
+    def __init__(self, path: Path, *, map_size_mb: int = 64, readonly: bool = False) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=map_size_mb * 1024 * 1024,
+                max_dbs=len(_DBS),
+                readonly=readonly,
+                lock=not readonly,
+                subdir=True,
+            )
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open LMDB store at {path}: {exc}") from exc
+        self.readonly = readonly
+        self.db = {
+            name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS
+        } if not readonly else self._open_ro()
+        self._names: dict[bytes, bytes] = {}
+        self._write_lock = threading.Lock()
+
+    def _open_ro(self) -> dict[str, Any]:
+        with self.env.begin() as txn:
+            return {name: self.env.open_db(name.encode(), txn=txn, create=False) for name in _DBS}
+
+    def close(self) -> None:
+        self.env.close()
+
+    # --- writing ----------------------------------------------------------
+
+    def _write(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(txn, ...)`` in one write transaction, growing the map when full."""
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return fn(txn, *args)
+                except lmdb.MapFullError:
+                    self._names.clear()  # ids minted in the aborted txn are gone
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except lmdb.Error as exc:
+                    raise StorageError(f"LMDB write failed: {exc}") from exc
+
+    def _name_id(self, txn: Any, kind: bytes, name: bytes, width: int) -> bytes:
+        k = kind + name
+        got = self._names.get(k) or txn.get(k, db=self.db["names"])
+        if got is None:
+            counter = b"#" + kind
+            n = int.from_bytes(txn.get(counter, b"\0" * width, db=self.db["names"]), "big") + 1
+            if n >= 1 << (8 * width):
+                raise StorageError(f"too many distinct {kind.decode()} names for the index")
+            got = n.to_bytes(width, "big")
+            txn.put(counter, got, db=self.db["names"])
+            txn.put(k, got, db=self.db["names"])
+        self._names[k] = got
+        return got  # type: ignore[no-any-return]
+
+    def commit_block(self, c: Commit) -> None:
+        self._write(self._commit, c)
+
+    def _commit(self, txn: Any, c: Commit) -> None:
+        hdr = c.block.header
+        key = chain_key(hdr.node, hdr.height)
+        if not txn.put(key, hdr.encode(), db=self.db["headers"], overwrite=False):
+            raise StorageError(f"block {hdr.height} of {hdr.node.hex()[:8]} already stored")
+        txn.put(key, encode_body(c.block.entries), db=self.db["bodies"])
+        txn.put(hdr.node, struct.pack(">Q", hdr.height) + c.block.hash, db=self.db["heads"])
+        nid = self._name_id(txn, b"n", hdr.node, 2)
+        buckets: dict[bytes, list[int]] = {}
+        for r in c.readings:
+            pid = self._name_id(txn, b"p", r.patient, 4)
+            sid = self._name_id(txn, b"s", r.stream.encode(), 1)
+            bkey = pid + sid + struct.pack(">I", r.t_ms // HOUR_MS) + nid + struct.pack(">I", hdr.height)
+            buckets.setdefault(bkey, []).append(r.index)
+        for bkey, idx in buckets.items():
+            txn.put(bkey, pack(idx), db=self.db["readings"])
+        for device, mark in c.seqmarks.items():
+            txn.put(device, mark.encode(), db=self.db["seqmarks"])
+        for tx_hash, index in c.txs:
+            txn.put(tx_hash, key + struct.pack(">I", index), db=self.db["acl"])
+        n = int.from_bytes(txn.get(b"readings", b"\0" * 8, db=self.db["meta"]), "big")
+        txn.put(b"readings", (n + len(c.readings)).to_bytes(8, "big"), db=self.db["meta"])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        def put(txn: Any) -> None:
+            txn.put(key.encode(), value, db=self.db["meta"])
+
+        self._write(put)
+
+    # --- reading ------------------------------------------------------------
+
+    def meta(self, key: str) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key.encode(), db=self.db["meta"])  # type: ignore[no-any-return]
+
+    def reading_count(self) -> int:
+        return int.from_bytes(self.meta("readings") or b"\0", "big")
+
+    def head(self, node: bytes) -> tuple[int, bytes] | None:
+        with self.env.begin() as txn:
+            v = txn.get(node, db=self.db["heads"])
+        return None if v is None else (struct.unpack(">Q", v[:8])[0], bytes(v[8:]))
+
+    def heads(self) -> dict[bytes, tuple[int, bytes]]:
+        with self.env.begin() as txn:
+            return {bytes(k): (struct.unpack(">Q", v[:8])[0], bytes(v[8:]))
+                    for k, v in txn.cursor(db=self.db["heads"])}
+
+    def header(self, node: bytes, height: int) -> BlockHeader | None:
+        with self.env.begin() as txn:
+            v = txn.get(chain_key(node, height), db=self.db["headers"])
+        return None if v is None else BlockHeader.decode(bytes(v))
+
+    def raw_block(self, node: bytes, height: int) -> tuple[bytes, bytes] | None:
+        """(encoded header, encoded body) exactly as stored."""
+        with self.env.begin() as txn:
+            k = chain_key(node, height)
+            hv, bv = txn.get(k, db=self.db["headers"]), txn.get(k, db=self.db["bodies"])
+        return None if hv is None or bv is None else (bytes(hv), bytes(bv))
+
+    def block(self, node: bytes, height: int) -> Block | None:
+        raw = self.raw_block(node, height)
+        return None if raw is None else Block(BlockHeader.decode(raw[0]), decode_body(raw[1]))
+
+    def iter_raw_chain(self, node: bytes) -> Iterator[tuple[int, bytes, bytes | None]]:
+        """(height, header bytes, body bytes) in height order, as stored."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["headers"])
+            bodies = txn.cursor(db=self.db["bodies"])
+            if not cur.set_range(chain_key(node, 0)):
+                return
+            for k, v in cur:
+                if k[:32] != node:
+                    break
+                yield struct.unpack(">Q", k[32:])[0], bytes(v), (
+                    bytes(b) if (b := bodies.get(k)) is not None else None
+                )
+
+    def seqmarks(self) -> dict[bytes, SeqMark]:
+        with self.env.begin() as txn:
+            return {bytes(k): SeqMark.decode(bytes(v)) for k, v in txn.cursor(db=self.db["seqmarks"])}
+
+    def control_entries(self) -> list[bytes]:
+        """Every control transaction on this node's chains, read back from the blocks."""
+        out: list[bytes] = []
+        with self.env.begin() as txn:
+            locs = [bytes(v) for _, v in txn.cursor(db=self.db["acl"])]
+            for loc in locs:
+                body = txn.get(loc[:40], db=self.db["bodies"])
+                if body is None:
+                    raise StorageError("acl index points at a missing block")
+                out.append(decode_body(bytes(body))[struct.unpack(">I", loc[40:])[0]])
+        return out
+
+    def reading_locations(
+        self, patient: bytes, stream: str, from_ms: int, to_ms: int
+    ) -> list[tuple[bytes, int, list[int]]]:
+        """(node, height, entry indexes) of blocks holding readings of that stream near [from, to]."""
+        with self.env.begin() as txn:
+            names = self.db["names"]
+            pid = txn.get(b"p" + patient, db=names)
+            sid = txn.get(b"s" + stream.encode(), db=names)
+            if pid is None or sid is None:
+                return []
+            nodes = {bytes(v): bytes(k[1:]) for k, v in txn.cursor(db=names)
+                     if bytes(k[:1]) == b"n"}
+            prefix = bytes(pid) + bytes(sid)
+            start = prefix + struct.pack(">I", max(0, from_ms // HOUR_MS - 1))
+            stop = struct.pack(">I", to_ms // HOUR_MS)
+            out = []
+            cur = txn.cursor(db=self.db["readings"])
+            if cur.set_range(start):
+                for k, v in cur:
+                    if k[:5] != prefix or k[5:9] > stop:
+                        break
+                    out.append((nodes[bytes(k[9:11])], struct.unpack(">I", k[11:15])[0], unpack(bytes(v), max_len=1 << 20)))
+            return out
+
+    def disk_bytes(self) -> int:
+        """Bytes of the store actually in use (pages up to the high-water mark)."""
+        info, stat = self.env.info(), self.env.stat()
+        return int((info["last_pgno"] + 1) * stat["psize"])
+
+    def statistics(self) -> dict[str, Any]:
+        info = self.env.info()
+        return {"map_size": info["map_size"], "used_bytes": self.disk_bytes(),
+                "readings": self.reading_count()}

@@ -1,0 +1,21 @@
+"""Wire types and their one canonical msgpack encoding."""
+
+from meshhealth.wire.types import (
+    BlockHeader,
+    EnrollDevice,
+    Link,
+    Reading,
+    Receipt,
+    StreamKey,
+    decode_entry,
+)
+
+__all__ = [
+    "BlockHeader",
+    "EnrollDevice",
+    "Link",
+    "Reading",
+    "Receipt",
+    "StreamKey",
+    "decode_entry",
+]
