@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import statistics
-import time
 from dataclasses import dataclass
 from functools import cache
 

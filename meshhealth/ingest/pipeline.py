@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-import multiprocessing
 from typing import Any
 
 from meshhealth.errors import MalformedMessage, Rejected

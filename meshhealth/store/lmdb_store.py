@@ -76,7 +76,7 @@ class Store:
                 map_size=map_size_mb * 1024 * 1024,
                 max_dbs=len(_DBS),
                 readonly=readonly,
-                lock=not readonly,
+                lock=True,
                 subdir=True,
             )
         except lmdb.Error as exc:
@@ -89,8 +89,7 @@ class Store:
         self._write_lock = threading.Lock()
 
     def _open_ro(self) -> dict[str, Any]:
-        with self.env.begin() as txn:
-            return {name: self.env.open_db(name.encode(), txn=txn, create=False) for name in _DBS}
+        return {name: self.env.open_db(name.encode(), create=False) for name in _DBS}
 
     def close(self) -> None:
         self.env.close()

@@ -140,7 +140,7 @@ def decode_fields(data: bytes, tag: str, fields: Fields, *, max_len: int) -> lis
 
 def peek_tag(data: bytes) -> str:
     """The type tag of an encoded wire value, without decoding the rest."""
-    if len(data) < 4 or not 0x90 <= data[0] <= 0x9F and data[0] != 0xDC:
+    if len(data) < 4 or (not 0x90 <= data[0] <= 0x9F and data[0] != 0xDC):
         raise MalformedMessage("not a tagged wire array")
     pos = 1 if data[0] <= 0x9F else 3
     if data[pos] != 0xA2:  # fixstr of length 2

@@ -1,0 +1,203 @@
+"""Simulated patients wearing simulated devices, end to end over MQTT.
+
+For each patient the simulator plays the patient's part (an identity and a
+key chain per stream, an enrolment transaction per device, POSTed to a
+node) and each device's part (unseal its keys from that transaction, sample
+the patient's physiology, encrypt, sign, outbox, publish).
+
+Time: the simulated clock starts ``backfill_s`` in the past — the devices
+then catch up as fast as they can, like a wearable syncing after a day
+offline — and from the present on it follows the wall clock.  A reading
+carries one ``interval_s`` window of one stream (default 10 s); with
+``samples_per_reading=1`` every sample is its own reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from device_agents.agent import Agent
+from device_agents.device import Device
+from device_agents.outbox import Outbox
+from device_agents.sensors import STREAMS, PatientPhysiology, samples
+from meshhealth.crypto.keys import Identity, box_public_of, save_identity
+from meshhealth.errors import NetworkError
+from meshhealth.sharing.keychain import KeyChain, epoch_of, seal
+from meshhealth.wire import EnrollDevice, StreamKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Patient:
+    identity: Identity
+    chains: dict[str, KeyChain]
+    phys: PatientPhysiology
+    devices: list[Device] = field(default_factory=list)
+
+
+def enrollment(patient: Identity, chains: dict[str, KeyChain], device: bytes, key_epoch: int,
+               now_ms: int) -> EnrollDevice:
+    """The patient's signed enrolment of ``device``, sealing ``K(key_epoch)`` per stream."""
+    box = box_public_of(device)
+    keys = tuple(
+        StreamKey(s, c.chain_id, c.start_epoch, c.epoch_ms, max(key_epoch, c.start_epoch),
+                  seal(c.key(max(key_epoch, c.start_epoch)), box))
+        for s, c in sorted(chains.items())
+    )
+    return EnrollDevice.create(patient.signing, device=device, ts_ms=now_ms, streams=keys)
+
+
+async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: bytes) -> str:
+    """Submit a control transaction, failing over across nodes."""
+    last = ""
+    for url in node_urls:
+        try:
+            async with session.post(f"{url}/v1/tx", data=raw,
+                                    headers={"Content-Type": "application/msgpack"}) as resp:
+                body = await resp.json()
+                if resp.status in (202, 409):
+                    return str(body.get("tx", ""))
+                last = f"{url}: {resp.status} {body.get('error')}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = f"{url}: {exc}"
+    raise NetworkError(f"no node accepted the transaction ({last})")
+
+
+class Simulation:
+    def __init__(self, *, broker_url: str, node_urls: list[str], network: bytes,
+                 authorities: set[bytes], state_dir: Path, patients: int = 3,
+                 devices_per_patient: int = 1, streams: tuple[str, ...] = tuple(STREAMS),
+                 interval_s: float = 10.0, samples_per_reading: int = 0, backfill_s: float = 0.0,
+                 gateway: bool = True, seed: int = 1, epoch_ms: int = 3_600_000,
+                 resend_after: float = 5.0) -> None:
+        for s in streams:
+            if s not in STREAMS:
+                raise ValueError(f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
+        self.broker_url, self.node_urls = broker_url, node_urls
+        self.network, self.authorities = network, authorities
+        self.state_dir = state_dir
+        self.streams, self.interval_ms = streams, int(interval_s * 1000)
+        self.samples_per_reading = samples_per_reading
+        self.gateway, self.resend_after = gateway, resend_after
+        rng = random.Random(seed)
+        now = time.time_ns() // 1_000_000
+        self.start_ms = (now - int(backfill_s * 1000)) // self.interval_ms * self.interval_ms
+        start_epoch = epoch_of(self.start_ms, epoch_ms)
+        self.patients = [
+            Patient(Identity.generate("patient"),
+                    {s: KeyChain.new(s, start_epoch, epoch_ms) for s in streams},
+                    PatientPhysiology(rng.randrange(1 << 30)))
+            for _ in range(patients)
+        ]
+        for p in self.patients:
+            p.devices = [Device(Identity.generate("device"), p.identity.public)
+                         for _ in range(devices_per_patient)]
+        self.outbox = Outbox(state_dir / "outbox")
+        devices = [d for p in self.patients for d in p.devices]
+        if gateway:
+            self.agents = [self._agent(devices, "mh-gw")]
+        else:
+            self.agents = [self._agent([d], f"mh-dev-{d.identity.short}") for d in devices]
+        self.produced = 0
+        self.sim_ms = self.start_ms
+
+    def _agent(self, devices: list[Device], cid: str) -> Agent:
+        return Agent(self.outbox, devices, self.broker_url, network=self.network,
+                     authorities=self.authorities, client_id=cid, resend_after=self.resend_after)
+
+    @property
+    def devices(self) -> list[Device]:
+        return [d for p in self.patients for d in p.devices]
+
+    def save_patients(self) -> None:
+        pdir = self.state_dir / "patients"
+        pdir.mkdir(parents=True, exist_ok=True)
+        for p in self.patients:
+            path = pdir / f"{p.identity.short}.key"
+            if not path.exists():
+                save_identity(p.identity, path, extra={
+                    "keychains": [c.to_doc() for c in p.chains.values()]})
+
+    async def enroll(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            for p in self.patients:
+                for d in p.devices:
+                    tx = enrollment(p.identity, p.chains, d.id,
+                                    epoch_of(self.start_ms, next(iter(p.chains.values())).epoch_ms),
+                                    time.time_ns() // 1_000_000)
+                    await post_tx(session, self.node_urls, tx.encode())
+                    d.accept_enrollment(tx)
+        self.save_patients()
+
+    def window(self, t0: int, t1: int) -> list[tuple[Device, int, bytes]]:
+        """Every device's readings for sample times in [t0, t1)."""
+        out: list[tuple[Device, int, bytes]] = []
+        per = self.samples_per_reading or 10**9
+        for p in self.patients:
+            for stream in self.streams:
+                ss = samples(p.phys, stream, t0, t1)
+                if not ss:
+                    continue
+                for d in p.devices:
+                    for seq, raw in d.readings(stream, ss, max_samples=min(per, 200)):
+                        out.append((d, seq, raw))
+        self.produced += len(out)
+        return out
+
+    async def run(self, stop: asyncio.Event, *, duration_s: float, drain_timeout: float = 60.0,
+                  on_tick: Any = None) -> bool:
+        """Produce until ``duration_s`` past now (or ``stop``); then wait for receipts.
+
+        Returns True when every produced reading was receipted.
+        """
+        end_ms = time.time_ns() // 1_000_000 + int(duration_s * 1000)
+        agents_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            for a in self.agents:
+                tg.create_task(a.run(agents_stop))
+            t = self.start_ms
+            while t + self.interval_ms <= end_ms and not stop.is_set():
+                now = time.time_ns() // 1_000_000
+                if t + self.interval_ms > now:  # caught up: follow the wall clock
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), (t + self.interval_ms - now) / 1000)
+                    continue
+                await self._record(self.window(t, t + self.interval_ms))
+                t += self.interval_ms
+                self.sim_ms = t
+                if on_tick is not None:
+                    on_tick(self)
+            drained = await self.agents[0].wait_drained(drain_timeout) if not stop.is_set() else False
+            agents_stop.set()
+        return drained
+
+    async def _record(self, items: list[tuple[Device, int, bytes]]) -> None:
+        if self.gateway:
+            await self.agents[0].record(items)
+            return
+        by_agent: dict[int, list[tuple[Device, int, bytes]]] = {}
+        index = {d.id: i for i, a in enumerate(self.agents) for d in a.devices.values()}
+        for it in items:
+            by_agent.setdefault(index[it[0].id], []).append(it)
+        for i, its in by_agent.items():
+            await self.agents[i].record(its)
+
+    def statistics(self) -> dict[str, Any]:
+        agg: dict[str, int] = {}
+        for a in self.agents:
+            for k, v in a.stats.items():
+                agg[k] = agg.get(k, 0) + v
+        return dict(agg, produced=self.produced, outbox=self.outbox.count())
+
+    def close(self) -> None:
+        self.outbox.close()

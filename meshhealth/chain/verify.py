@@ -1,0 +1,90 @@
+"""Full verification of a stored chain, block by block, from raw bytes.
+
+Recomputes every block hash, prev link, Merkle root, node signature and
+entry signature, replays enrolments so every reading must come from a
+device enrolled for that patient and stream *earlier* in the chain, and
+checks that no (device, seq) appears twice.  The first failure is raised as
+:class:`InvalidBlock` naming the chain and height.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from meshhealth.chain.acl import AccessState
+from meshhealth.chain.block import block_hash, decode_body, verify_body, verify_header
+from meshhealth.errors import InvalidBlock, RemoteError
+from meshhealth.wire import BlockHeader, EnrollDevice, Reading, decode_entry
+
+
+@dataclass
+class ChainReport:
+    node: bytes
+    blocks: int = 0
+    entries: int = 0
+    readings: int = 0
+    txs: int = 0
+    head: bytes = b""
+
+
+def verify_chain(
+    node: bytes,
+    blocks: Iterable[tuple[int, bytes, bytes | None]],
+    *,
+    network: bytes,
+    authorities: set[bytes],
+    expected_head: tuple[int, bytes] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ChainReport:
+    if node not in authorities:
+        raise InvalidBlock("chain of a node that is not an authority", node=node, height=0)
+    rep = ChainReport(node)
+    access = AccessState()
+    seen: set[tuple[bytes, int]] = set()
+    prev, expect = network, 0
+    for height, raw_header, raw_body in blocks:
+        where = {"node": node, "height": height}
+        if height != expect:
+            raise InvalidBlock(f"missing block {expect}", node=node, height=expect)
+        try:
+            header = BlockHeader.decode(raw_header)
+        except RemoteError as exc:
+            raise InvalidBlock(f"undecodable header: {exc}", **where) from exc
+        if header.node != node:
+            raise InvalidBlock("header signed by another node", **where)
+        verify_header(header, network=network, prev=prev, height=height)
+        if raw_body is None:
+            raise InvalidBlock("block body missing", **where)
+        try:
+            entries = decode_body(raw_body)
+        except RemoteError as exc:
+            raise InvalidBlock(f"undecodable body: {exc}", **where) from exc
+        verify_body(header, entries)
+        for i, raw in enumerate(entries):
+            try:
+                e = decode_entry(raw).verify()
+                if isinstance(e, EnrollDevice):
+                    access.apply(e)
+                    rep.txs += 1
+                elif isinstance(e, Reading):
+                    access.check_reading(e)
+                    if (e.device, e.seq) in seen:
+                        raise InvalidBlock(f"entry {i}: seq {e.seq} of a device stored twice", **where)
+                    seen.add((e.device, e.seq))
+                    rep.readings += 1
+            except RemoteError as exc:
+                if isinstance(exc, InvalidBlock):
+                    raise
+                raise InvalidBlock(f"entry {i}: {exc}", **where) from exc
+        prev = block_hash(header)
+        rep.blocks += 1
+        rep.entries += len(entries)
+        expect += 1
+        if progress is not None:
+            progress(len(entries))
+    if expected_head is not None and expected_head != (expect - 1, prev):
+        raise InvalidBlock("stored head does not match the last block", node=node,
+                           height=expected_head[0])
+    rep.head = prev
+    return rep

@@ -1,0 +1,1 @@
+"""The ``meshhealth`` command line."""

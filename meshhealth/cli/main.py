@@ -1,0 +1,264 @@
+"""``meshhealth``: run and inspect a MeshHealth node, patients and devices.
+
+Start with ``meshhealth demo`` (nothing else needed), then see
+``meshhealth <command> --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from meshhealth.config import Authority, Genesis, NodeConfig
+from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
+from meshhealth.errors import MeshHealthError
+
+log = logging.getLogger("meshhealth")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+# --- identities and networks ------------------------------------------------
+
+
+def cmd_init(a: argparse.Namespace) -> int:
+    d = Path(a.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    ident = Identity.generate("node")
+    save_identity(ident, d / "node.key", passphrase=a.passphrase)
+    genesis_file = "genesis.toml"
+    if a.genesis:
+        genesis_file = str(Path(a.genesis).resolve())
+    else:
+        g = Genesis(a.network, time.time_ns() // 1_000_000, (Authority(a.name, ident.public),))
+        (d / "genesis.toml").write_text(g.dumps())
+    cfg = NodeConfig(genesis_file=genesis_file)
+    from dataclasses import replace
+
+    cfg = replace(cfg, api=replace(cfg.api, port=a.api_port),
+                  mqtt=replace(cfg.mqtt, broker=a.broker or ""))
+    (d / "node.toml").write_text(cfg.dumps())
+    print(f"node {ident.short} initialised in {d}\n  key     {d / 'node.key'} (mode 0600)\n"
+          f"  config  {d / 'node.toml'}\n  network {genesis_file}\n"
+          f"run it with: meshhealth node run --config {d / 'node.toml'}")
+    return 0
+
+
+def cmd_network_create(a: argparse.Namespace) -> int:
+    auths = []
+    for spec in a.authority:
+        name, _, key = spec.partition("=")
+        if not key:
+            name, key = f"node-{len(auths) + 1}", name
+        auths.append(Authority(name, parse_public(key)))
+    g = Genesis(a.name, time.time_ns() // 1_000_000, tuple(auths), a.max_future_skew_ms)
+    Path(a.out).write_text(g.dumps())
+    print(f"network {a.name!r} ({len(auths)} authorities) id {g.network_id.hex()} -> {a.out}")
+    return 0
+
+
+def cmd_keygen(a: argparse.Namespace, kind: str) -> int:
+    ident = Identity.generate(kind)
+    extra = None
+    if kind == "patient":
+        from meshhealth.sharing.keychain import KeyChain, epoch_of
+
+        now = time.time_ns() // 1_000_000
+        chains = [KeyChain.new(s, epoch_of(now, a.epoch_ms), a.epoch_ms).to_doc()
+                  for s in a.streams.split(",")]
+        extra = {"keychains": chains}
+    save_identity(ident, Path(a.out), passphrase=a.passphrase, extra=extra)
+    print(f"{kind} {ident.public.hex()} -> {a.out} (mode 0600)")
+    return 0
+
+
+async def _enroll(a: argparse.Namespace) -> int:
+    import tomllib
+
+    from device_agents.simulate import enrollment, post_tx
+    from meshhealth.sharing.keychain import KeyChain, epoch_of
+
+    patient = load_identity(Path(a.key), passphrase=a.passphrase)
+    doc = tomllib.loads(Path(a.key).read_text())
+    chains = {c["stream"]: KeyChain.from_doc(c) for c in doc.get("keychains", [])}
+    wanted = a.streams.split(",") if a.streams else list(chains)
+    missing = [s for s in wanted if s not in chains]
+    if missing:
+        print(f"error: {a.key} has no key chain for {missing}", file=sys.stderr)
+        return 2
+    device = parse_public(a.device)
+    now = time.time_ns() // 1_000_000
+    sel = {s: chains[s] for s in wanted}
+    key_epoch = epoch_of(now, next(iter(sel.values())).epoch_ms)
+    tx = enrollment(patient, sel, device, key_epoch, now)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        tid = await post_tx(session, a.node, tx.encode())
+    if a.out:
+        Path(a.out).write_bytes(tx.encode())
+    print(f"enrolled device {device.hex()[:8]} for {','.join(wanted)}: tx {tid}")
+    return 0
+
+
+# --- running --------------------------------------------------------------------
+
+
+async def _node_run(a: argparse.Namespace) -> int:
+    from meshhealth.node import Node
+
+    cfg = NodeConfig.load(Path(a.config))
+    node = Node(cfg, identity=load_identity(cfg.key_path, passphrase=a.passphrase))
+    await node.run(_stop_event())
+    return 0
+
+
+async def _simulate(a: argparse.Namespace) -> int:
+    from device_agents.simulate import Simulation
+
+    g = Genesis.load(Path(a.genesis))
+    sim = Simulation(broker_url=a.broker, node_urls=a.node, network=g.network_id,
+                     authorities={x.key for x in g.authorities}, state_dir=Path(a.state_dir),
+                     patients=a.patients, devices_per_patient=a.devices,
+                     streams=tuple(a.streams.split(",")), interval_s=a.interval,
+                     samples_per_reading=a.samples_per_reading, backfill_s=a.backfill,
+                     gateway=a.gateway, seed=a.seed)
+    try:
+        await sim.enroll()
+        ok = await sim.run(_stop_event(), duration_s=a.duration, drain_timeout=a.drain_timeout)
+        print(json.dumps(sim.statistics()))
+        return 0 if ok else 1
+    finally:
+        sim.close()
+
+
+def _sync(fn: Any) -> Any:
+    return lambda a: asyncio.run(fn(a))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshhealth", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a node directory: key, config, single-node network")
+    s.add_argument("dir", help="directory to create the node in")
+    s.add_argument("--name", default="node-1", help="this node's name in the network file")
+    s.add_argument("--network", default="meshhealth-local", help="network name (new network)")
+    s.add_argument("--genesis", help="join an existing network file instead of creating one")
+    s.add_argument("--api-port", type=int, default=8700)
+    s.add_argument("--broker", help="mqtt://host:port of Mosquitto (default: embedded broker)")
+    s.add_argument("--passphrase", help="seal the node key with this passphrase (Argon2id)")
+    s.set_defaults(fn=cmd_init)
+
+    net = sub.add_parser("network", help="network (genesis) files").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    s = net.add_parser("create", help="write a genesis file naming the authority nodes")
+    s.add_argument("--name", required=True)
+    s.add_argument("--authority", action="append", required=True,
+                   help="NAME=KEY (64 hex or a key file); repeat per node")
+    s.add_argument("--max-future-skew-ms", type=int, default=30_000)
+    s.add_argument("--out", default="genesis.toml")
+    s.set_defaults(fn=cmd_network_create)
+
+    pat = sub.add_parser("patient", help="patient keys and control transactions").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    s = pat.add_parser("new", help="create a patient key with one key chain per stream")
+    s.add_argument("--out", required=True)
+    s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
+    s.add_argument("--epoch-ms", type=int, default=3_600_000, help="key epoch (default 1 h)")
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=lambda a: cmd_keygen(a, "patient"))
+    s = pat.add_parser("enroll-device", help="let a device publish streams for this patient")
+    s.add_argument("--key", required=True, help="the patient's key file")
+    s.add_argument("--device", required=True, help="device public key (64 hex) or key file")
+    s.add_argument("--streams", help="comma-separated (default: all of the patient's)")
+    s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
+    s.add_argument("--out", help="also write the signed transaction here (for the device)")
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=_sync(_enroll))
+
+    nd = sub.add_parser("node", help="run a node").add_subparsers(dest="sub", required=True,
+                                                                   metavar="SUBCOMMAND")
+    s = nd.add_parser("run", help="run a node until SIGINT/SIGTERM")
+    s.add_argument("--config", default="node.toml")
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=_sync(_node_run))
+
+    dev = sub.add_parser("device", help="device keys and simulated wearables").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    s = dev.add_parser("keygen", help="create a device key")
+    s.add_argument("--out", required=True)
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=lambda a: cmd_keygen(a, "device"))
+    s = dev.add_parser("simulate", help="N patients x M devices publishing over MQTT")
+    s.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    s.add_argument("--node", action="append", required=True, help="node API URL for enrolments")
+    s.add_argument("--genesis", required=True, help="the network file (to check receipts)")
+    s.add_argument("--patients", type=int, default=3)
+    s.add_argument("--devices", type=int, default=1, help="devices per patient")
+    s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
+    s.add_argument("--interval", type=float, default=10.0, help="seconds of samples per reading")
+    s.add_argument("--samples-per-reading", type=int, default=0,
+                   help="split windows into readings of N samples (1 = real time; 0 = whole window)")
+    s.add_argument("--backfill", type=float, default=0.0,
+                   help="start this many seconds in the past and catch up (an offline sync)")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of live data after now")
+    s.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,
+                   help="one MQTT connection for all devices (default) or one per device")
+    s.add_argument("--state-dir", default="sim-state", help="outbox and patient keys")
+    s.add_argument("--drain-timeout", type=float, default=60.0)
+    s.add_argument("--seed", type=int, default=1)
+    s.set_defaults(fn=_sync(_simulate))
+
+    ch = sub.add_parser("chain", help="verify and inspect stored chains").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    s = ch.add_parser("verify", help="recompute every hash, Merkle root and signature")
+    s.add_argument("--data-dir", required=True, help="a node's data dir (or a dir holding several)")
+    s.add_argument("--genesis", help="check against this network file instead of the stored one")
+    s.add_argument("--progress", action="store_true", help="draw the progress bar even if not a tty")
+    s.set_defaults(fn=lambda a: __import__("meshhealth.cli.chain_cmds", fromlist=["x"])
+                   .verify_stores(Path(a.data_dir), Path(a.genesis) if a.genesis else None,
+                                  progress=a.progress))
+    s = ch.add_parser("show", help="heads and the latest blocks of every chain")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--last", type=int, default=10)
+    s.set_defaults(fn=lambda a: __import__("meshhealth.cli.chain_cmds", fromlist=["x"])
+                   .show_store(Path(a.data_dir), last=a.last))
+
+    from meshhealth.cli import bench, demo
+
+    demo.add_parser(sub)
+    bench.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args) or 0)
+    except MeshHealthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
