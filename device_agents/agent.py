@@ -92,8 +92,11 @@ class Agent:
         delay = 0.5
         while not stop.is_set():
             try:
-                await self._session(stop)
+                async with asyncio.timeout(None) as guard:
+                    await self._session(stop, guard)
                 delay = 0.5
+            except TimeoutError:
+                log.warning("agent %s: the broker connection did not close in time", self.client_id)
             except aiomqtt.MqttError as exc:
                 log.info("agent %s: broker connection lost (%s); retry in %.1fs",
                          self.client_id, exc, delay)
@@ -102,7 +105,7 @@ class Agent:
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 30.0)
 
-    async def _session(self, stop: asyncio.Event) -> None:
+    async def _session(self, stop: asyncio.Event, guard: asyncio.Timeout) -> None:
         async with aiomqtt.Client(self.host, self.port, identifier=self.client_id or None,
                                   username=self.username or None,
                                   password=self.password or None,
@@ -119,6 +122,8 @@ class Agent:
                 rx = tg.create_task(self._receive(client))
                 tx = tg.create_task(self._send(client))
                 await stop.wait()
+                # leaving must not hang on a broker that stopped answering
+                guard.reschedule(asyncio.get_running_loop().time() + 5.0)
                 rx.cancel()
                 tx.cancel()
 

@@ -75,7 +75,7 @@ def build_block(
 
 def verify_header(header: BlockHeader, *, network: bytes, prev: bytes, height: int) -> None:
     """Checks a header against its place in the chain (not its entries)."""
-    where = {"node": header.node, "height": header.height}
+    where = {"node": header.node, "height": height}
     if header.network != network:
         raise InvalidBlock("block belongs to another network", **where)
     if header.height != height:

@@ -24,6 +24,7 @@ from meshhealth.crypto.keys import Identity, save_identity
 
 def setup_network(root: Path, n: int, *, broker: str = "") -> list[NodeConfig]:
     """Keys, one genesis and a config per node under ``root/node-i``."""
+    root.mkdir(parents=True, exist_ok=True)
     idents = [Identity.generate("node") for _ in range(n)]
     g = Genesis("meshhealth-demo", time.time_ns() // 1_000_000,
                 tuple(Authority(f"node-{i + 1}", x.public) for i, x in enumerate(idents)))

@@ -156,6 +156,8 @@ def encode_samples(
 def decode_samples(plain: bytes, t0_ms: int) -> tuple[str, list[tuple[int, Value]]]:
     try:
         unit, exp, dt, vals = unpack(plain, max_len=1 << 16)
+        if type(exp) is not int or not -18 <= exp <= 18:
+            raise ValueError("decimal exponent out of range")
         scale = 10.0**exp
         if isinstance(dt, int):
             times = [t0_ms + i * dt for i in range(len(vals))]
@@ -169,7 +171,7 @@ def decode_samples(plain: bytes, t0_ms: int) -> tuple[str, list[tuple[int, Value
             for t, v in zip(times, vals, strict=True)
         ]
         return str(unit), out
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:
         raise MalformedMessage(f"bad sample plaintext: {exc}") from exc
 
 

@@ -31,7 +31,7 @@ from meshhealth.wire.codec import (
 
 MAX_READING = 4096
 MAX_TX = 16384
-MAX_HEADER = 16384
+MAX_HEADER = 32768  # room for MAX_LINKS links of up to 78 bytes
 MAX_LINKS = 256
 KEY = b_exact(32)
 SIG = b_exact(64)

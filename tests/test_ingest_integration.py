@@ -1,0 +1,141 @@
+"""End to end on loopback: simulated devices -> real Mosquitto -> real node process -> LMDB."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_agents.simulate import Simulation
+from meshhealth.chain.verify import verify_chain
+from meshhealth.config import Genesis
+from meshhealth.store.lmdb_store import Store
+from meshhealth.wire import Reading, decode_entry
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+def make_sim(node: Any, broker_url: str, state: Path, *, patients: int, devices: int,
+             backfill_s: float, resend_after: float = 5.0) -> Simulation:
+    g = Genesis.load(node.cfg.genesis_path)
+    return Simulation(broker_url=broker_url, node_urls=[node.url], network=g.network_id,
+                      authorities={a.key for a in g.authorities}, state_dir=state,
+                      patients=patients, devices_per_patient=devices, streams=("hr",),
+                      interval_s=1.0, samples_per_reading=1, backfill_s=backfill_s,
+                      resend_after=resend_after)
+
+
+def stored_readings(node: Any) -> tuple[list[tuple[bytes, int]], int]:
+    """Every (device, seq) on the node's chain, after verifying the whole chain."""
+    g = Genesis.load(node.cfg.genesis_path)
+    store = Store(node.cfg.data_path, readonly=True)
+    try:
+        (chain, head), = store.heads().items()
+        rep = verify_chain(chain, store.iter_raw_chain(chain), network=g.network_id,
+                           authorities={a.key for a in g.authorities}, expected_head=head)
+        keys = []
+        for h in range(head[0] + 1):
+            blk = store.block(chain, h)
+            assert blk is not None
+            for raw in blk.entries:
+                e = decode_entry(raw)
+                if isinstance(e, Reading):
+                    keys.append((e.device, e.seq))
+        assert rep.readings == len(keys)
+        return keys, rep.blocks
+    finally:
+        store.close()
+
+
+def assert_exactly_once(sim: Simulation, keys: list[tuple[bytes, int]]) -> None:
+    produced = {(d.id, s) for d in sim.devices for s in range(1, d.next_seq)}
+    assert len(produced) == sim.produced
+    assert len(keys) == len(set(keys)), "a reading was stored twice"
+    assert set(keys) == produced, f"missing {len(produced - set(keys))} readings"
+
+
+async def wait_committed(node: Any, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await asyncio.to_thread(node.status))["ingest"]["readings_committed"] >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"node did not commit {n} readings")
+
+
+@pytest.mark.timeout(300)
+async def test_100_devices_20k_readings_committed_exactly_once(mosquitto, node_factory, tmp_path):
+    node = node_factory(mosquitto.url)
+    sim = make_sim(node, mosquitto.url, tmp_path / "sim", patients=50, devices=2, backfill_s=201)
+    try:
+        await sim.enroll()
+        drained = await asyncio.wait_for(
+            sim.run(asyncio.Event(), duration_s=0, drain_timeout=180), 240)
+        stats = sim.statistics()
+    finally:
+        sim.close()
+    assert sim.produced >= 20_000
+    assert len(sim.devices) == 100
+    assert drained, f"outboxes not emptied: {stats}"
+    assert stats["outbox"] == 0 and stats["receipts"] > 0 and stats["bad_receipts"] == 0
+    status = node.status()
+    assert status["ingest"]["readings_committed"] == sim.produced
+    assert status["ingest"]["rejected"] == status["ingest"]["rejects"].get("duplicate", 0)
+    node.stop()
+    keys, blocks = stored_readings(node)
+    assert blocks >= 2
+    assert_exactly_once(sim, keys)
+
+
+async def _crash_run(node: Any, sim: Simulation, fault: Any) -> dict[str, Any]:
+    await sim.enroll()
+    task = asyncio.create_task(sim.run(asyncio.Event(), duration_s=0, drain_timeout=180))
+    try:
+        await wait_committed(node, 1500, 120)
+        await asyncio.to_thread(fault)
+        drained = await asyncio.wait_for(task, 240)
+    finally:
+        if not task.done():
+            task.cancel()
+    stats = sim.statistics()
+    assert drained, f"outboxes not emptied after the fault: {stats}"
+    return stats
+
+
+@pytest.mark.timeout(400)
+async def test_kill9_node_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_path):
+    node = node_factory(mosquitto.url)
+    sim = make_sim(node, mosquitto.url, tmp_path / "sim", patients=20, devices=2, backfill_s=150,
+                   resend_after=2.0)
+
+    def crash() -> None:
+        node.kill9()
+        time.sleep(1.0)
+        node.start()
+
+    try:
+        stats = await _crash_run(node, sim, crash)
+    finally:
+        sim.close()
+    node.stop()
+    keys, _ = stored_readings(node)
+    assert_exactly_once(sim, keys)
+    assert stats["connects"] >= 1
+
+
+@pytest.mark.timeout(400)
+async def test_broker_restart_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_path):
+    node = node_factory(mosquitto.url)
+    sim = make_sim(node, mosquitto.url, tmp_path / "sim", patients=20, devices=2, backfill_s=150,
+                   resend_after=2.0)
+    try:
+        stats = await _crash_run(node, sim, lambda: mosquitto.restart(1.0))
+    finally:
+        sim.close()
+    assert stats["connects"] >= 2, "the agent should have reconnected after the restart"
+    node.stop()
+    keys, _ = stored_readings(node)
+    assert_exactly_once(sim, keys)
