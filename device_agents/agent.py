@@ -95,11 +95,11 @@ class Agent:
                 async with asyncio.timeout(None) as guard:
                     await self._session(stop, guard)
                 delay = 0.5
-            except TimeoutError:
+            except* TimeoutError:
                 log.warning("agent %s: the broker connection did not close in time", self.client_id)
-            except aiomqtt.MqttError as exc:
+            except* aiomqtt.MqttError as eg:
                 log.info("agent %s: broker connection lost (%s); retry in %.1fs",
-                         self.client_id, exc, delay)
+                         self.client_id, eg.exceptions[0], delay)
             self.connected.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
