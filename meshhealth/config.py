@@ -100,7 +100,7 @@ class MqttConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     block_interval_s: float = 1.0
-    max_entries: int = 10_000
+    max_entries: int = 4_096
     max_block_bytes: int = 8 * 1024 * 1024
     verify_workers: int = 2
     chunk_size: int = 256

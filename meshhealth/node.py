@@ -22,7 +22,6 @@ from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.errors import ConfigError, NetworkError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
-from meshhealth.ingest.broker import EmbeddedBroker
 from meshhealth.ingest.mqtt import MqttIngest
 from meshhealth.ingest.pipeline import Pipeline
 from meshhealth.net.api import make_app
@@ -105,6 +104,8 @@ class Node:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.store.close)
             if not self.broker_url:
+                from meshhealth.ingest.broker import EmbeddedBroker  # amqtt is heavy: load on use
+
                 broker = EmbeddedBroker(port=self.cfg.mqtt.embedded_port)
                 try:
                     await stack.enter_async_context(broker)

@@ -1,9 +1,28 @@
-"""Benchmarks (filled in below)."""
+"""``meshhealth bench ...``: benchmarks that print a table and, with --json, write JSON."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 
+def _ingest(a: argparse.Namespace) -> int:
+    from meshhealth.bench.ingest import run
+
+    run(quick=a.quick, spm=a.samples_per_message, json_path=Path(a.json) if a.json else None,
+        publishers=a.publishers, devices=a.devices, keep=Path(a.keep) if a.keep else None)
+    return 0
+
+
 def add_parser(sub: Any) -> None:
-    sub.add_parser("bench", help="benchmarks")
+    b = sub.add_parser("bench", help="benchmarks (table on stdout, --json for machines)")
+    bs = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    s = bs.add_parser("ingest", help="broker -> one node -> LMDB, beside the ceilings")
+    s.add_argument("--json", help="write the results here")
+    s.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
+    s.add_argument("--samples-per-message", type=int, default=1)
+    s.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    s.add_argument("--devices", type=int, default=100)
+    s.add_argument("--keep", help="work directory to keep (default: a temp dir)")
+    s.set_defaults(fn=_ingest)

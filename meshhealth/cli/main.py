@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.errors import MeshHealthError
@@ -89,6 +87,8 @@ def cmd_keygen(a: argparse.Namespace, kind: str) -> int:
 
 async def _enroll(a: argparse.Namespace) -> int:
     import tomllib
+
+    import aiohttp
 
     from device_agents.simulate import enrollment, post_tx
     from meshhealth.sharing.keychain import KeyChain, epoch_of

@@ -31,7 +31,7 @@ from meshhealth.wire import EnrollDevice, Reading, Receipt
 @dataclass
 class BatchLimits:
     interval_ms: int = 1000
-    max_entries: int = 10_000
+    max_entries: int = 4_096
     max_bytes: int = 8 * 1024 * 1024
     max_future_skew_ms: int = 30_000
 

@@ -93,6 +93,8 @@ class Pipeline:
     async def run(self) -> None:
         if self.workers > 0:
             ctx = multiprocessing.get_context("forkserver")
+            # workers need only the verifier, not the node's aiohttp/MQTT stack
+            ctx.set_forkserver_preload(["meshhealth.ingest.verify"])
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
         try:
             async with asyncio.TaskGroup() as tg:

@@ -1,0 +1,1 @@
+"""Benchmarks: real brokers, real node processes, separate publisher processes."""
