@@ -46,10 +46,20 @@ class _Track:
 
 
 class Agent:
-    def __init__(self, outbox: Outbox, devices: Iterable[Device], broker_url: str, *,
-                 network: bytes, authorities: set[bytes], client_id: str = "",
-                 resend_after: float = 5.0, window: int = 2000, username: str = "",
-                 password: str = "") -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        devices: Iterable[Device],
+        broker_url: str,
+        *,
+        network: bytes,
+        authorities: set[bytes],
+        client_id: str = "",
+        resend_after: float = 5.0,
+        window: int = 2000,
+        username: str = "",
+        password: str = "",
+    ) -> None:
         self.outbox = outbox
         self.devices = {d.id: d for d in devices}
         self.host, self.port, self.tls = parse_broker_url(broker_url)
@@ -60,8 +70,14 @@ class Agent:
         self.track = {d: _Track() for d in self.devices}
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
-        self.stats = {"published": 0, "resent": 0, "receipts": 0, "bad_receipts": 0,
-                      "acked": 0, "connects": 0}
+        self.stats = {
+            "published": 0,
+            "resent": 0,
+            "receipts": 0,
+            "bad_receipts": 0,
+            "acked": 0,
+            "connects": 0,
+        }
 
     # --- producing ----------------------------------------------------------
 
@@ -70,9 +86,7 @@ class Agent:
         if not items:
             return
         states = {d.id: d.state() for d, _, _ in items}
-        await asyncio.to_thread(
-            self.outbox.put_many, [(d.id, s, r) for d, s, r in items], states
-        )
+        await asyncio.to_thread(self.outbox.put_many, [(d.id, s, r) for d, s, r in items], states)
         self._wake.set()
 
     def pending(self) -> int:
@@ -98,19 +112,28 @@ class Agent:
             except* TimeoutError:
                 log.warning("agent %s: the broker connection did not close in time", self.client_id)
             except* aiomqtt.MqttError as eg:
-                log.info("agent %s: broker connection lost (%s); retry in %.1fs",
-                         self.client_id, eg.exceptions[0], delay)
+                log.info(
+                    "agent %s: broker connection lost (%s); retry in %.1fs",
+                    self.client_id,
+                    eg.exceptions[0],
+                    delay,
+                )
             self.connected.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 30.0)
 
     async def _session(self, stop: asyncio.Event, guard: asyncio.Timeout) -> None:
-        async with aiomqtt.Client(self.host, self.port, identifier=self.client_id or None,
-                                  username=self.username or None,
-                                  password=self.password or None,
-                                  tls_params=aiomqtt.TLSParameters() if self.tls else None,
-                                  max_queued_outgoing_messages=0, keepalive=30) as client:
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id or None,
+            username=self.username or None,
+            password=self.password or None,
+            tls_params=aiomqtt.TLSParameters() if self.tls else None,
+            max_queued_outgoing_messages=0,
+            keepalive=30,
+        ) as client:
             self.stats["connects"] += 1
             topics = [(RECEIPTS_TOPIC.format(device=d.hex()), 1) for d in self.devices]
             for i in range(0, len(topics), 200):
@@ -164,9 +187,7 @@ class Agent:
                 room = self.window - (t.sent_upto - t.acked)
                 if room <= 0:
                     continue
-                batch = await asyncio.to_thread(
-                    lambda d=dev, a=t.sent_upto, n=room: list(self.outbox.pending(d, a, n))
-                )
+                batch = await asyncio.to_thread(self._pending, dev, t.sent_upto, room)
                 topic = READINGS_TOPIC.format(device=dev.hex())
                 for seq, raw in batch:
                     await client.publish(topic, raw, qos=1)
@@ -176,6 +197,9 @@ class Agent:
                     t.progress_at = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
+
+    def _pending(self, device: bytes, after: int, limit: int) -> list[tuple[int, bytes]]:
+        return list(self.outbox.pending(device, after, limit))
 
     def statistics(self) -> dict[str, Any]:
         return dict(self.stats, devices=len(self.devices))

@@ -45,7 +45,9 @@ class Device:
             key = unseal(sk.sealed, self.identity.box_private)
             self.cursors[sk.stream] = ChainCursor(sk.chain_id, sk.epoch_ms, sk.key_epoch, key)
 
-    def readings(self, stream: str, samples: Sequence[Sample], *, max_samples: int = MAX_SAMPLES) -> list[tuple[int, bytes]]:
+    def readings(
+        self, stream: str, samples: Sequence[Sample], *, max_samples: int = MAX_SAMPLES
+    ) -> list[tuple[int, bytes]]:
         """Encrypt and sign ``samples`` (time-ordered) into readings; returns (seq, bytes)."""
         cur = self.cursors[stream]
         spec = STREAMS[stream]
@@ -68,29 +70,61 @@ class Device:
         flush()
         return out
 
-    def _seal(self, stream: str, unit: str, decimals: int, cur: ChainCursor,
-              group: list[Sample]) -> tuple[int, bytes]:
+    def _seal(
+        self, stream: str, unit: str, decimals: int, cur: ChainCursor, group: list[Sample]
+    ) -> tuple[int, bytes]:
         t0 = group[0][0]
         epoch = t0 // cur.epoch_ms
         seq = self.next_seq
         self.next_seq += 1
-        header = Reading(self.id, self.patient, stream, seq, t0, group[-1][0] - t0, cur.chain_id,
-                         epoch, b"\0" * 24, b"", b"\0" * 64)
-        nonce, ct = encrypt(cur.message_key(epoch), encode_samples(unit, decimals, t0, group),
-                            header.associated_data())
-        r = Reading.create(self.identity.signing, patient=self.patient, stream=stream, seq=seq,
-                           t_ms=t0, span_ms=header.span_ms, chain_id=cur.chain_id, epoch=epoch,
-                           nonce=nonce, ciphertext=ct)
+        header = Reading(
+            self.id,
+            self.patient,
+            stream,
+            seq,
+            t0,
+            group[-1][0] - t0,
+            cur.chain_id,
+            epoch,
+            b"\0" * 24,
+            b"",
+            b"\0" * 64,
+        )
+        nonce, ct = encrypt(
+            cur.message_key(epoch),
+            encode_samples(unit, decimals, t0, group),
+            header.associated_data(),
+        )
+        r = Reading.create(
+            self.identity.signing,
+            patient=self.patient,
+            stream=stream,
+            seq=seq,
+            t_ms=t0,
+            span_ms=header.span_ms,
+            chain_id=cur.chain_id,
+            epoch=epoch,
+            nonce=nonce,
+            ciphertext=ct,
+        )
         return seq, r.encode()
 
     # --- persistence (kept in the outbox) ------------------------------------
 
     def state(self) -> list[Any]:
-        return [bytes(self.identity.signing), self.patient, self.next_seq,
-                [[s, c.chain_id, c.epoch_ms, c.epoch, c.key] for s, c in self.cursors.items()]]
+        return [
+            bytes(self.identity.signing),
+            self.patient,
+            self.next_seq,
+            [[s, c.chain_id, c.epoch_ms, c.epoch, c.key] for s, c in self.cursors.items()],
+        ]
 
     @classmethod
     def from_state(cls, state: list[Any]) -> Device:
         seed, patient, next_seq, cursors = state
-        return cls(Identity("device", nacl.signing.SigningKey(seed)), patient,
-                   {s: ChainCursor(cid, ems, ep, k) for s, cid, ems, ep, k in cursors}, next_seq)
+        return cls(
+            Identity("device", nacl.signing.SigningKey(seed)),
+            patient,
+            {s: ChainCursor(cid, ems, ep, k) for s, cid, ems, ep, k in cursors},
+            next_seq,
+        )

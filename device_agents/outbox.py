@@ -64,7 +64,9 @@ class Outbox:
 
         self._write(fn)
 
-    def put_many(self, items: list[tuple[bytes, int, bytes]], states: dict[bytes, list[Any]]) -> None:
+    def put_many(
+        self, items: list[tuple[bytes, int, bytes]], states: dict[bytes, list[Any]]
+    ) -> None:
         """Store many readings (and the devices' new states) in one transaction."""
 
         def fn(txn: Any) -> None:
@@ -91,7 +93,9 @@ class Outbox:
 
         return int(self._write(fn))
 
-    def pending(self, device: bytes, after: int = 0, limit: int = 1 << 30) -> Iterator[tuple[int, bytes]]:
+    def pending(
+        self, device: bytes, after: int = 0, limit: int = 1 << 30
+    ) -> Iterator[tuple[int, bytes]]:
         """(seq, reading) of ``device`` above ``after``, in seq order."""
         with self.env.begin() as txn:
             cur = txn.cursor()

@@ -45,13 +45,20 @@ class Patient:
     devices: list[Device] = field(default_factory=list)
 
 
-def enrollment(patient: Identity, chains: dict[str, KeyChain], device: bytes, key_epoch: int,
-               now_ms: int) -> EnrollDevice:
+def enrollment(
+    patient: Identity, chains: dict[str, KeyChain], device: bytes, key_epoch: int, now_ms: int
+) -> EnrollDevice:
     """The patient's signed enrolment of ``device``, sealing ``K(key_epoch)`` per stream."""
     box = box_public_of(device)
     keys = tuple(
-        StreamKey(s, c.chain_id, c.start_epoch, c.epoch_ms, max(key_epoch, c.start_epoch),
-                  seal(c.key(max(key_epoch, c.start_epoch)), box))
+        StreamKey(
+            s,
+            c.chain_id,
+            c.start_epoch,
+            c.epoch_ms,
+            max(key_epoch, c.start_epoch),
+            seal(c.key(max(key_epoch, c.start_epoch)), box),
+        )
         for s, c in sorted(chains.items())
     )
     return EnrollDevice.create(patient.signing, device=device, ts_ms=now_ms, streams=keys)
@@ -62,8 +69,9 @@ async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: byt
     last = ""
     for url in node_urls:
         try:
-            async with session.post(f"{url}/v1/tx", data=raw,
-                                    headers={"Content-Type": "application/msgpack"}) as resp:
+            async with session.post(
+                f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
+            ) as resp:
                 body = await resp.json()
                 if resp.status in (202, 409):
                     return str(body.get("tx", ""))
@@ -74,12 +82,25 @@ async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: byt
 
 
 class Simulation:
-    def __init__(self, *, broker_url: str, node_urls: list[str], network: bytes,
-                 authorities: set[bytes], state_dir: Path, patients: int = 3,
-                 devices_per_patient: int = 1, streams: tuple[str, ...] = tuple(STREAMS),
-                 interval_s: float = 10.0, samples_per_reading: int = 0, backfill_s: float = 0.0,
-                 gateway: bool = True, seed: int = 1, epoch_ms: int = 3_600_000,
-                 resend_after: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        node_urls: list[str],
+        network: bytes,
+        authorities: set[bytes],
+        state_dir: Path,
+        patients: int = 3,
+        devices_per_patient: int = 1,
+        streams: tuple[str, ...] = tuple(STREAMS),
+        interval_s: float = 10.0,
+        samples_per_reading: int = 0,
+        backfill_s: float = 0.0,
+        gateway: bool = True,
+        seed: int = 1,
+        epoch_ms: int = 3_600_000,
+        resend_after: float = 5.0,
+    ) -> None:
         for s in streams:
             if s not in STREAMS:
                 raise ValueError(f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
@@ -94,14 +115,18 @@ class Simulation:
         self.start_ms = (now - int(backfill_s * 1000)) // self.interval_ms * self.interval_ms
         start_epoch = epoch_of(self.start_ms, epoch_ms)
         self.patients = [
-            Patient(Identity.generate("patient"),
-                    {s: KeyChain.new(s, start_epoch, epoch_ms) for s in streams},
-                    PatientPhysiology(rng.randrange(1 << 30)))
+            Patient(
+                Identity.generate("patient"),
+                {s: KeyChain.new(s, start_epoch, epoch_ms) for s in streams},
+                PatientPhysiology(rng.randrange(1 << 30)),
+            )
             for _ in range(patients)
         ]
         for p in self.patients:
-            p.devices = [Device(Identity.generate("device"), p.identity.public)
-                         for _ in range(devices_per_patient)]
+            p.devices = [
+                Device(Identity.generate("device"), p.identity.public)
+                for _ in range(devices_per_patient)
+            ]
         self.outbox = Outbox(state_dir / "outbox")
         devices = [d for p in self.patients for d in p.devices]
         if gateway:
@@ -112,8 +137,15 @@ class Simulation:
         self.sim_ms = self.start_ms
 
     def _agent(self, devices: list[Device], cid: str) -> Agent:
-        return Agent(self.outbox, devices, self.broker_url, network=self.network,
-                     authorities=self.authorities, client_id=cid, resend_after=self.resend_after)
+        return Agent(
+            self.outbox,
+            devices,
+            self.broker_url,
+            network=self.network,
+            authorities=self.authorities,
+            client_id=cid,
+            resend_after=self.resend_after,
+        )
 
     @property
     def devices(self) -> list[Device]:
@@ -125,16 +157,21 @@ class Simulation:
         for p in self.patients:
             path = pdir / f"{p.identity.short}.key"
             if not path.exists():
-                save_identity(p.identity, path, extra={
-                    "keychains": [c.to_doc() for c in p.chains.values()]})
+                save_identity(
+                    p.identity, path, extra={"keychains": [c.to_doc() for c in p.chains.values()]}
+                )
 
     async def enroll(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             for p in self.patients:
                 for d in p.devices:
-                    tx = enrollment(p.identity, p.chains, d.id,
-                                    epoch_of(self.start_ms, next(iter(p.chains.values())).epoch_ms),
-                                    time.time_ns() // 1_000_000)
+                    tx = enrollment(
+                        p.identity,
+                        p.chains,
+                        d.id,
+                        epoch_of(self.start_ms, next(iter(p.chains.values())).epoch_ms),
+                        time.time_ns() // 1_000_000,
+                    )
                     await post_tx(session, self.node_urls, tx.encode())
                     d.accept_enrollment(tx)
         self.save_patients()
@@ -154,8 +191,14 @@ class Simulation:
         self.produced += len(out)
         return out
 
-    async def run(self, stop: asyncio.Event, *, duration_s: float, drain_timeout: float = 60.0,
-                  on_tick: Any = None) -> bool:
+    async def run(
+        self,
+        stop: asyncio.Event,
+        *,
+        duration_s: float,
+        drain_timeout: float = 60.0,
+        on_tick: Any = None,
+    ) -> bool:
         """Produce until ``duration_s`` past now (or ``stop``); then wait for receipts.
 
         Returns True when every produced reading was receipted.
@@ -177,7 +220,9 @@ class Simulation:
                 self.sim_ms = t
                 if on_tick is not None:
                     on_tick(self)
-            drained = await self.agents[0].wait_drained(drain_timeout) if not stop.is_set() else False
+            drained = (
+                await self.agents[0].wait_drained(drain_timeout) if not stop.is_set() else False
+            )
             agents_stop.set()
         return drained
 

@@ -67,8 +67,12 @@ class Genesis:
         try:
             net = doc["network"]
             auths = tuple(Authority(a["name"], bytes.fromhex(a["key"])) for a in doc["authority"])
-            g = cls(net["name"], int(net["created_ms"]), auths,
-                    int(net.get("max_future_skew_ms", 30_000)))
+            g = cls(
+                net["name"],
+                int(net["created_ms"]),
+                auths,
+                int(net.get("max_future_skew_ms", 30_000)),
+            )
         except (KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"{path}: malformed genesis file ({exc})") from exc
         if not g.authorities or any(len(a.key) != 32 for a in g.authorities):
@@ -151,8 +155,11 @@ class NodeConfig:
 
         return tomli_w.dumps(
             {
-                "node": {"key_file": self.key_file, "genesis_file": self.genesis_file,
-                         "data_dir": self.data_dir},
+                "node": {
+                    "key_file": self.key_file,
+                    "genesis_file": self.genesis_file,
+                    "data_dir": self.data_dir,
+                },
                 "mqtt": section(self.mqtt),
                 "ingest": section(self.ingest),
                 "api": section(self.api),
@@ -177,7 +184,9 @@ class NodeConfig:
             allowed = {f.name: f for f in fields(kind)}
             for k, v in sec.items():
                 if k not in allowed:
-                    raise ConfigError(f"{source}: unknown key {name}.{k} (known: {sorted(allowed)})")
+                    raise ConfigError(
+                        f"{source}: unknown key {name}.{k} (known: {sorted(allowed)})"
+                    )
                 default = getattr(kind(), k)
                 if isinstance(default, float) and isinstance(v, int):
                     v = float(v)

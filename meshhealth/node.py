@@ -48,8 +48,10 @@ class Node:
         self.identity = identity or load_identity(cfg.key_path)
         self.genesis = Genesis.load(cfg.genesis_path)
         if not self.genesis.is_authority(self.identity.public):
-            raise ConfigError(f"node {self.identity.short} is not an authority of network "
-                              f"{self.genesis.name!r}; add its key to {cfg.genesis_path}")
+            raise ConfigError(
+                f"node {self.identity.short} is not an authority of network "
+                f"{self.genesis.name!r}; add its key to {cfg.genesis_path}"
+            )
         self.network = self.genesis.network_id
         self.store = open_store(cfg, self.genesis)
         access = AccessState()
@@ -62,21 +64,34 @@ class Node:
         self.batcher = Batcher(
             key=self.identity.signing,
             network=self.network,
-            limits=BatchLimits(int(ing.block_interval_s * 1000), ing.max_entries,
-                               ing.max_block_bytes, self.genesis.max_future_skew_ms),
+            limits=BatchLimits(
+                int(ing.block_interval_s * 1000),
+                ing.max_entries,
+                ing.max_block_bytes,
+                self.genesis.max_future_skew_ms,
+            ),
             access=access,
             marks={d: m.copy() for d, m in self.store.seqmarks().items()},
             height=-1 if head is None else head[0],
             prev=b"" if head is None else head[1],
         )
         m = cfg.mqtt
-        self.mqtt = MqttIngest(m.client_id or f"mh-node-{self.identity.short}",
-                               f"$share/{m.shared_group}/{m.readings_topic}" if m.shared_group
-                               else m.readings_topic,
-                               self._on_payload, username=m.username, password=m.password)
-        self.pipeline = Pipeline(self.batcher, self.store, workers=ing.verify_workers,
-                                 chunk_size=ing.chunk_size, max_backlog=ing.max_backlog,
-                                 receipts_topic=m.receipts_topic, publish=self.mqtt.publish)
+        self.mqtt = MqttIngest(
+            m.client_id or f"mh-node-{self.identity.short}",
+            f"$share/{m.shared_group}/{m.readings_topic}" if m.shared_group else m.readings_topic,
+            self._on_payload,
+            username=m.username,
+            password=m.password,
+        )
+        self.pipeline = Pipeline(
+            self.batcher,
+            self.store,
+            workers=ing.verify_workers,
+            chunk_size=ing.chunk_size,
+            max_backlog=ing.max_backlog,
+            receipts_topic=m.receipts_topic,
+            publish=self.mqtt.publish,
+        )
         self.api_requests: dict[str, int] = {}
         self.started = time.time()
         self.api_url = ""
@@ -110,8 +125,10 @@ class Node:
                 try:
                     await stack.enter_async_context(broker)
                 except OSError as exc:
-                    raise NetworkError(f"embedded broker: port {broker.port} is in use ({exc}); "
-                                       "set mqtt.embedded_port or mqtt.broker") from exc
+                    raise NetworkError(
+                        f"embedded broker: port {broker.port} is in use ({exc}); "
+                        "set mqtt.embedded_port or mqtt.broker"
+                    ) from exc
                 self.broker_url = broker.url
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
@@ -120,15 +137,21 @@ class Node:
             try:
                 await site.start()
             except OSError as exc:
-                raise NetworkError(f"API port {self.cfg.api.host}:{self.cfg.api.port} is in use "
-                                   f"({exc}); set api.port") from exc
+                raise NetworkError(
+                    f"API port {self.cfg.api.host}:{self.cfg.api.port} is in use "
+                    f"({exc}); set api.port"
+                ) from exc
             self.api_url = f"http://{self.cfg.api.host}:{self.cfg.api.port}"
             async with asyncio.TaskGroup() as tg:
                 pipe = tg.create_task(self.pipeline.run())
                 await self.mqtt.start(self.broker_url)
                 stack.push_async_callback(self.mqtt.stop)
-                log.info("node %s up: api %s, broker %s", self.identity.short, self.api_url,
-                         self.broker_url)
+                log.info(
+                    "node %s up: api %s, broker %s",
+                    self.identity.short,
+                    self.api_url,
+                    self.broker_url,
+                )
                 if ready is not None:
                     ready.set()
                 await stop.wait()

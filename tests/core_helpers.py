@@ -23,8 +23,9 @@ from meshhealth.chain.verify import ChainReport, verify_chain
 from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.ingest.batcher import Batcher, BatchLimits
+from meshhealth.ingest.commit import Commit
 from meshhealth.sharing.keychain import KeyChain
-from meshhealth.store.lmdb_store import Commit, Store, chain_key
+from meshhealth.store.lmdb_store import Store, chain_key
 from meshhealth.wire import EnrollDevice, Reading
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -63,8 +64,9 @@ def make_world(streams: tuple[str, ...] = STREAMS, epoch_ms: int = EPOCH_MS) -> 
     return World(genesis, authority, patient, chains)
 
 
-def new_device(world: World, *, streams: tuple[str, ...] | None = None,
-               ts_ms: int = T0) -> tuple[Device, EnrollDevice]:
+def new_device(
+    world: World, *, streams: tuple[str, ...] | None = None, ts_ms: int = T0
+) -> tuple[Device, EnrollDevice]:
     """A device and its patient-signed enrolment (which the device accepts)."""
     dev = Device(Identity.generate("device"), world.patient.public)
     chains = world.chains if streams is None else {s: world.chains[s] for s in streams}
@@ -73,15 +75,16 @@ def new_device(world: World, *, streams: tuple[str, ...] | None = None,
     return dev, tx
 
 
-def device_readings(dev: Device, stream: str, t0: int, t1: int,
-                    *, max_samples: int = 15, seed: int = 7) -> list[tuple[int, bytes]]:
-    return dev.readings(stream, samples(PatientPhysiology(seed), stream, t0, t1),
-                        max_samples=max_samples)
+def device_readings(
+    dev: Device, stream: str, t0: int, t1: int, *, max_samples: int = 15, seed: int = 7
+) -> list[tuple[int, bytes]]:
+    return dev.readings(
+        stream, samples(PatientPhysiology(seed), stream, t0, t1), max_samples=max_samples
+    )
 
 
 def make_batcher(world: World, **limits: Any) -> Batcher:
-    return Batcher(world.authority.signing, world.network, BatchLimits(**limits),
-                   AccessState(), {})
+    return Batcher(world.authority.signing, world.network, BatchLimits(**limits), AccessState(), {})
 
 
 @dataclass
@@ -155,8 +158,13 @@ def build_chain(store: Store, world: World | None = None) -> BuiltChain:
 def verify_store(store: Store, world: World) -> ChainReport:
     """``verify_chain`` over the store's raw chain, against the stored head."""
     with contextlib.closing(store.iter_raw_chain(world.node)) as blocks:
-        return verify_chain(world.node, blocks, network=world.network,
-                            authorities=world.authorities, expected_head=store.head(world.node))
+        return verify_chain(
+            world.node,
+            blocks,
+            network=world.network,
+            authorities=world.authorities,
+            expected_head=store.head(world.node),
+        )
 
 
 # --- raw LMDB surgery -----------------------------------------------------
@@ -204,8 +212,14 @@ def rewrite_chain(store: Store, world: World, bodies: list[list[bytes]], from_he
         prev = block_hash(hdr)
     with store.env.begin(write=True) as txn:
         for height in range(from_height, len(bodies)):
-            block = build_block(world.authority.signing, network=world.network, height=height,
-                                prev=prev, ts_ms=T0 + height, entries=bodies[height])
+            block = build_block(
+                world.authority.signing,
+                network=world.network,
+                height=height,
+                prev=prev,
+                ts_ms=T0 + height,
+                entries=bodies[height],
+            )
             key = chain_key(world.node, height)
             txn.put(key, block.header.encode(), db=store.db["headers"])
             txn.put(key, encode_body(block.entries), db=store.db["bodies"])

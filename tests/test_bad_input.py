@@ -25,8 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict[str, object]]:
-    req = urllib.request.Request(f"{url}/v1/tx", data=body, method="POST",
-                                 headers={"Content-Type": "application/msgpack"})
+    req = urllib.request.Request(
+        f"{url}/v1/tx", data=body, method="POST", headers={"Content-Type": "application/msgpack"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status, json.loads(r.read())
@@ -35,8 +36,9 @@ def post(url: str, body: bytes) -> tuple[int, dict[str, object]]:
 
 
 def resign(r: Reading, key: nacl.signing.SigningKey, **changes: object) -> bytes:
-    fields = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)
-              if f.name not in ("device", "sig")}
+    fields = {
+        f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("device", "sig")
+    }
     fields.update(changes)
     return Reading.create(key, **fields).encode()
 
@@ -69,16 +71,17 @@ async def test_each_bad_input_is_rejected_counted_and_harmless(mosquitto, node_f
     assert code == 422 and body["reason"] == "bad_signature"
     assert post(node.url, tx.encode())[0] == 409
 
-    (_, good), = dev.readings("hr", [(now - 5000, (71.0,))])
+    ((_, good),) = dev.readings("hr", [(now - 5000, (71.0,))])
     good_r = Reading.decode(good)
-    (_, second), = dev.readings("hr", [(now - 4000, (72.0,))])
+    ((_, second),) = dev.readings("hr", [(now - 4000, (72.0,))])
     stranger = Identity.generate("device")
     bad_sig = bytearray(good)
     bad_sig[-3] ^= 0x40
     future_epoch = epoch_of(now + 3_600_000, 3_600_000)
     cur = dev.cursors["hr"]
-    (_, future), = Device(dev.identity, dev.patient, {"hr": dataclasses.replace(cur)},
-                          next_seq=500).readings("hr", [(now + 3_600_000, (70.0,))])
+    ((_, future),) = Device(
+        dev.identity, dev.patient, {"hr": dataclasses.replace(cur)}, next_seq=500
+    ).readings("hr", [(now + 3_600_000, (70.0,))])
     assert Reading.decode(future).epoch == future_epoch
     wrong_epoch = resign(good_r, dev.identity.signing, seq=600, epoch=good_r.epoch + 1)
     unknown_device = resign(good_r, stranger.signing)
@@ -110,9 +113,18 @@ async def test_each_bad_input_is_rejected_counted_and_harmless(mosquitto, node_f
     await asyncio.sleep(1.5)  # one block interval
     st = node.status()
     rejects = st["ingest"]["rejects"]
-    for reason in ("duplicate", "malformed", "oversized", "bad_signature", "unknown_device",
-                   "future_timestamp", "wrong_epoch", "topic_mismatch", "malformed_tx",
-                   "duplicate_tx"):
+    for reason in (
+        "duplicate",
+        "malformed",
+        "oversized",
+        "bad_signature",
+        "unknown_device",
+        "future_timestamp",
+        "wrong_epoch",
+        "topic_mismatch",
+        "malformed_tx",
+        "duplicate_tx",
+    ):
         assert rejects.get(reason, 0) >= 1, f"{reason} not counted: {rejects}"
     assert rejects["malformed"] == 2  # the bad msgpack and the garbage
     assert st["ingest"]["readings_committed"] == 1  # only the one good reading

@@ -40,9 +40,16 @@ SKEW = 30_000
 def signed_reading(dev: Device, world: World, **over: Any) -> Reading:
     """A reading signed by ``dev`` for its patient; fields default to a valid "hr" reading."""
     fields: dict[str, Any] = dict(
-        patient=world.patient.public, stream="hr", seq=dev.next_seq, t_ms=T0, span_ms=0,
-        chain_id=world.chains["hr"].chain_id, epoch=START_EPOCH, nonce=b"\0" * 24,
-        ciphertext=b"ct")
+        patient=world.patient.public,
+        stream="hr",
+        seq=dev.next_seq,
+        t_ms=T0,
+        span_ms=0,
+        chain_id=world.chains["hr"].chain_id,
+        epoch=START_EPOCH,
+        nonce=b"\0" * 24,
+        ciphertext=b"ct",
+    )
     fields.update(over)
     dev.next_seq = max(dev.next_seq, fields["seq"] + 1)
     return Reading.create(dev.identity.signing, **fields)
@@ -136,8 +143,9 @@ def test_wrong_epoch(s: Setup) -> None:
     r = signed_reading(s.dev, s.world, t_ms=T0 + EPOCH_MS - 10, span_ms=10)
     assert s.reason(r, now=T0 + EPOCH_MS) == "wrong_epoch"
     # the start of the next epoch under the next epoch's number is fine
-    s.admit(signed_reading(s.dev, s.world, t_ms=T0 + EPOCH_MS, epoch=START_EPOCH + 1),
-            now=T0 + EPOCH_MS)
+    s.admit(
+        signed_reading(s.dev, s.world, t_ms=T0 + EPOCH_MS, epoch=START_EPOCH + 1), now=T0 + EPOCH_MS
+    )
 
 
 def test_topic_mismatch(s: Setup) -> None:
@@ -164,8 +172,9 @@ def test_transaction_rejections(s: Setup) -> None:
     assert _tx_reason(s.b, forged, s.now) == "bad_signature"
     _, late = new_device(w, ts_ms=s.now + SKEW + 1)
     assert _tx_reason(s.b, late, s.now) == "future_timestamp"
-    selfie = EnrollDevice.create(w.patient.signing, device=w.patient.public, ts_ms=T0,
-                                 streams=tx2.streams)
+    selfie = EnrollDevice.create(
+        w.patient.signing, device=w.patient.public, ts_ms=T0, streams=tx2.streams
+    )
     assert _tx_reason(s.b, selfie, s.now) == "bad_tx"
     assert s.b.pending == 1
     assert s.b.admit_tx(tx2.encode(), tx2, s.now) == h(tx2.encode())
@@ -219,8 +228,7 @@ def test_seal_chains_heights_and_prev_links() -> None:
     commits = []
     now = st_.now
     for i in range(4):
-        raws = device_readings(st_.dev, "hr", T0 + i * 10_000, T0 + (i + 1) * 10_000,
-                               max_samples=4)
+        raws = device_readings(st_.dev, "hr", T0 + i * 10_000, T0 + (i + 1) * 10_000, max_samples=4)
         now = T0 + (i + 1) * 10_000
         for _, raw in raws:
             b.admit_reading(raw, Reading.decode(raw), now)
@@ -244,14 +252,21 @@ def test_seal_chains_heights_and_prev_links() -> None:
     tid, idx = commits[0].txs[0]
     assert tid == h(st_.tx.encode()) and commits[0].block.entries[idx] == st_.tx.encode()
     assert commits[-1].seqmarks[st_.dev.id].contiguous == st_.dev.next_seq - 1
-    rep = verify_chain(w.node, [(c.block.header.height, c.block.header.encode(),
-                                 encode_body(c.block.entries)) for c in commits],
-                       network=w.network, authorities=w.authorities,
-                       expected_head=(3, prev))
+    rep = verify_chain(
+        w.node,
+        [
+            (c.block.header.height, c.block.header.encode(), encode_body(c.block.entries))
+            for c in commits
+        ],
+        network=w.network,
+        authorities=w.authorities,
+        expected_head=(3, prev),
+    )
     assert rep.readings == sum(len(c.readings) for c in commits)
     # a receipt for the device covers its contiguous seqs
-    rc = make_receipt(w.authority.signing, w.network, st_.dev.id, b.marks[st_.dev.id],
-                      b.height, now)
+    rc = make_receipt(
+        w.authority.signing, w.network, st_.dev.id, b.marks[st_.dev.id], b.height, now
+    )
     assert Receipt.decode(rc.encode()).verify() == rc
     assert rc.seq == st_.dev.next_seq - 1 and rc.height == 3
 
@@ -318,14 +333,36 @@ def test_batcher_accepts_device_made_readings_after_real_encryption() -> None:
     # readings built outside Device with the same key material are accepted too
     st_ = Setup()
     cur = st_.dev.cursors["hr"]
-    hdr = Reading(st_.dev.id, st_.world.patient.public, "hr", 1, T0, 0, cur.chain_id,
-                  START_EPOCH, b"\0" * 24, b"", b"\0" * 64)
-    nonce, ct = encrypt(cur.message_key(START_EPOCH), encode_samples("/min", 0, T0,
-                                                                    [(T0, (60.0,))]),
-                        hdr.associated_data())
-    r = Reading.create(st_.dev.identity.signing, patient=hdr.patient, stream="hr", seq=1,
-                       t_ms=T0, span_ms=0, chain_id=cur.chain_id, epoch=START_EPOCH,
-                       nonce=nonce, ciphertext=ct)
+    hdr = Reading(
+        st_.dev.id,
+        st_.world.patient.public,
+        "hr",
+        1,
+        T0,
+        0,
+        cur.chain_id,
+        START_EPOCH,
+        b"\0" * 24,
+        b"",
+        b"\0" * 64,
+    )
+    nonce, ct = encrypt(
+        cur.message_key(START_EPOCH),
+        encode_samples("/min", 0, T0, [(T0, (60.0,))]),
+        hdr.associated_data(),
+    )
+    r = Reading.create(
+        st_.dev.identity.signing,
+        patient=hdr.patient,
+        stream="hr",
+        seq=1,
+        t_ms=T0,
+        span_ms=0,
+        chain_id=cur.chain_id,
+        epoch=START_EPOCH,
+        nonce=nonce,
+        ciphertext=ct,
+    )
     res = check_one(r.encode())
     assert rebuild(res) == r
     st_.admit(rebuild(res))

@@ -61,8 +61,9 @@ def bodies_of(store: Store, built: BuiltChain) -> list[list[bytes]]:
     return out
 
 
-def expect_invalid(store: Store, built: BuiltChain, heights: set[int],
-                   match: str | None = None) -> None:
+def expect_invalid(
+    store: Store, built: BuiltChain, heights: set[int], match: str | None = None
+) -> None:
     with pytest.raises(InvalidBlock, match=match) as ei:
         verify_store(store, built.world)
     assert ei.value.height in heights, (ei.value.height, heights, str(ei.value))
@@ -94,21 +95,29 @@ def test_chain_verifies(fresh: tuple[Store, BuiltChain]) -> None:
         assert c.block.header.prev == prev
         prev = c.block.hash
     # readings really span several key epochs
-    epochs = {decode_entry(e).epoch for c in built.commits for e in c.block.entries
-              if isinstance(decode_entry(e), Reading)}
+    epochs = {
+        decode_entry(e).epoch
+        for c in built.commits
+        for e in c.block.entries
+        if isinstance(decode_entry(e), Reading)
+    }
     assert len(epochs) >= 3
     assert min(epochs) == START_EPOCH
 
 
 def test_verify_chain_refuses_non_authority_and_wrong_network(
-        fresh: tuple[Store, BuiltChain]) -> None:
+    fresh: tuple[Store, BuiltChain],
+) -> None:
     store, built = fresh
     w = built.world
     with pytest.raises(InvalidBlock, match="not an authority"):
-        verify_chain(w.node, store.iter_raw_chain(w.node), network=w.network,
-                     authorities={b"\0" * 32})
-    with (pytest.raises(InvalidBlock, match="another network") as ei,
-          contextlib.closing(store.iter_raw_chain(w.node)) as blocks):
+        verify_chain(
+            w.node, store.iter_raw_chain(w.node), network=w.network, authorities={b"\0" * 32}
+        )
+    with (
+        pytest.raises(InvalidBlock, match="another network") as ei,
+        contextlib.closing(store.iter_raw_chain(w.node)) as blocks,
+    ):
         verify_chain(w.node, blocks, network=b"\1" * 32, authorities=w.authorities)
     assert ei.value.height == 0
 
@@ -116,11 +125,15 @@ def test_verify_chain_refuses_non_authority_and_wrong_network(
 # --- single-byte corruption (property) --------------------------------------
 
 
-@settings(max_examples=250, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_any_single_byte_flip_is_caught(shared: tuple[Store, BuiltChain],
-                                        data: st.DataObject) -> None:
+def test_any_single_byte_flip_is_caught(
+    shared: tuple[Store, BuiltChain], data: st.DataObject
+) -> None:
     store, built = shared
     node = built.world.node
     height = data.draw(st.integers(0, built.blocks - 1), label="height")
@@ -149,11 +162,15 @@ def _claimed_height(raw: bytes) -> int | None:
         return None
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_any_truncation_or_extension_is_caught(shared: tuple[Store, BuiltChain],
-                                               data: st.DataObject) -> None:
+def test_any_truncation_or_extension_is_caught(
+    shared: tuple[Store, BuiltChain], data: st.DataObject
+) -> None:
     store, built = shared
     node = built.world.node
     height = data.draw(st.integers(0, built.blocks - 1), label="height")
@@ -220,7 +237,8 @@ def test_swapping_blocks_is_caught(fresh: tuple[Store, BuiltChain]) -> None:
 
 @pytest.mark.parametrize("how", ["swap", "flip"])
 def test_misplaced_header_is_reported_at_its_stored_height(
-        fresh: tuple[Store, BuiltChain], how: str) -> None:
+    fresh: tuple[Store, BuiltChain], how: str
+) -> None:
     store, built = fresh
     node = built.world.node
     h1, h2 = raw_get(store, "headers", node, 1), raw_get(store, "headers", node, 2)
@@ -259,7 +277,7 @@ def test_replacing_a_reading_by_an_outsiders_is_caught(fresh: tuple[Store, Built
     bodies = bodies_of(store, built)
     for height, entries in enumerate(bodies):
         i = _reading_indexes(entries)[-1]
-        swapped = [*entries[:i], raw, *entries[i + 1:]]
+        swapped = [*entries[:i], raw, *entries[i + 1 :]]
         with tampered(store, "bodies", node, height, encode_body(swapped)):
             expect_invalid(store, built, {height}, match="Merkle root")
 
@@ -299,7 +317,8 @@ def test_resigned_duplicate_reading_is_caught(fresh: tuple[Store, BuiltChain]) -
 
 
 def test_resigned_reading_for_a_stream_not_enrolled_is_caught(
-        fresh: tuple[Store, BuiltChain]) -> None:
+    fresh: tuple[Store, BuiltChain],
+) -> None:
     # device B is enrolled for "hr" only; a "bp" reading from it is refused
     store, built = fresh
     w = built.world
@@ -326,15 +345,24 @@ def test_resigned_block_by_another_key_is_caught(fresh: tuple[Store, BuiltChain]
     # same node field, signed by another key
     hdr = store.header(built.world.node, 2)
     assert hdr is not None
-    forged = BlockHeader.create(other.authority.signing, **{
-        n: getattr(hdr, n) for n, _ in BlockHeader.FIELDS if n != "node"})
+    forged = BlockHeader.create(
+        other.authority.signing,
+        **{n: getattr(hdr, n) for n, _ in BlockHeader.FIELDS if n != "node"},
+    )
     forged = dataclasses.replace(forged, node=built.world.node)
     raw_put(store, "headers", built.world.node, 2, forged.encode())
     expect_invalid(store, built, {2}, match="signature")
     # a whole chain re-signed by a non-authority is refused at once
     rewrite_chain(store, other_w, bodies, 0)
-    assert verify_chain(other_w.node, store.iter_raw_chain(other_w.node), network=other_w.network,
-                        authorities={other_w.node}).blocks == built.blocks  # valid in itself
+    assert (
+        verify_chain(
+            other_w.node,
+            store.iter_raw_chain(other_w.node),
+            network=other_w.network,
+            authorities={other_w.node},
+        ).blocks
+        == built.blocks
+    )  # valid in itself
     with pytest.raises(InvalidBlock, match="not an authority"):
         verify_store(store, other_w)
 
@@ -351,7 +379,8 @@ def test_stored_body_decodes_to_the_committed_entries(fresh: tuple[Store, BuiltC
 
 
 def test_cli_verify_stores_before_and_after_tampering(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "node-0"
     store = Store(path)
     built = build_chain(store)

@@ -81,10 +81,15 @@ def test_keychain_key_is_the_ratcheted_seed(seed: bytes, start: int, offset: int
 
 
 @SETTINGS
-@given(seed=KEYS, start=st.integers(0, 10**6), a=st.integers(0, 30),
-       later=st.lists(st.integers(0, 60), max_size=6))
-def test_cursor_matches_chain_forward_only(seed: bytes, start: int, a: int,
-                                           later: list[int]) -> None:
+@given(
+    seed=KEYS,
+    start=st.integers(0, 10**6),
+    a=st.integers(0, 30),
+    later=st.lists(st.integers(0, 60), max_size=6),
+)
+def test_cursor_matches_chain_forward_only(
+    seed: bytes, start: int, a: int, later: list[int]
+) -> None:
     chain = KeyChain("hr", b"\0" * 8, seed, start, 60_000)
     cur = chain.cursor(start + a)
     assert cur.key == chain.key(start + a)
@@ -94,8 +99,11 @@ def test_cursor_matches_chain_forward_only(seed: bytes, start: int, a: int,
     pos = start + a
     for step in sorted(later):
         i = start + a + step
-        assert cur.message_key(i) == message_key(chain.key(i)) == ref_message_key(
-            ref_ratchet(seed, i - start))
+        assert (
+            cur.message_key(i)
+            == message_key(chain.key(i))
+            == ref_message_key(ref_ratchet(seed, i - start))
+        )
         assert cur.key_at(i) == chain.key(i)
         pos = i
         if i > start + a:  # having moved on, the cursor forgot the earlier keys
@@ -125,10 +133,16 @@ def test_seal_unseal_round_trip() -> None:
 
 
 @SETTINGS
-@given(seed=KEYS, epoch=st.integers(0, 100), plain=st.binary(max_size=300),
-       aad=st.binary(max_size=100), other_aad=st.binary(max_size=100))
-def test_encrypt_decrypt_round_trip(seed: bytes, epoch: int, plain: bytes, aad: bytes,
-                                    other_aad: bytes) -> None:
+@given(
+    seed=KEYS,
+    epoch=st.integers(0, 100),
+    plain=st.binary(max_size=300),
+    aad=st.binary(max_size=100),
+    other_aad=st.binary(max_size=100),
+)
+def test_encrypt_decrypt_round_trip(
+    seed: bytes, epoch: int, plain: bytes, aad: bytes, other_aad: bytes
+) -> None:
     chain = KeyChain("hr", b"\0" * 8, seed, 0, 60_000)
     mk = message_key(chain.key(epoch))
     nonce, ct = encrypt(mk, plain, aad)
@@ -172,8 +186,7 @@ def test_device_reading_decrypts_with_the_patients_chain() -> None:
         got += out
         # the clear header is bound: any other epoch's key, or another header, fails
         with pytest.raises(nacl.exceptions.CryptoError):
-            decrypt(message_key(chain.key(r.epoch + 1)), r.nonce, r.ciphertext,
-                    r.associated_data())
+            decrypt(message_key(chain.key(r.epoch + 1)), r.nonce, r.ciphertext, r.associated_data())
         moved = dataclasses.replace(r, seq=r.seq + 1)
         with pytest.raises(nacl.exceptions.CryptoError):
             decrypt(mk, r.nonce, r.ciphertext, moved.associated_data())
@@ -186,8 +199,11 @@ def test_device_reading_decrypts_with_the_patients_chain() -> None:
 # --- sample plaintext -------------------------------------------------------
 
 
-def _close(got: list[tuple[int, tuple[float, ...]]], want: list[tuple[int, tuple[float, ...]]],
-           decimals: int) -> None:
+def _close(
+    got: list[tuple[int, tuple[float, ...]]],
+    want: list[tuple[int, tuple[float, ...]]],
+    decimals: int,
+) -> None:
     assert [t for t, _ in got] == [t for t, _ in want]
     tol = 10.0**-decimals
     for (_, g), (_, w) in zip(got, want, strict=True):
@@ -201,10 +217,15 @@ values_2 = st.tuples(st.floats(0, 300, allow_nan=False), st.floats(0, 300, allow
 
 
 @SETTINGS
-@given(decimals=st.integers(0, 3), t0=st.integers(0, 2**50), period=st.integers(1, 600_000),
-       vals=st.lists(values_1 | values_2, min_size=1, max_size=50))
-def test_samples_round_trip_regular(decimals: int, t0: int, period: int,
-                                    vals: list[tuple[float, ...]]) -> None:
+@given(
+    decimals=st.integers(0, 3),
+    t0=st.integers(0, 2**50),
+    period=st.integers(1, 600_000),
+    vals=st.lists(values_1 | values_2, min_size=1, max_size=50),
+)
+def test_samples_round_trip_regular(
+    decimals: int, t0: int, period: int, vals: list[tuple[float, ...]]
+) -> None:
     ss = [(t0 + i * period, v) for i, v in enumerate(vals)]
     plain = encode_samples("u", decimals, t0, ss)
     unit, exp, dt, _ = unpack(plain, max_len=1 << 16)
@@ -217,11 +238,16 @@ def test_samples_round_trip_regular(decimals: int, t0: int, period: int,
 
 
 @SETTINGS
-@given(decimals=st.integers(0, 3), t0=st.integers(0, 2**50),
-       first=st.integers(0, 10**6), gaps=st.lists(st.integers(0, 10**6), max_size=50),
-       data=st.data())
-def test_samples_round_trip_irregular(decimals: int, t0: int, first: int, gaps: list[int],
-                                      data: st.DataObject) -> None:
+@given(
+    decimals=st.integers(0, 3),
+    t0=st.integers(0, 2**50),
+    first=st.integers(0, 10**6),
+    gaps=st.lists(st.integers(0, 10**6), max_size=50),
+    data=st.data(),
+)
+def test_samples_round_trip_irregular(
+    decimals: int, t0: int, first: int, gaps: list[int], data: st.DataObject
+) -> None:
     times = [t0 + first]
     for g in gaps:
         times.append(times[-1] + g)
@@ -253,25 +279,47 @@ def test_samples_special_cases() -> None:
         encode_samples("x", 0, t0, [(t0 - 1, (1.0,))])
 
 
-@pytest.mark.parametrize("plain", [
-    b"", b"\xc1", pack(["x", 0, 1]), pack(["x", 0, 1, [1], 5]), pack(["x", 0, [1], [1, 2]]),
-    pack(["x", 0, [1, 2], [1]]), pack(["x", 0, 1, None]), pack(["x", 0, 1, [None]]),
-    pack(["x", 0, 1, ["ab"]]), pack(["x", 0, 1.5, [1]]), pack(7), pack(["x", 0, 1, [[1, "a"]]]),
-])
+@pytest.mark.parametrize(
+    "plain",
+    [
+        b"",
+        b"\xc1",
+        pack(["x", 0, 1]),
+        pack(["x", 0, 1, [1], 5]),
+        pack(["x", 0, [1], [1, 2]]),
+        pack(["x", 0, [1, 2], [1]]),
+        pack(["x", 0, 1, None]),
+        pack(["x", 0, 1, [None]]),
+        pack(["x", 0, 1, ["ab"]]),
+        pack(["x", 0, 1.5, [1]]),
+        pack(7),
+        pack(["x", 0, 1, [[1, "a"]]]),
+    ],
+)
 def test_decode_samples_rejects_bad_plaintext(plain: bytes) -> None:
     with pytest.raises(MalformedMessage):
         decode_samples(plain, 0)
 
 
 samples_garbage = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=5) | st.binary(max_size=5),
-    lambda c: st.lists(c, max_size=5), max_leaves=15)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda c: st.lists(c, max_size=5),
+    max_leaves=15,
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(unit=samples_garbage, exp=st.integers(-20, 20) | st.none() | st.floats(-5, 5),
-       dt=samples_garbage, vals=samples_garbage)
+@given(
+    unit=samples_garbage,
+    exp=st.integers(-20, 20) | st.none() | st.floats(-5, 5),
+    dt=samples_garbage,
+    vals=samples_garbage,
+)
 def test_decode_samples_only_raises_malformed(unit: Any, exp: Any, dt: Any, vals: Any) -> None:
     plain = msgpack.packb([unit, exp, dt, vals], use_bin_type=True)
     try:

@@ -78,8 +78,7 @@ def test_empty_root_is_hash_of_nothing() -> None:
     assert H(b"") == merkle.EMPTY_ROOT
     assert merkle.root([]) == H(b"")
     assert merkle.root_of_leaves([]) == H(b"")
-    assert H(b"").hex() == (
-        "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8")
+    assert H(b"").hex() == ("0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8")
 
 
 def test_one_leaf_root_is_its_leaf_hash() -> None:
@@ -120,7 +119,7 @@ def test_root_matches_reference_for_any_entries(entries: list[bytes]) -> None:
 
 
 def _flip(b: bytes, i: int = 0) -> bytes:
-    return b[:i] + bytes([b[i] ^ 1]) + b[i + 1:]
+    return b[:i] + bytes([b[i] ^ 1]) + b[i + 1 :]
 
 
 def check_proofs(leaves: list[bytes], other_sizes: range | list[int]) -> None:
@@ -149,7 +148,7 @@ def check_proofs(leaves: list[bytes], other_sizes: range | list[int]) -> None:
         # a tampered, dropped or extra path element fails, and so does another root
         for p in range(len(path)):
             for byte in (0, 31):
-                bad = [*path[:p], _flip(path[p], byte), *path[p + 1:]]
+                bad = [*path[:p], _flip(path[p], byte), *path[p + 1 :]]
                 assert not merkle.verify_inclusion(leaves[i], i, n, bad, root)
         if path:
             assert not merkle.verify_inclusion(leaves[i], i, n, path[:-1], root)
@@ -166,8 +165,10 @@ def test_inclusion_proofs_every_leaf(n: int) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(entries=st.lists(st.binary(max_size=8), min_size=1, max_size=64, unique=True),
-       sizes=st.lists(st.integers(1, 130), max_size=4))
+@given(
+    entries=st.lists(st.binary(max_size=8), min_size=1, max_size=64, unique=True),
+    sizes=st.lists(st.integers(1, 130), max_size=4),
+)
 def test_inclusion_proofs_random_entries(entries: list[bytes], sizes: list[int]) -> None:
     check_proofs([merkle.leaf_hash(e) for e in entries], sizes)
 

@@ -33,10 +33,16 @@ from meshhealth.wire.types import (
     MIN_EPOCH_MS,
 )
 
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FUZZ = settings(max_examples=300, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # --- strategies -------------------------------------------------------------
 
@@ -50,21 +56,38 @@ SIGNING_KEYS = st.binary(min_size=32, max_size=32).map(nacl.signing.SigningKey)
 
 # field strategies by name, shared by every type
 FIELD = {
-    "device": KEY, "patient": KEY, "node": KEY, "network": KEY, "prev": KEY, "root": KEY,
-    "stream": NAME, "seq": st.integers(1, MAX_U64), "t_ms": U64,
-    "span_ms": st.integers(0, MAX_SPAN_MS), "chain_id": CHAIN, "epoch": U32,
-    "nonce": st.binary(min_size=24, max_size=24), "ciphertext": st.binary(max_size=600),
-    "ts_ms": U64, "height": U64, "count": U32,
+    "device": KEY,
+    "patient": KEY,
+    "node": KEY,
+    "network": KEY,
+    "prev": KEY,
+    "root": KEY,
+    "stream": NAME,
+    "seq": st.integers(1, MAX_U64),
+    "t_ms": U64,
+    "span_ms": st.integers(0, MAX_SPAN_MS),
+    "chain_id": CHAIN,
+    "epoch": U32,
+    "nonce": st.binary(min_size=24, max_size=24),
+    "ciphertext": st.binary(max_size=600),
+    "ts_ms": U64,
+    "height": U64,
+    "count": U32,
 }
 
 stream_keys = st.builds(
     lambda stream, chain_id, epochs, epoch_ms, sealed: StreamKey(
-        stream, chain_id, min(epochs), epoch_ms, max(epochs), sealed),
-    NAME, CHAIN, st.tuples(U32, U32), st.integers(MIN_EPOCH_MS, MAX_EPOCH_MS),
+        stream, chain_id, min(epochs), epoch_ms, max(epochs), sealed
+    ),
+    NAME,
+    CHAIN,
+    st.tuples(U32, U32),
+    st.integers(MIN_EPOCH_MS, MAX_EPOCH_MS),
     st.binary(min_size=80, max_size=80),
 )
-stream_key_lists = st.lists(stream_keys, min_size=1, max_size=32,
-                            unique_by=lambda s: s.stream).map(tuple)
+stream_key_lists = st.lists(stream_keys, min_size=1, max_size=32, unique_by=lambda s: s.stream).map(
+    tuple
+)
 links = st.builds(Link, KEY, U64, KEY)
 link_lists = st.lists(links, max_size=40).map(tuple)
 
@@ -147,11 +170,31 @@ def test_each_type_refuses_the_others(v: Any) -> None:
 
 
 def test_round_trip_at_field_bounds() -> None:
-    r = Reading(b"\xff" * 32, b"\0" * 32, "a" + "z9_" * 5, MAX_U64, MAX_U64, MAX_SPAN_MS,
-                b"\0" * 8, MAX_U32, b"\1" * 24, b"", b"\2" * 64)
+    r = Reading(
+        b"\xff" * 32,
+        b"\0" * 32,
+        "a" + "z9_" * 5,
+        MAX_U64,
+        MAX_U64,
+        MAX_SPAN_MS,
+        b"\0" * 8,
+        MAX_U32,
+        b"\1" * 24,
+        b"",
+        b"\2" * 64,
+    )
     assert Reading.decode(r.encode()) == r
-    h = BlockHeader(b"\0" * 32, b"\1" * 32, MAX_U64, b"\2" * 32, 0, b"\3" * 32, MAX_U32,
-                    (Link(b"\4" * 32, MAX_U64, b"\5" * 32),) * 3, b"\6" * 64)
+    h = BlockHeader(
+        b"\0" * 32,
+        b"\1" * 32,
+        MAX_U64,
+        b"\2" * 32,
+        0,
+        b"\3" * 32,
+        MAX_U32,
+        (Link(b"\4" * 32, MAX_U64, b"\5" * 32),) * 3,
+        b"\6" * 64,
+    )
     assert BlockHeader.decode(h.encode()) == h
     sk = StreamKey("x", b"\0" * 8, MAX_U32, MAX_EPOCH_MS, MAX_U32, b"\0" * 80)
     e = EnrollDevice(b"\0" * 32, b"\1" * 32, MAX_U64, (sk,), b"\0" * 64)
@@ -183,8 +226,13 @@ def test_random_bytes_behind_a_valid_tag_only_raise_malformed(tag: str, data: by
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), MAX_U64) | st.floats()
-    | st.text(max_size=20) | st.binary(max_size=90) | st.sampled_from(["R1", "E1", "hr"]),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), MAX_U64)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=90)
+    | st.sampled_from(["R1", "E1", "hr"]),
     lambda c: st.lists(c, max_size=8) | st.dictionaries(st.text(max_size=4), c, max_size=3),
     max_leaves=20,
 )
@@ -254,8 +302,9 @@ def test_mutated_encodings_only_raise_malformed(v: Any, ops: list[tuple[str, int
 
 
 def _sample_reading() -> Reading:
-    return Reading(b"\1" * 32, b"\2" * 32, "hr", 5, 300, 0, b"\3" * 8, 7, b"\4" * 24, b"ct",
-                   b"\5" * 64)
+    return Reading(
+        b"\1" * 32, b"\2" * 32, "hr", 5, 300, 0, b"\3" * 8, 7, b"\4" * 24, b"ct", b"\5" * 64
+    )
 
 
 def _items(r: Reading) -> list[bytes]:
@@ -280,22 +329,35 @@ SEQ, T_MS, DEVICE, STREAM, TAG = 4, 5, 1, 3, 0
     ("index", "encoded"),
     [
         # seq = 5 (canonically a positive fixint) in every wider integer form
-        (SEQ, b"\xcc\x05"), (SEQ, b"\xcd\x00\x05"), (SEQ, b"\xce\x00\x00\x00\x05"),
-        (SEQ, b"\xcf" + (5).to_bytes(8, "big")), (SEQ, b"\xd0\x05"), (SEQ, b"\xd1\x00\x05"),
-        (SEQ, b"\xd2\x00\x00\x00\x05"), (SEQ, b"\xd3" + (5).to_bytes(8, "big")),
+        (SEQ, b"\xcc\x05"),
+        (SEQ, b"\xcd\x00\x05"),
+        (SEQ, b"\xce\x00\x00\x00\x05"),
+        (SEQ, b"\xcf" + (5).to_bytes(8, "big")),
+        (SEQ, b"\xd0\x05"),
+        (SEQ, b"\xd1\x00\x05"),
+        (SEQ, b"\xd2\x00\x00\x00\x05"),
+        (SEQ, b"\xd3" + (5).to_bytes(8, "big")),
         # t_ms = 300 (canonically uint16)
-        (T_MS, b"\xce\x00\x00\x01\x2c"), (T_MS, b"\xcf" + (300).to_bytes(8, "big")),
+        (T_MS, b"\xce\x00\x00\x01\x2c"),
+        (T_MS, b"\xcf" + (300).to_bytes(8, "big")),
         # a float and a bool where an integer belongs
-        (SEQ, b"\xcb" + struct.pack(">d", 5.0)), (SEQ, b"\xca" + struct.pack(">f", 5.0)),
+        (SEQ, b"\xcb" + struct.pack(">d", 5.0)),
+        (SEQ, b"\xca" + struct.pack(">f", 5.0)),
         (SEQ, b"\xc3"),
         # a 32-byte key as bin16 / bin32 instead of bin8, or as a str
-        (DEVICE, b"\xc5\x00\x20" + b"\1" * 32), (DEVICE, b"\xc6\x00\x00\x00\x20" + b"\1" * 32),
+        (DEVICE, b"\xc5\x00\x20" + b"\1" * 32),
+        (DEVICE, b"\xc6\x00\x00\x00\x20" + b"\1" * 32),
         (DEVICE, b"\xd9\x20" + b"\1" * 32),
         # the stream name as str8 instead of fixstr, or as bin
-        (STREAM, b"\xd9\x02hr"), (STREAM, b"\xc4\x02hr"),
+        (STREAM, b"\xd9\x02hr"),
+        (STREAM, b"\xc4\x02hr"),
         # the tag in a wider str form, as bin, or another tag
-        (TAG, b"\xd9\x02R1"), (TAG, b"\xc4\x02R1"), (TAG, pack("R2")), (TAG, pack("A1")),
-        (TAG, pack("r1")), (TAG, b"\xc0"),
+        (TAG, b"\xd9\x02R1"),
+        (TAG, b"\xc4\x02R1"),
+        (TAG, pack("R2")),
+        (TAG, pack("A1")),
+        (TAG, pack("r1")),
+        (TAG, b"\xc0"),
     ],
 )
 def test_non_canonical_field_encodings_rejected(index: int, encoded: bytes) -> None:
@@ -314,10 +376,14 @@ def test_non_canonical_containers_rejected() -> None:
     wide_array16 = b"\xdc\x00" + bytes([len(items)]) + b"".join(items)
     wide_array32 = b"\xdd\x00\x00\x00" + bytes([len(items)]) + b"".join(items)
     as_map = pack({"tag": r.TAG, "body": r.body(), "sig": r.sig})
-    as_map2 = msgpack.packb({name: getattr(r, name) for name, _ in Reading.FIELDS},
-                            use_bin_type=True)
+    as_map2 = msgpack.packb(
+        {name: getattr(r, name) for name, _ in Reading.FIELDS}, use_bin_type=True
+    )
     bad = [
-        wide_array16, wide_array32, as_map, as_map2,
+        wide_array16,
+        wide_array32,
+        as_map,
+        as_map2,
         r.encode() + b"\x00",  # trailing bytes
         r.encode() + r.encode(),
         _array(items[:-1]),  # a field missing
@@ -332,10 +398,22 @@ def test_non_canonical_containers_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("seq", 0), ("stream", "HR"), ("stream", ""), ("stream", "a" * 17), ("stream", "9a"),
-     ("stream", "hr\n"), ("span_ms", MAX_SPAN_MS + 1), ("epoch", MAX_U32 + 1),
-     ("chain_id", b"\0" * 7), ("chain_id", b"\0" * 9), ("nonce", b"\0" * 23),
-     ("device", b"\0" * 31), ("ciphertext", "text"), ("t_ms", -1)],
+    [
+        ("seq", 0),
+        ("stream", "HR"),
+        ("stream", ""),
+        ("stream", "a" * 17),
+        ("stream", "9a"),
+        ("stream", "hr\n"),
+        ("span_ms", MAX_SPAN_MS + 1),
+        ("epoch", MAX_U32 + 1),
+        ("chain_id", b"\0" * 7),
+        ("chain_id", b"\0" * 9),
+        ("nonce", b"\0" * 23),
+        ("device", b"\0" * 31),
+        ("ciphertext", "text"),
+        ("t_ms", -1),
+    ],
 )
 def test_out_of_bound_fields_rejected(name: str, value: Any) -> None:
     r = _sample_reading()
@@ -378,8 +456,9 @@ def _reading_of_size(size: int) -> Reading:
 
 
 @pytest.mark.parametrize(
-    ("cls", "limit"), [(Reading, MAX_READING), (EnrollDevice, MAX_TX), (BlockHeader, MAX_HEADER),
-                       (Receipt, 1024)])
+    ("cls", "limit"),
+    [(Reading, MAX_READING), (EnrollDevice, MAX_TX), (BlockHeader, MAX_HEADER), (Receipt, 1024)],
+)
 def test_oversized_input_rejected_before_decoding(
     monkeypatch: pytest.MonkeyPatch, cls: Any, limit: int
 ) -> None:
@@ -419,8 +498,11 @@ def _create(cls: Any, key: nacl.signing.SigningKey, values: dict[str, Any]) -> A
 
 
 def signed_values(cls: Any) -> st.SearchStrategy[Any]:
-    return st.builds(lambda key, fields: _create(cls, key, fields), SIGNING_KEYS,
-                     st.fixed_dictionaries(fields_of(cls)))
+    return st.builds(
+        lambda key, fields: _create(cls, key, fields),
+        SIGNING_KEYS,
+        st.fixed_dictionaries(fields_of(cls)),
+    )
 
 
 any_signed = st.one_of(*(signed_values(c) for c in ALL_TYPES))
@@ -463,8 +545,11 @@ def test_mutations_that_still_decode_never_verify(v: Any, ops: list[tuple[str, i
 
 
 @SETTINGS
-@given(r=signed_values(Reading), node=st.fixed_dictionaries(fields_of(Receipt)),
-       hdr=st.fixed_dictionaries(fields_of(BlockHeader)))
+@given(
+    r=signed_values(Reading),
+    node=st.fixed_dictionaries(fields_of(Receipt)),
+    hdr=st.fixed_dictionaries(fields_of(BlockHeader)),
+)
 def test_domain_separation(r: Reading, node: dict[str, Any], hdr: dict[str, Any]) -> None:
     signer = r.device
     receipt = Receipt(**dict(node, node=signer), sig=r.sig)
@@ -478,15 +563,26 @@ def test_domain_separation(r: Reading, node: dict[str, Any], hdr: dict[str, Any]
 
 def test_signature_is_over_domain_separated_bytes() -> None:
     key = nacl.signing.SigningKey(b"\7" * 32)
-    r = Reading.create(key, patient=b"\2" * 32, stream="hr", seq=1, t_ms=1, span_ms=0,
-                       chain_id=b"\0" * 8, epoch=0, nonce=b"\0" * 24, ciphertext=b"")
+    r = Reading.create(
+        key,
+        patient=b"\2" * 32,
+        stream="hr",
+        seq=1,
+        t_ms=1,
+        span_ms=0,
+        chain_id=b"\0" * 8,
+        epoch=0,
+        nonce=b"\0" * 24,
+        ciphertext=b"",
+    )
     # a signature over the bare body (no domain / tag) is not accepted
     bare = key.sign(pack(r.body())).signature
     with pytest.raises(InvalidSignature):
         dataclasses.replace(r, sig=bare).verify()
     # a receipt signed by the same key over a tag-swapped message is not a reading signature
-    rc = Receipt.create(key, network=b"\2" * 32, device=key.verify_key.encode(), seq=1, height=1,
-                        ts_ms=1)
+    rc = Receipt.create(
+        key, network=b"\2" * 32, device=key.verify_key.encode(), seq=1, height=1, ts_ms=1
+    )
     with pytest.raises(InvalidSignature):
         dataclasses.replace(r, sig=rc.sig).verify()
     assert r.verify() is r
@@ -498,7 +594,8 @@ def test_header_with_max_links_round_trips() -> None:
 
     key = nacl.signing.SigningKey(b"\3" * 32)
     links = [Link(bytes([i]) * 32, 0, bytes([i]) * 32) for i in range(MAX_LINKS)]
-    blk = build_block(key, network=b"\0" * 32, height=1, prev=b"\1" * 32, ts_ms=0,
-                      entries=[], links=links)
+    blk = build_block(
+        key, network=b"\0" * 32, height=1, prev=b"\1" * 32, ts_ms=0, entries=[], links=links
+    )
     assert len(blk.header.links) == MAX_LINKS
     assert BlockHeader.decode(blk.header.encode()) == blk.header

@@ -18,14 +18,31 @@ from meshhealth.wire import Reading, decode_entry
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 
-def make_sim(node: Any, broker_url: str, state: Path, *, patients: int, devices: int,
-             backfill_s: float, resend_after: float = 5.0) -> Simulation:
+def make_sim(
+    node: Any,
+    broker_url: str,
+    state: Path,
+    *,
+    patients: int,
+    devices: int,
+    backfill_s: float,
+    resend_after: float = 5.0,
+) -> Simulation:
     g = Genesis.load(node.cfg.genesis_path)
-    return Simulation(broker_url=broker_url, node_urls=[node.url], network=g.network_id,
-                      authorities={a.key for a in g.authorities}, state_dir=state,
-                      patients=patients, devices_per_patient=devices, streams=("hr",),
-                      interval_s=1.0, samples_per_reading=1, backfill_s=backfill_s,
-                      resend_after=resend_after)
+    return Simulation(
+        broker_url=broker_url,
+        node_urls=[node.url],
+        network=g.network_id,
+        authorities={a.key for a in g.authorities},
+        state_dir=state,
+        patients=patients,
+        devices_per_patient=devices,
+        streams=("hr",),
+        interval_s=1.0,
+        samples_per_reading=1,
+        backfill_s=backfill_s,
+        resend_after=resend_after,
+    )
 
 
 def stored_readings(node: Any) -> tuple[list[tuple[bytes, int]], int]:
@@ -33,9 +50,14 @@ def stored_readings(node: Any) -> tuple[list[tuple[bytes, int]], int]:
     g = Genesis.load(node.cfg.genesis_path)
     store = Store(node.cfg.data_path, readonly=True)
     try:
-        (chain, head), = store.heads().items()
-        rep = verify_chain(chain, store.iter_raw_chain(chain), network=g.network_id,
-                           authorities={a.key for a in g.authorities}, expected_head=head)
+        ((chain, head),) = store.heads().items()
+        rep = verify_chain(
+            chain,
+            store.iter_raw_chain(chain),
+            network=g.network_id,
+            authorities={a.key for a in g.authorities},
+            expected_head=head,
+        )
         keys = []
         for h in range(head[0] + 1):
             blk = store.block(chain, h)
@@ -73,7 +95,8 @@ async def test_100_devices_20k_readings_committed_exactly_once(mosquitto, node_f
     try:
         await sim.enroll()
         drained = await asyncio.wait_for(
-            sim.run(asyncio.Event(), duration_s=0, drain_timeout=180), 240)
+            sim.run(asyncio.Event(), duration_s=0, drain_timeout=180), 240
+        )
         stats = sim.statistics()
     finally:
         sim.close()
@@ -108,8 +131,15 @@ async def _crash_run(node: Any, sim: Simulation, fault: Any) -> dict[str, Any]:
 @pytest.mark.timeout(400)
 async def test_kill9_node_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_path):
     node = node_factory(mosquitto.url)
-    sim = make_sim(node, mosquitto.url, tmp_path / "sim", patients=20, devices=2, backfill_s=150,
-                   resend_after=2.0)
+    sim = make_sim(
+        node,
+        mosquitto.url,
+        tmp_path / "sim",
+        patients=20,
+        devices=2,
+        backfill_s=150,
+        resend_after=2.0,
+    )
 
     def crash() -> None:
         node.kill9()
@@ -129,8 +159,15 @@ async def test_kill9_node_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_
 @pytest.mark.timeout(400)
 async def test_broker_restart_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_path):
     node = node_factory(mosquitto.url)
-    sim = make_sim(node, mosquitto.url, tmp_path / "sim", patients=20, devices=2, backfill_s=150,
-                   resend_after=2.0)
+    sim = make_sim(
+        node,
+        mosquitto.url,
+        tmp_path / "sim",
+        patients=20,
+        devices=2,
+        backfill_s=150,
+        resend_after=2.0,
+    )
     try:
         stats = await _crash_run(node, sim, lambda: mosquitto.restart(1.0))
     finally:

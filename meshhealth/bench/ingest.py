@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,6 @@ from meshhealth.bench.procs import BrokerProcess, MemorySampler, NodeProcess, tr
 from meshhealth.cli.demo import setup_network
 from meshhealth.crypto.keys import Identity
 from meshhealth.sharing.keychain import KeyChain, epoch_of
-from meshhealth.wire import Reading
 from meshhealth.wire.codec import pack
 
 
@@ -64,15 +62,15 @@ class Workload:
         now = time.time_ns() // 1_000_000
         self.t0 = (now - 20 * 3_600_000) // 1000 * 1000
         patients = [Identity.generate("patient") for _ in range(max(1, devices // 5))]
-        self.chains = {p.public: KeyChain.new("hr", epoch_of(self.t0, 3_600_000))
-                       for p in patients}
+        self.chains = {p.public: KeyChain.new("hr", epoch_of(self.t0, 3_600_000)) for p in patients}
         self.devices: list[Device] = []
         self.txs: list[bytes] = []
         for i in range(devices):
             p = patients[i % len(patients)]
             d = Device(Identity.generate("device"), p.public)
-            tx = enrollment(p, {"hr": self.chains[p.public]}, d.id, epoch_of(self.t0, 3_600_000),
-                            now)
+            tx = enrollment(
+                p, {"hr": self.chains[p.public]}, d.id, epoch_of(self.t0, 3_600_000), now
+            )
             d.accept_enrollment(tx)
             self.devices.append(d)
             self.txs.append(tx.encode())
@@ -88,8 +86,9 @@ class Workload:
         return out
 
 
-def write_inputs(batch: list[tuple[bytes, list[tuple[int, bytes]]]], n: int, d: Path,
-                 tag: str) -> list[Path]:
+def write_inputs(
+    batch: list[tuple[bytes, list[tuple[int, bytes]]]], n: int, d: Path, tag: str
+) -> list[Path]:
     files = []
     for i in range(n):
         f = d / f"{tag}-{i}.msgpack"
@@ -98,14 +97,39 @@ def write_inputs(batch: list[tuple[bytes, list[tuple[int, bytes]]]], n: int, d: 
     return files
 
 
-def publish(broker: str, files: list[Path], workdir: Path, *, receipts: bool, rate: float = 0,
-            window: int = 250, timeout: float = 300, duration: float = 0) -> list[dict[str, Any]]:
+def publish(
+    broker: str,
+    files: list[Path],
+    workdir: Path,
+    *,
+    receipts: bool,
+    rate: float = 0,
+    window: int = 250,
+    timeout: float = 300,
+    duration: float = 0,
+) -> list[dict[str, Any]]:
     procs = []
     for f in files:
         out = workdir / f"{f.stem}.out.json"
-        cmd = [sys.executable, "-m", "meshhealth.bench.publisher", "--broker", broker,
-               "--input", str(f), "--output", str(out), "--client-id", f"mh-bench-pub-{f.stem}",
-               "--window", str(window), "--timeout", str(timeout), "--duration", str(duration)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "meshhealth.bench.publisher",
+            "--broker",
+            broker,
+            "--input",
+            str(f),
+            "--output",
+            str(out),
+            "--client-id",
+            f"mh-bench-pub-{f.stem}",
+            "--window",
+            str(window),
+            "--timeout",
+            str(timeout),
+            "--duration",
+            str(duration),
+        ]
         if receipts:
             cmd.append("--receipts")
         if rate:
@@ -118,8 +142,9 @@ def publish(broker: str, files: list[Path], workdir: Path, *, receipts: bool, ra
     return results
 
 
-def client_ceiling(broker: BrokerProcess, files: list[Path], count: int, workdir: Path,
-                   *, c_client: bool) -> float | None:
+def client_ceiling(
+    broker: BrokerProcess, files: list[Path], count: int, workdir: Path, *, c_client: bool
+) -> float | None:
     out = workdir / ("csub.json" if c_client else "sub.json")
     if c_client:
         import shutil
@@ -127,14 +152,38 @@ def client_ceiling(broker: BrokerProcess, files: list[Path], count: int, workdir
         exe = shutil.which("mosquitto_sub")
         if exe is None or broker.kind != "mosquitto":
             return None
-        sub = subprocess.Popen([exe, "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
-                                "-t", "mh/v1/readings/+", "-C", str(count)],
-                               stdout=subprocess.DEVNULL)
+        sub = subprocess.Popen(
+            [
+                exe,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(broker.port),
+                "-q",
+                "1",
+                "-t",
+                "mh/v1/readings/+",
+                "-C",
+                str(count),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
     else:
-        sub = subprocess.Popen([sys.executable, "-m", "meshhealth.bench.subscriber",
-                                "--broker", broker.url, "--count", str(count),
-                                "--output", str(out)], stdout=subprocess.PIPE)
+        sub = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshhealth.bench.subscriber",
+                "--broker",
+                broker.url,
+                "--count",
+                str(count),
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+        )
         assert sub.stdout is not None
         sub.stdout.readline()  # "ready"
     pubs = publish(broker.url, files, workdir, receipts=False)
@@ -179,8 +228,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run(*, quick: bool, spm: int, json_path: Path | None, publishers: int = 2,
-        devices: int = 100, keep: Path | None = None) -> dict[str, Any]:
+def run(
+    *,
+    quick: bool,
+    spm: int,
+    json_path: Path | None,
+    publishers: int = 2,
+    devices: int = 100,
+    keep: Path | None = None,
+) -> dict[str, Any]:
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mh-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     warm, measure = (2.0, 5.0) if quick else (3.0, 15.0)
@@ -200,8 +256,9 @@ def run(*, quick: bool, spm: int, json_path: Path | None, publishers: int = 2,
         n1 = sum(len(m) for _, m in phase1)
         files1 = write_inputs(phase1, publishers, work, "max")
         n_ceil = min(n1, 150_000)
-        files_ceil = write_inputs([(d, m[: n_ceil // devices]) for d, m in phase1], publishers,
-                                  work, "ceil")
+        files_ceil = write_inputs(
+            [(d, m[: n_ceil // devices]) for d, m in phase1], publishers, work, "ceil"
+        )
         n_ceil = (n_ceil // devices) * devices
         print(f"prepared {n1:,} signed readings in {time.perf_counter() - t_gen:.1f} s", flush=True)
         ceiling_client = client_ceiling(broker, files_ceil, n_ceil, work, c_client=False)
@@ -229,11 +286,17 @@ def run(*, quick: bool, spm: int, json_path: Path | None, publishers: int = 2,
         sent1 = sum(r["sent"] for r in res1)
         wall_rate = committed1 / (max(r["t_done"] for r in res1) - t0)
         lat_max = [x for r in res1 for x in r["latencies_ms"]]
-        print(f"node at max rate: {rate:,.0f} readings/s over {measure:.0f} s "
-              f"({committed1:,} of {sent1:,} sent receipted)", flush=True)
+        print(
+            f"node at max rate: {rate:,.0f} readings/s over {measure:.0f} s "
+            f"({committed1:,} of {sent1:,} sent receipted)",
+            flush=True,
+        )
         if committed1 != sent1:
-            print(f"WARNING: {sent1 - committed1} readings not receipted; node: "
-                  f"{node.status()['ingest']}", flush=True)
+            print(
+                f"WARNING: {sent1 - committed1} readings not receipted; node: "
+                f"{node.status()['ingest']}",
+                flush=True,
+            )
 
         half = rate / 2
         dur = 6.0 if quick else 15.0
@@ -241,15 +304,19 @@ def run(*, quick: bool, spm: int, json_path: Path | None, publishers: int = 2,
         # continue each device's sequence right after what it sent (a gap would, by
         # design, hold its receipts back until the gap is filled)
         last = {bytes.fromhex(k): v for r in res1 for k, v in r["last_sent"].items()}
-        rest = [(d, [(s, p) for s, p in msgs if s > (last.get(d) or 0)][:per2])
-                for d, msgs in phase1]
+        rest = [
+            (d, [(s, p) for s, p in msgs if s > (last.get(d) or 0)][:per2]) for d, msgs in phase1
+        ]
         if min(len(m) for _, m in rest) < per2:
             extra = dict(wl.batch(per2))
             rest = [(d, m + extra[d][: per2 - len(m)]) for d, m in rest]
         files2 = write_inputs(rest, publishers, work, "half")
         res2 = publish(broker.url, files2, work, receipts=True, rate=half)
-        print(f"half rate: {sum(r['receipted'] for r in res2):,} of "
-              f"{sum(r['sent'] for r in res2):,} receipted", flush=True)
+        print(
+            f"half rate: {sum(r['receipted'] for r in res2):,} of "
+            f"{sum(r['sent'] for r in res2):,} receipted",
+            flush=True,
+        )
         lat_half = [x for r in res2 for x in r["latencies_ms"]]
         status = node.status()
         rss_main, rss_sum_of_peaks = tree_peak_rss_mb(node.proc.pid if node.proc else 0)
@@ -278,8 +345,9 @@ def run(*, quick: bool, spm: int, json_path: Path | None, publishers: int = 2,
         "peak_rss_mb": round(sampler.peak_rss_kb / 1024, 1),
         "peak_pss_mb": round(sampler.peak_pss_kb / 1024, 1),
         "rss_sum_of_process_peaks_mb": round(rss_sum_of_peaks, 1),
-        "peak_rss_by_process_mb": sorted((round(v / 1024, 1) for v in sampler.peak_by_proc.values()),
-                                         reverse=True),
+        "peak_rss_by_process_mb": sorted(
+            (round(v / 1024, 1) for v in sampler.peak_by_proc.values()), reverse=True
+        ),
         "peak_rss_main_mb": round(rss_main, 1),
         "bytes_per_sample": round(used / max(1, committed * spm), 1),
         "bytes_per_message": round(used / max(1, committed), 1),
@@ -301,21 +369,35 @@ def print_table(r: dict[str, Any]) -> None:
     rows = [
         ("broker", r["broker"], ""),
         ("samples per message", r["samples_per_message"], ""),
-        (f"node, max rate ({r['measure_window_s']:.0f} s window)", f"{r['messages_per_s']:,.0f} msg/s",
-         f"{r['samples_per_s']:,.0f} samples/s"),
+        (
+            f"node, max rate ({r['measure_window_s']:.0f} s window)",
+            f"{r['messages_per_s']:,.0f} msg/s",
+            f"{r['samples_per_s']:,.0f} samples/s",
+        ),
         ("  whole run incl. ramp-up and drain", f"{r['messages_per_s_wall']:,.0f} msg/s", ""),
-        ("  latency at max rate p50/p99", f"{r['max_rate_p50_latency_ms']:.0f} / "
-         f"{r['max_rate_p99_latency_ms']:.0f} ms", ""),
-        (f"  latency at half rate ({r['half_rate_per_s']:,.0f}/s) p50/p99",
-         f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} ms",
-         f"target <= {r['block_interval_ms'] + 250} ms"),
+        (
+            "  latency at max rate p50/p99",
+            f"{r['max_rate_p50_latency_ms']:.0f} / {r['max_rate_p99_latency_ms']:.0f} ms",
+            "",
+        ),
+        (
+            f"  latency at half rate ({r['half_rate_per_s']:,.0f}/s) p50/p99",
+            f"{r['p50_latency_ms']:.0f} / {r['p99_latency_ms']:.0f} ms",
+            f"target <= {r['block_interval_ms'] + 250} ms",
+        ),
         ("client ceiling (gmqtt)", f"{r['ceiling_client_per_s']:,.0f} msg/s", ""),
-        ("C client ceiling (mosquitto_sub)",
-         f"{r['ceiling_c_client_per_s']:,.0f} msg/s" if r["ceiling_c_client_per_s"] else "n/a", ""),
+        (
+            "C client ceiling (mosquitto_sub)",
+            f"{r['ceiling_c_client_per_s']:,.0f} msg/s" if r["ceiling_c_client_per_s"] else "n/a",
+            "",
+        ),
         ("Ed25519 verify, one core", f"{r['ceiling_verify_per_s']:,.0f}/s", ""),
         ("ratio", f"{r['ratio']:.2f}", "target >= 0.8 at 1 sample/msg"),
-        ("node peak RSS, all processes", f"{r['peak_rss_mb']:.0f} MB",
-         f"PSS {r['peak_pss_mb']:.0f} MB; main {r['peak_rss_main_mb']:.0f} MB; target <= 150"),
+        (
+            "node peak RSS, all processes",
+            f"{r['peak_rss_mb']:.0f} MB",
+            f"PSS {r['peak_pss_mb']:.0f} MB; main {r['peak_rss_main_mb']:.0f} MB; target <= 150",
+        ),
         ("on disk", f"{r['bytes_per_sample']:.1f} B/sample", f"{r['bytes_per_message']:.0f} B/msg"),
     ]
     w = max(len(a) for a, _, _ in rows)

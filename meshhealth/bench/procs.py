@@ -19,8 +19,9 @@ from typing import Any
 
 from meshhealth.cli.netutil import free_port
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists(
-    "/usr/sbin/mosquitto") else None)
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+)
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -60,10 +61,14 @@ class BrokerProcess:
         if self.kind == "mosquitto":
             cmd = [str(MOSQUITTO), "-c", str(self.conf)]
         else:
-            cmd = [sys.executable, "-c",
-                   "import asyncio,sys;from meshhealth.ingest.broker import EmbeddedBroker\n"
-                   "async def m():\n async with EmbeddedBroker(port=int(sys.argv[1])):\n"
-                   "  await asyncio.Event().wait()\nasyncio.run(m())", str(self.port)]
+            cmd = [
+                sys.executable,
+                "-c",
+                "import asyncio,sys;from meshhealth.ingest.broker import EmbeddedBroker\n"
+                "async def m():\n async with EmbeddedBroker(port=int(sys.argv[1])):\n"
+                "  await asyncio.Event().wait()\nasyncio.run(m())",
+                str(self.port),
+            ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 
@@ -97,9 +102,19 @@ class NodeProcess:
     def start(self, timeout: float = 30.0) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "meshhealth.cli.main", "--log-level", "INFO", "node", "run",
-                 "--config", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "meshhealth.cli.main",
+                    "--log-level",
+                    "INFO",
+                    "node",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -100,32 +101,34 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             if time.monotonic() > give_up:
                 break
             room.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(room.wait(), 5)
-            except TimeoutError:
-                pass
     t_last = time.time()
     target = sent
     if len(latencies) >= target:
         done.set()
     if a.receipts:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), a.timeout)
-        except TimeoutError:
-            pass
     else:
         # every QoS 1 publish acknowledged by the broker before we hang up
         # (gmqtt keeps unacknowledged messages in its storage until PUBACK)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(client._persistent_storage.wait_empty(), a.timeout)
-        except TimeoutError:
-            pass
     await client.disconnect()
-    return {"sent": sent, "t_first": t_first, "t_last": t_last, "t_done": t_done or time.time(),
-            "receipted": len(latencies), "latencies_ms": latencies,
-            "receipt_times": receipt_times,
-            "last_sent": {d.hex(): (msgs[pos[i] - 1][0] if pos[i] else None)
-                          for i, (d, msgs) in enumerate(devices)}}
+    return {
+        "sent": sent,
+        "t_first": t_first,
+        "t_last": t_last,
+        "t_done": t_done or time.time(),
+        "receipted": len(latencies),
+        "latencies_ms": latencies,
+        "receipt_times": receipt_times,
+        "last_sent": {
+            d.hex(): (msgs[pos[i] - 1][0] if pos[i] else None)
+            for i, (d, msgs) in enumerate(devices)
+        },
+    }
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -42,10 +43,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     client.subscribe(a.topic, qos=1)
     await asyncio.sleep(0.3)
     print("ready", flush=True)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), a.timeout)
-    except TimeoutError:
-        pass
     await client.disconnect()
     return {"count": n, "t_first": t_first, "t_last": t_last}
 

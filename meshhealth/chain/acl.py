@@ -54,4 +54,3 @@ class AccessState:
             raise Rejected("wrong_epoch", f"epoch {r.epoch} precedes the key chain")
         if r.t_ms // info.epoch_ms != r.epoch or r.t_last_ms // info.epoch_ms != r.epoch:
             raise Rejected("wrong_epoch", f"epoch {r.epoch} does not match the sample times")
-

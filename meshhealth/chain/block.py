@@ -75,32 +75,45 @@ def build_block(
 
 def verify_header(header: BlockHeader, *, network: bytes, prev: bytes, height: int) -> None:
     """Checks a header against its place in the chain (not its entries)."""
-    where = {"node": header.node, "height": height}
     if header.network != network:
-        raise InvalidBlock("block belongs to another network", **where)
+        raise InvalidBlock("block belongs to another network", node=header.node, height=height)
     if header.height != height:
-        raise InvalidBlock(f"expected height {height}", **where)
+        raise InvalidBlock(f"expected height {height}", node=header.node, height=height)
     if header.prev != prev:
-        raise InvalidBlock("prev hash does not match the previous block", **where)
+        raise InvalidBlock(
+            "prev hash does not match the previous block", node=header.node, height=height
+        )
     try:
         header.verify()
     except RemoteError as exc:
-        raise InvalidBlock("bad node signature on header", **where) from exc
+        raise InvalidBlock("bad node signature on header", node=header.node, height=height) from exc
 
 
-def verify_body(header: BlockHeader, entries: Sequence[bytes], *, check_entry: Callable[[bytes], None] | None = None) -> None:
+def verify_body(
+    header: BlockHeader,
+    entries: Sequence[bytes],
+    *,
+    check_entry: Callable[[bytes], None] | None = None,
+) -> None:
     """Count, Merkle root and (optionally) every entry, by ``check_entry``."""
-    where = {"node": header.node, "height": header.height}
     if len(entries) != header.count:
-        raise InvalidBlock(f"{len(entries)} entries, header says {header.count}", **where)
+        raise InvalidBlock(
+            f"{len(entries)} entries, header says {header.count}",
+            node=header.node,
+            height=header.height,
+        )
     if merkle.root(entries) != header.root:
-        raise InvalidBlock("Merkle root does not match the entries", **where)
+        raise InvalidBlock(
+            "Merkle root does not match the entries", node=header.node, height=header.height
+        )
     if check_entry is not None:
         for i, e in enumerate(entries):
             try:
                 check_entry(e)
             except RemoteError as exc:
-                raise InvalidBlock(f"entry {i}: {exc}", **where) from exc
+                raise InvalidBlock(
+                    f"entry {i}: {exc}", node=header.node, height=header.height
+                ) from exc
 
 
 def check_entry_signature(data: bytes) -> None:

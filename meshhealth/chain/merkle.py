@@ -68,7 +68,9 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     return path
 
 
-def verify_inclusion(leaf: bytes, index: int, size: int, path: Sequence[bytes], root_: bytes) -> bool:
+def verify_inclusion(
+    leaf: bytes, index: int, size: int, path: Sequence[bytes], root_: bytes
+) -> bool:
     """RFC 9162 §2.1.3.2: does ``leaf`` (a leaf hash) sit at ``index`` under ``root_``?"""
     if not 0 <= index < size:
         return False

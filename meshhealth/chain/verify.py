@@ -44,22 +44,21 @@ def verify_chain(
     seen: set[tuple[bytes, int]] = set()
     prev, expect = network, 0
     for height, raw_header, raw_body in blocks:
-        where = {"node": node, "height": height}
         if height != expect:
             raise InvalidBlock(f"missing block {expect}", node=node, height=expect)
         try:
             header = BlockHeader.decode(raw_header)
         except RemoteError as exc:
-            raise InvalidBlock(f"undecodable header: {exc}", **where) from exc
+            raise InvalidBlock(f"undecodable header: {exc}", node=node, height=height) from exc
         if header.node != node:
-            raise InvalidBlock("header signed by another node", **where)
+            raise InvalidBlock("header signed by another node", node=node, height=height)
         verify_header(header, network=network, prev=prev, height=height)
         if raw_body is None:
-            raise InvalidBlock("block body missing", **where)
+            raise InvalidBlock("block body missing", node=node, height=height)
         try:
             entries = decode_body(raw_body)
         except RemoteError as exc:
-            raise InvalidBlock(f"undecodable body: {exc}", **where) from exc
+            raise InvalidBlock(f"undecodable body: {exc}", node=node, height=height) from exc
         verify_body(header, entries)
         for i, raw in enumerate(entries):
             try:
@@ -70,13 +69,17 @@ def verify_chain(
                 elif isinstance(e, Reading):
                     access.check_reading(e)
                     if (e.device, e.seq) in seen:
-                        raise InvalidBlock(f"entry {i}: seq {e.seq} of a device stored twice", **where)
+                        raise InvalidBlock(
+                            f"entry {i}: seq {e.seq} of a device stored twice",
+                            node=node,
+                            height=height,
+                        )
                     seen.add((e.device, e.seq))
                     rep.readings += 1
             except RemoteError as exc:
                 if isinstance(exc, InvalidBlock):
                     raise
-                raise InvalidBlock(f"entry {i}: {exc}", **where) from exc
+                raise InvalidBlock(f"entry {i}: {exc}", node=node, height=height) from exc
         prev = block_hash(header)
         rep.blocks += 1
         rep.entries += len(entries)
@@ -84,7 +87,8 @@ def verify_chain(
         if progress is not None:
             progress(len(entries))
     if expected_head is not None and expected_head != (expect - 1, prev):
-        raise InvalidBlock("stored head does not match the last block", node=node,
-                           height=expected_head[0])
+        raise InvalidBlock(
+            "stored head does not match the last block", node=node, height=expected_head[0]
+        )
     rep.head = prev
     return rep

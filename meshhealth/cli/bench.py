@@ -10,8 +10,14 @@ from typing import Any
 def _ingest(a: argparse.Namespace) -> int:
     from meshhealth.bench.ingest import run
 
-    run(quick=a.quick, spm=a.samples_per_message, json_path=Path(a.json) if a.json else None,
-        publishers=a.publishers, devices=a.devices, keep=Path(a.keep) if a.keep else None)
+    run(
+        quick=a.quick,
+        spm=a.samples_per_message,
+        json_path=Path(a.json) if a.json else None,
+        publishers=a.publishers,
+        devices=a.devices,
+        keep=Path(a.keep) if a.keep else None,
+    )
     return 0
 
 

@@ -43,17 +43,24 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
             bar = Progress(total, f"verify {path.name}", force=progress)
             for node, head in sorted(heads.items()):
                 try:
-                    rep = verify_chain(node, store.iter_raw_chain(node), network=g.network_id,
-                                       authorities={a.key for a in g.authorities},
-                                       expected_head=head, progress=lambda _n: bar.advance())
+                    rep = verify_chain(
+                        node,
+                        store.iter_raw_chain(node),
+                        network=g.network_id,
+                        authorities={a.key for a in g.authorities},
+                        expected_head=head,
+                        progress=bar.advance,
+                    )
                 except InvalidBlock as exc:
                     bar.close()
                     print(f"FAIL {path}: chain {node.hex()[:8]} block {exc.height}: {exc}")
                     status = 1
                     continue
                 bar.close()
-                print(f"ok   {path}: chain {node.hex()[:8]} {rep.blocks} blocks, "
-                      f"{rep.readings} readings, {rep.txs} control txs, head {rep.head.hex()[:16]}")
+                print(
+                    f"ok   {path}: chain {node.hex()[:8]} {rep.blocks} blocks, "
+                    f"{rep.readings} readings, {rep.txs} control txs, head {rep.head.hex()[:16]}"
+                )
         finally:
             store.close()
     return status
@@ -64,17 +71,23 @@ def show_store(root: Path, *, last: int = 10) -> int:
         store = Store(path, readonly=True)
         try:
             g = _genesis(store, None)
-            print(f"store {path}  network {g.name} ({g.network_id.hex()[:16]})  "
-                  f"readings {store.reading_count()}  used {store.disk_bytes() / 1e6:.1f} MB")
+            print(
+                f"store {path}  network {g.name} ({g.network_id.hex()[:16]})  "
+                f"readings {store.reading_count()}  used {store.disk_bytes() / 1e6:.1f} MB"
+            )
             for node, (height, head) in sorted(store.heads().items()):
                 print(f"  chain {node.hex()[:8]}  height {height}  head {head.hex()[:16]}")
                 for hgt in range(max(0, height - last + 1), height + 1):
                     hdr = store.header(node, hgt)
                     if hdr is None:
                         continue
-                    ts = dt.datetime.fromtimestamp(hdr.ts_ms / 1000, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
-                    print(f"    #{hdr.height:<6} {ts}  {hdr.count:>6} entries  "
-                          f"root {hdr.root.hex()[:12]}  prev {hdr.prev.hex()[:12]}")
+                    ts = dt.datetime.fromtimestamp(hdr.ts_ms / 1000, dt.UTC).strftime(
+                        "%H:%M:%S.%f"
+                    )[:-3]
+                    print(
+                        f"    #{hdr.height:<6} {ts}  {hdr.count:>6} entries  "
+                        f"root {hdr.root.hex()[:12]}  prev {hdr.prev.hex()[:12]}"
+                    )
         finally:
             store.close()
     return 0

@@ -26,8 +26,11 @@ def setup_network(root: Path, n: int, *, broker: str = "") -> list[NodeConfig]:
     """Keys, one genesis and a config per node under ``root/node-i``."""
     root.mkdir(parents=True, exist_ok=True)
     idents = [Identity.generate("node") for _ in range(n)]
-    g = Genesis("meshhealth-demo", time.time_ns() // 1_000_000,
-                tuple(Authority(f"node-{i + 1}", x.public) for i, x in enumerate(idents)))
+    g = Genesis(
+        "meshhealth-demo",
+        time.time_ns() // 1_000_000,
+        tuple(Authority(f"node-{i + 1}", x.public) for i, x in enumerate(idents)),
+    )
     (root / "genesis.toml").write_text(g.dumps())
     cfgs = []
     for i, ident in enumerate(idents):
@@ -35,9 +38,12 @@ def setup_network(root: Path, n: int, *, broker: str = "") -> list[NodeConfig]:
         d.mkdir(parents=True)
         save_identity(ident, d / "node.key")
         base = NodeConfig(base=d, genesis_file=str((root / "genesis.toml").resolve()))
-        cfg = replace(base, api=replace(base.api, port=free_port()),
-                      mqtt=replace(base.mqtt, broker=broker, embedded_port=free_port()),
-                      ingest=replace(base.ingest, verify_workers=1))
+        cfg = replace(
+            base,
+            api=replace(base.api, port=free_port()),
+            mqtt=replace(base.mqtt, broker=broker, embedded_port=free_port()),
+            ingest=replace(base.ingest, verify_workers=1),
+        )
         (d / "node.toml").write_text(cfg.dumps())
         cfgs.append(cfg)
     return cfgs
@@ -65,21 +71,34 @@ async def run_demo(a: argparse.Namespace) -> int:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(node.run(node_stop, ready))
         await ready.wait()
-        print(f"node {node.identity.short}  api {node.api_url}  broker {node.broker_url} "
-              f"(embedded)  data {cfg.data_path}")
-        sim = Simulation(broker_url=node.broker_url, node_urls=[node.api_url],
-                         network=node.network, authorities={node.identity.public},
-                         state_dir=root / "devices", patients=a.patients,
-                         devices_per_patient=a.devices, interval_s=10.0,
-                         backfill_s=a.backfill, seed=a.seed)
+        print(
+            f"node {node.identity.short}  api {node.api_url}  broker {node.broker_url} "
+            f"(embedded)  data {cfg.data_path}"
+        )
+        sim = Simulation(
+            broker_url=node.broker_url,
+            node_urls=[node.api_url],
+            network=node.network,
+            authorities={node.identity.public},
+            state_dir=root / "devices",
+            patients=a.patients,
+            devices_per_patient=a.devices,
+            interval_s=10.0,
+            backfill_s=a.backfill,
+            seed=a.seed,
+        )
         await sim.enroll()
         sim_stop = asyncio.Event()
         sim_task = tg.create_task(sim.run(sim_stop, duration_s=10**9, drain_timeout=5))
         last: dict[str, Any] = {}
         t_last = time.monotonic()
-        print(f"{a.patients} patients x {a.devices} devices, 6 streams, {a.backfill:.0f} s backfill")
-        print(f"{'time':>6} {'readings/s':>10} {'committed':>10} {'height':>6} {'rejects':>7} "
-              f"{'outbox':>6} {'episode'}")
+        print(
+            f"{a.patients} patients x {a.devices} devices, 6 streams, {a.backfill:.0f} s backfill"
+        )
+        print(
+            f"{'time':>6} {'readings/s':>10} {'committed':>10} {'height':>6} {'rejects':>7} "
+            f"{'outbox':>6} {'episode'}"
+        )
         t0 = time.monotonic()
         while not stop.is_set() and (t_end is None or time.monotonic() < t_end):
             with contextlib.suppress(TimeoutError):
@@ -88,10 +107,12 @@ async def run_demo(a: argparse.Namespace) -> int:
             now = time.monotonic()
             rate = (st["readings_committed"] - last.get("readings_committed", 0)) / (now - t_last)
             last, t_last = st, now
-            episodes = {p.phys.episode for p in sim.patients} - {None}
-            print(f"{now - t0:6.0f} {rate:10.0f} {st['readings_committed']:10d} {st['height']:6d} "
-                  f"{st['rejected']:7d} {sim.outbox.count():6d} {','.join(sorted(episodes)) or '-'}",
-                  flush=True)
+            episodes = {e for p in sim.patients if (e := p.phys.episode) is not None}
+            print(
+                f"{now - t0:6.0f} {rate:10.0f} {st['readings_committed']:10d} {st['height']:6d} "
+                f"{st['rejected']:7d} {sim.outbox.count():6d} {','.join(sorted(episodes)) or '-'}",
+                flush=True,
+            )
         sim_stop.set()
         await sim_task
         sim.close()
@@ -107,8 +128,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--fresh", action="store_true", help="wipe --data-dir first if not empty")
     s.add_argument("--patients", type=int, default=4)
     s.add_argument("--devices", type=int, default=2, help="devices per patient")
-    s.add_argument("--backfill", type=float, default=900.0,
-                   help="seconds of history the wearables sync at start")
+    s.add_argument(
+        "--backfill",
+        type=float,
+        default=900.0,
+        help="seconds of history the wearables sync at start",
+    )
     s.add_argument("--broker", help="use this Mosquitto (mqtt://host:port) instead of embedded")
     s.add_argument("--seed", type=int, default=1)
     s.set_defaults(fn=lambda a: asyncio.run(run_demo(a)))

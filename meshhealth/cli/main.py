@@ -48,17 +48,20 @@ def cmd_init(a: argparse.Namespace) -> int:
     cfg = NodeConfig(genesis_file=genesis_file)
     from dataclasses import replace
 
-    cfg = replace(cfg, api=replace(cfg.api, port=a.api_port),
-                  mqtt=replace(cfg.mqtt, broker=a.broker or ""))
+    cfg = replace(
+        cfg, api=replace(cfg.api, port=a.api_port), mqtt=replace(cfg.mqtt, broker=a.broker or "")
+    )
     (d / "node.toml").write_text(cfg.dumps())
-    print(f"node {ident.short} initialised in {d}\n  key     {d / 'node.key'} (mode 0600)\n"
-          f"  config  {d / 'node.toml'}\n  network {genesis_file}\n"
-          f"run it with: meshhealth node run --config {d / 'node.toml'}")
+    print(
+        f"node {ident.short} initialised in {d}\n  key     {d / 'node.key'} (mode 0600)\n"
+        f"  config  {d / 'node.toml'}\n  network {genesis_file}\n"
+        f"run it with: meshhealth node run --config {d / 'node.toml'}"
+    )
     return 0
 
 
 def cmd_network_create(a: argparse.Namespace) -> int:
-    auths = []
+    auths: list[Authority] = []
     for spec in a.authority:
         name, _, key = spec.partition("=")
         if not key:
@@ -77,8 +80,10 @@ def cmd_keygen(a: argparse.Namespace, kind: str) -> int:
         from meshhealth.sharing.keychain import KeyChain, epoch_of
 
         now = time.time_ns() // 1_000_000
-        chains = [KeyChain.new(s, epoch_of(now, a.epoch_ms), a.epoch_ms).to_doc()
-                  for s in a.streams.split(",")]
+        chains = [
+            KeyChain.new(s, epoch_of(now, a.epoch_ms), a.epoch_ms).to_doc()
+            for s in a.streams.split(",")
+        ]
         extra = {"keychains": chains}
     save_identity(ident, Path(a.out), passphrase=a.passphrase, extra=extra)
     print(f"{kind} {ident.public.hex()} -> {a.out} (mode 0600)")
@@ -130,12 +135,21 @@ async def _simulate(a: argparse.Namespace) -> int:
     from device_agents.simulate import Simulation
 
     g = Genesis.load(Path(a.genesis))
-    sim = Simulation(broker_url=a.broker, node_urls=a.node, network=g.network_id,
-                     authorities={x.key for x in g.authorities}, state_dir=Path(a.state_dir),
-                     patients=a.patients, devices_per_patient=a.devices,
-                     streams=tuple(a.streams.split(",")), interval_s=a.interval,
-                     samples_per_reading=a.samples_per_reading, backfill_s=a.backfill,
-                     gateway=a.gateway, seed=a.seed)
+    sim = Simulation(
+        broker_url=a.broker,
+        node_urls=a.node,
+        network=g.network_id,
+        authorities={x.key for x in g.authorities},
+        state_dir=Path(a.state_dir),
+        patients=a.patients,
+        devices_per_patient=a.devices,
+        streams=tuple(a.streams.split(",")),
+        interval_s=a.interval,
+        samples_per_reading=a.samples_per_reading,
+        backfill_s=a.backfill,
+        gateway=a.gateway,
+        seed=a.seed,
+    )
     try:
         await sim.enroll()
         ok = await sim.run(_stop_event(), duration_s=a.duration, drain_timeout=a.drain_timeout)
@@ -150,8 +164,9 @@ def _sync(fn: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshhealth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="meshhealth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -166,17 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_init)
 
     net = sub.add_parser("network", help="network (genesis) files").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
     s = net.add_parser("create", help="write a genesis file naming the authority nodes")
     s.add_argument("--name", required=True)
-    s.add_argument("--authority", action="append", required=True,
-                   help="NAME=KEY (64 hex or a key file); repeat per node")
+    s.add_argument(
+        "--authority",
+        action="append",
+        required=True,
+        help="NAME=KEY (64 hex or a key file); repeat per node",
+    )
     s.add_argument("--max-future-skew-ms", type=int, default=30_000)
     s.add_argument("--out", default="genesis.toml")
     s.set_defaults(fn=cmd_network_create)
 
     pat = sub.add_parser("patient", help="patient keys and control transactions").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
     s = pat.add_parser("new", help="create a patient key with one key chain per stream")
     s.add_argument("--out", required=True)
     s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
@@ -192,15 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--passphrase")
     s.set_defaults(fn=_sync(_enroll))
 
-    nd = sub.add_parser("node", help="run a node").add_subparsers(dest="sub", required=True,
-                                                                   metavar="SUBCOMMAND")
+    nd = sub.add_parser("node", help="run a node").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
     s = nd.add_parser("run", help="run a node until SIGINT/SIGTERM")
     s.add_argument("--config", default="node.toml")
     s.add_argument("--passphrase")
     s.set_defaults(fn=_sync(_node_run))
 
     dev = sub.add_parser("device", help="device keys and simulated wearables").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
     s = dev.add_parser("keygen", help="create a device key")
     s.add_argument("--out", required=True)
     s.add_argument("--passphrase")
@@ -213,32 +236,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", type=int, default=1, help="devices per patient")
     s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
     s.add_argument("--interval", type=float, default=10.0, help="seconds of samples per reading")
-    s.add_argument("--samples-per-reading", type=int, default=0,
-                   help="split windows into readings of N samples (1 = real time; 0 = whole window)")
-    s.add_argument("--backfill", type=float, default=0.0,
-                   help="start this many seconds in the past and catch up (an offline sync)")
+    s.add_argument(
+        "--samples-per-reading",
+        type=int,
+        default=0,
+        help="split windows into readings of N samples (1 = real time; 0 = whole window)",
+    )
+    s.add_argument(
+        "--backfill",
+        type=float,
+        default=0.0,
+        help="start this many seconds in the past and catch up (an offline sync)",
+    )
     s.add_argument("--duration", type=float, default=60.0, help="seconds of live data after now")
-    s.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,
-                   help="one MQTT connection for all devices (default) or one per device")
+    s.add_argument(
+        "--gateway",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one MQTT connection for all devices (default) or one per device",
+    )
     s.add_argument("--state-dir", default="sim-state", help="outbox and patient keys")
     s.add_argument("--drain-timeout", type=float, default=60.0)
     s.add_argument("--seed", type=int, default=1)
     s.set_defaults(fn=_sync(_simulate))
 
     ch = sub.add_parser("chain", help="verify and inspect stored chains").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
     s = ch.add_parser("verify", help="recompute every hash, Merkle root and signature")
     s.add_argument("--data-dir", required=True, help="a node's data dir (or a dir holding several)")
     s.add_argument("--genesis", help="check against this network file instead of the stored one")
-    s.add_argument("--progress", action="store_true", help="draw the progress bar even if not a tty")
-    s.set_defaults(fn=lambda a: __import__("meshhealth.cli.chain_cmds", fromlist=["x"])
-                   .verify_stores(Path(a.data_dir), Path(a.genesis) if a.genesis else None,
-                                  progress=a.progress))
+    s.add_argument(
+        "--progress", action="store_true", help="draw the progress bar even if not a tty"
+    )
+    s.set_defaults(
+        fn=lambda a: __import__("meshhealth.cli.chain_cmds", fromlist=["x"]).verify_stores(
+            Path(a.data_dir), Path(a.genesis) if a.genesis else None, progress=a.progress
+        )
+    )
     s = ch.add_parser("show", help="heads and the latest blocks of every chain")
     s.add_argument("--data-dir", required=True)
     s.add_argument("--last", type=int, default=10)
-    s.set_defaults(fn=lambda a: __import__("meshhealth.cli.chain_cmds", fromlist=["x"])
-                   .show_store(Path(a.data_dir), last=a.last))
+    s.set_defaults(
+        fn=lambda a: __import__("meshhealth.cli.chain_cmds", fromlist=["x"]).show_store(
+            Path(a.data_dir), last=a.last
+        )
+    )
 
     from meshhealth.cli import bench, demo
 
@@ -249,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.fn(args) or 0)
     except MeshHealthError as exc:

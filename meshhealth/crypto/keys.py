@@ -81,7 +81,11 @@ def _kdf(passphrase: str, salt: bytes, ops: int, mem: int) -> bytes:
 
 
 def save_identity(
-    ident: Identity, path: Path, *, passphrase: str | None = None, extra: dict[str, Any] | None = None
+    ident: Identity,
+    path: Path,
+    *,
+    passphrase: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     doc: dict[str, Any] = {"kind": ident.kind, "public": ident.public.hex()}
     seed = bytes(ident.signing)
@@ -108,8 +112,10 @@ def load_identity(path: Path, *, passphrase: str | None = None) -> Identity:
     try:
         doc = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as exc:
-        raise KeyFileError(f"key file {path} not found; create one with `meshhealth init` "
-                           "or `meshhealth patient new`") from exc
+        raise KeyFileError(
+            f"key file {path} not found; create one with `meshhealth init` "
+            "or `meshhealth patient new`"
+        ) from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise KeyFileError(f"key file {path} is unreadable: {exc}") from exc
     try:
@@ -117,8 +123,9 @@ def load_identity(path: Path, *, passphrase: str | None = None) -> Identity:
             if passphrase is None:
                 passphrase = os.environ.get("MESHHEALTH_PASSPHRASE")
             if not passphrase:
-                raise KeyFileError(f"{path} is sealed: set MESHHEALTH_PASSPHRASE or pass "
-                                   "--passphrase")
+                raise KeyFileError(
+                    f"{path} is sealed: set MESHHEALTH_PASSPHRASE or pass --passphrase"
+                )
             s = doc["sealed"]
             key = _kdf(passphrase, bytes.fromhex(s["salt"]), s["opslimit"], s["memlimit"])
             seed = nacl.secret.SecretBox(key).decrypt(bytes.fromhex(s["box"]))

@@ -23,8 +23,8 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected, RemoteError
+from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.store.lmdb_store import Commit, IndexedReading
 from meshhealth.wire import EnrollDevice, Reading, Receipt
 
 
@@ -66,7 +66,9 @@ class Batcher:
     def reject(self, reason: str) -> None:
         self.rejects[reason] += 1
 
-    def admit_reading(self, raw: bytes, r: Reading, now_ms: int, *, topic_device: bytes | None = None) -> None:
+    def admit_reading(
+        self, raw: bytes, r: Reading, now_ms: int, *, topic_device: bytes | None = None
+    ) -> None:
         """Add a signature-checked reading to the batch or raise :class:`Rejected`."""
         if topic_device is not None and topic_device != r.device:
             raise Rejected("topic_mismatch", "reading published on another device's topic")
@@ -157,7 +159,18 @@ class Batcher:
 
 
 def make_receipt(
-    key: nacl.signing.SigningKey, network: bytes, device: bytes, mark: SeqMark, height: int, now_ms: int
+    key: nacl.signing.SigningKey,
+    network: bytes,
+    device: bytes,
+    mark: SeqMark,
+    height: int,
+    now_ms: int,
 ) -> Receipt:
-    return Receipt.create(key, network=network, device=device, seq=mark.contiguous,
-                          height=max(height, 0), ts_ms=now_ms)
+    return Receipt.create(
+        key,
+        network=network,
+        device=device,
+        seq=mark.contiguous,
+        height=max(height, 0),
+        ts_ms=now_ms,
+    )

@@ -19,10 +19,12 @@ class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host, self.port = host, port
         config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}",
-                                      "max_connections": 10_000}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 10_000}
+            },
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)

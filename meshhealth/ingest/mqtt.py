@@ -11,6 +11,7 @@ outboxes and our receipts, never from broker acks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +38,15 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 class MqttIngest:
     """Subscribe ``topic`` with a persistent session; forward every payload."""
 
-    def __init__(self, client_id: str, topic: str, on_payload: OnPayload, *,
-                 username: str = "", password: str = "") -> None:
+    def __init__(
+        self,
+        client_id: str,
+        topic: str,
+        on_payload: OnPayload,
+        *,
+        username: str = "",
+        password: str = "",
+    ) -> None:
         self.topic = topic
         self.on_payload = on_payload
         self.connected = asyncio.Event()
@@ -61,7 +69,9 @@ class MqttIngest:
         self.connected.clear()
         log.warning("mqtt connection lost; gmqtt reconnects on its own")
 
-    def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
+    def _on_message(
+        self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
+    ) -> int:
         self.on_payload(topic, payload)
         return 0  # PUBACK: success
 
@@ -82,7 +92,5 @@ class MqttIngest:
             self._client.publish(topic, payload, qos=1)
 
     async def stop(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError, OSError, RuntimeError):
             await asyncio.wait_for(self._client.disconnect(), 5)
-        except (TimeoutError, OSError, RuntimeError):
-            pass

@@ -15,6 +15,7 @@ Three tasks share the work:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -26,8 +27,9 @@ from typing import Any
 from meshhealth.errors import MalformedMessage, Rejected
 from meshhealth.ingest import verify
 from meshhealth.ingest.batcher import Batcher, make_receipt
+from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.store.lmdb_store import Commit, Store
+from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import EnrollDevice
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,17 @@ def now_ms() -> int:
 
 
 class Pipeline:
-    def __init__(self, batcher: Batcher, store: Store, *, workers: int, chunk_size: int,
-                 max_backlog: int, receipts_topic: str, publish: Publish) -> None:
+    def __init__(
+        self,
+        batcher: Batcher,
+        store: Store,
+        *,
+        workers: int,
+        chunk_size: int,
+        max_backlog: int,
+        receipts_topic: str,
+        publish: Publish,
+    ) -> None:
         self.batcher = batcher
         self.store = store
         self.chunk_size = chunk_size
@@ -113,10 +124,8 @@ class Pipeline:
         while True:
             if not self._inbox and not in_flight:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.005)
-                except TimeoutError:
-                    pass
             elif not self._inbox or len(in_flight) >= limit:
                 topics, payloads, fut = in_flight.popleft()
                 await self._admit(topics, payloads, await fut)
@@ -133,8 +142,9 @@ class Pipeline:
                 fut = loop.run_in_executor(self._pool, verify.check_chunk, payloads)
                 in_flight.append((topics, payloads, fut))
 
-    async def _admit(self, topics: list[str], payloads: list[bytes],
-                     results: list[verify.Result]) -> None:
+    async def _admit(
+        self, topics: list[str], payloads: list[bytes], results: list[verify.Result]
+    ) -> None:
         b = self.batcher
         t = now_ms()
         for i, (topic, res) in enumerate(zip(topics, results, strict=True)):
@@ -165,10 +175,8 @@ class Pipeline:
         while True:
             deadline = b.deadline_ms()
             wait_s = 0.05 if deadline is None else max(0.0, (deadline - now_ms()) / 1000)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._seal_now.wait(), wait_s)
-            except TimeoutError:
-                pass
             self._seal_now.clear()
             if not b.due(now_ms()):
                 if b.want_receipt:

@@ -33,8 +33,18 @@ def check_one(payload: bytes) -> Result:
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
         return ("bad_signature",)
     return (
-        None, r.device, r.patient, r.stream, r.seq, r.t_ms, r.span_ms, r.chain_id, r.epoch,
-        r.nonce, r.ciphertext, r.sig,
+        None,
+        r.device,
+        r.patient,
+        r.stream,
+        r.seq,
+        r.t_ms,
+        r.span_ms,
+        r.chain_id,
+        r.epoch,
+        r.nonce,
+        r.ciphertext,
+        r.sig,
     )
 
 

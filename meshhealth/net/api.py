@@ -29,7 +29,9 @@ def _err(status: int, reason: str, message: str) -> web.Response:
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+async def errors_middleware(
+    request: web.Request, handler: Callable[..., Any]
+) -> web.StreamResponse:
     request.app[NODE].api_requests[request.method] = (
         request.app[NODE].api_requests.get(request.method, 0) + 1
     )
@@ -59,7 +61,11 @@ async def status(request: web.Request) -> web.Response:
 async def chains(request: web.Request) -> web.Response:
     heads = request.app[NODE].store.heads()
     return web.json_response(
-        {"chains": [{"node": n.hex(), "height": h, "hash": hh.hex()} for n, (h, hh) in heads.items()]}
+        {
+            "chains": [
+                {"node": n.hex(), "height": h, "hash": hh.hex()} for n, (h, hh) in heads.items()
+            ]
+        }
     )
 
 
@@ -84,17 +90,27 @@ async def block(request: web.Request) -> web.Response:
         return _err(404, "not_found", "no such block")
     if request.query.get("format") == "json":
         hdr = BlockHeader.decode(raw[0])
-        return web.json_response({"node": hdr.node.hex(), "height": hdr.height,
-                                  "prev": hdr.prev.hex(), "ts_ms": hdr.ts_ms,
-                                  "root": hdr.root.hex(), "count": hdr.count})
+        return web.json_response(
+            {
+                "node": hdr.node.hex(),
+                "height": hdr.height,
+                "prev": hdr.prev.hex(),
+                "ts_ms": hdr.ts_ms,
+                "root": hdr.root.hex(),
+                "count": hdr.count,
+            }
+        )
     return web.Response(body=pack(list(raw)), content_type=MSGPACK)
 
 
 async def enrollments(request: web.Request) -> web.Response:
     """The enrolment transactions naming a device (it unseals its stream keys from them)."""
     device = _key(request.match_info["device"])
-    out = [raw for raw in request.app[NODE].store.control_entries()
-           if isinstance(tx := decode_entry(raw), EnrollDevice) and tx.device == device]
+    out = [
+        raw
+        for raw in request.app[NODE].store.control_entries()
+        if isinstance(tx := decode_entry(raw), EnrollDevice) and tx.device == device
+    ]
     return web.Response(body=pack(out), content_type=MSGPACK)
 
 

@@ -109,13 +109,23 @@ class KeyChain:
         return ChainCursor(self.chain_id, self.epoch_ms, epoch, self.key(epoch))
 
     def to_doc(self) -> dict[str, Any]:
-        return {"stream": self.stream, "chain_id": self.chain_id.hex(), "seed": self.seed.hex(),
-                "start_epoch": self.start_epoch, "epoch_ms": self.epoch_ms}
+        return {
+            "stream": self.stream,
+            "chain_id": self.chain_id.hex(),
+            "seed": self.seed.hex(),
+            "start_epoch": self.start_epoch,
+            "epoch_ms": self.epoch_ms,
+        }
 
     @classmethod
     def from_doc(cls, d: dict[str, Any]) -> KeyChain:
-        return cls(d["stream"], bytes.fromhex(d["chain_id"]), bytes.fromhex(d["seed"]),
-                   int(d["start_epoch"]), int(d["epoch_ms"]))
+        return cls(
+            d["stream"],
+            bytes.fromhex(d["chain_id"]),
+            bytes.fromhex(d["seed"]),
+            int(d["start_epoch"]),
+            int(d["epoch_ms"]),
+        )
 
 
 def seal(key: bytes, recipient: nacl.public.PublicKey) -> bytes:
@@ -132,9 +142,7 @@ def unseal(sealed: bytes, recipient: nacl.public.PrivateKey) -> bytes:
 Value = tuple[float, ...]
 
 
-def encode_samples(
-    unit: str, decimals: int, t0_ms: int, samples: list[tuple[int, Value]]
-) -> bytes:
+def encode_samples(unit: str, decimals: int, t0_ms: int, samples: list[tuple[int, Value]]) -> bytes:
     """Plaintext of a reading: compact, integer-scaled, delta-coded."""
     if not samples:
         raise ValueError("a reading carries at least one sample")
@@ -175,11 +183,17 @@ def decode_samples(plain: bytes, t0_ms: int) -> tuple[str, list[tuple[int, Value
         raise MalformedMessage(f"bad sample plaintext: {exc}") from exc
 
 
-def encrypt(message_key_: bytes, plaintext: bytes, aad: bytes, nonce: bytes | None = None) -> tuple[bytes, bytes]:
+def encrypt(
+    message_key_: bytes, plaintext: bytes, aad: bytes, nonce: bytes | None = None
+) -> tuple[bytes, bytes]:
     nonce = nonce or nacl.utils.random(NONCE_LEN)
-    ct = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, message_key_)
+    ct = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        plaintext, aad, nonce, message_key_
+    )
     return nonce, ct
 
 
 def decrypt(message_key_: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, message_key_)  # type: ignore[no-any-return]
+    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        ciphertext, aad, nonce, message_key_
+    )

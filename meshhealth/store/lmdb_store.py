@@ -27,7 +27,6 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import lmdb
 
 from meshhealth.chain.block import Block, decode_body, encode_body
 from meshhealth.errors import StorageError
+from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import BlockHeader
 from meshhealth.wire.codec import pack, unpack
@@ -45,26 +45,6 @@ _DBS = ("headers", "bodies", "heads", "readings", "seqmarks", "acl", "names", "m
 
 def chain_key(node: bytes, height: int) -> bytes:
     return node + struct.pack(">Q", height)
-
-
-@dataclass(frozen=True, slots=True)
-class IndexedReading:
-    """What the batcher tells the store about one reading it put in a block."""
-
-    index: int
-    patient: bytes
-    stream: str
-    t_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Everything one block commit writes, prepared by the (pure) batcher."""
-
-    block: Block
-    readings: tuple[IndexedReading, ...]
-    seqmarks: dict[bytes, SeqMark]
-    txs: tuple[tuple[bytes, int], ...]  # (tx hash, entry index)
 
 
 class Store:
@@ -82,9 +62,11 @@ class Store:
         except lmdb.Error as exc:
             raise StorageError(f"cannot open LMDB store at {path}: {exc}") from exc
         self.readonly = readonly
-        self.db = {
-            name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS
-        } if not readonly else self._open_ro()
+        self.db = (
+            {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
+            if not readonly
+            else self._open_ro()
+        )
         self._names: dict[bytes, bytes] = {}
         self._write_lock = threading.Lock()
 
@@ -121,7 +103,7 @@ class Store:
             txn.put(counter, got, db=self.db["names"])
             txn.put(k, got, db=self.db["names"])
         self._names[k] = got
-        return got  # type: ignore[no-any-return]
+        return got
 
     def commit_block(self, c: Commit) -> None:
         self._write(self._commit, c)
@@ -138,7 +120,13 @@ class Store:
         for r in c.readings:
             pid = self._name_id(txn, b"p", r.patient, 4)
             sid = self._name_id(txn, b"s", r.stream.encode(), 1)
-            bkey = pid + sid + struct.pack(">I", r.t_ms // HOUR_MS) + nid + struct.pack(">I", hdr.height)
+            bkey = (
+                pid
+                + sid
+                + struct.pack(">I", r.t_ms // HOUR_MS)
+                + nid
+                + struct.pack(">I", hdr.height)
+            )
             buckets.setdefault(bkey, []).append(r.index)
         for bkey, idx in buckets.items():
             txn.put(bkey, pack(idx), db=self.db["readings"])
@@ -159,7 +147,7 @@ class Store:
 
     def meta(self, key: str) -> bytes | None:
         with self.env.begin() as txn:
-            return txn.get(key.encode(), db=self.db["meta"])  # type: ignore[no-any-return]
+            return txn.get(key.encode(), db=self.db["meta"])
 
     def reading_count(self) -> int:
         return int.from_bytes(self.meta("readings") or b"\0", "big")
@@ -171,8 +159,10 @@ class Store:
 
     def heads(self) -> dict[bytes, tuple[int, bytes]]:
         with self.env.begin() as txn:
-            return {bytes(k): (struct.unpack(">Q", v[:8])[0], bytes(v[8:]))
-                    for k, v in txn.cursor(db=self.db["heads"])}
+            return {
+                bytes(k): (struct.unpack(">Q", v[:8])[0], bytes(v[8:]))
+                for k, v in txn.cursor(db=self.db["heads"])
+            }
 
     def header(self, node: bytes, height: int) -> BlockHeader | None:
         with self.env.begin() as txn:
@@ -200,13 +190,17 @@ class Store:
             for k, v in cur:
                 if k[:32] != node:
                     break
-                yield struct.unpack(">Q", k[32:])[0], bytes(v), (
-                    bytes(b) if (b := bodies.get(k)) is not None else None
+                yield (
+                    struct.unpack(">Q", k[32:])[0],
+                    bytes(v),
+                    (bytes(b) if (b := bodies.get(k)) is not None else None),
                 )
 
     def seqmarks(self) -> dict[bytes, SeqMark]:
         with self.env.begin() as txn:
-            return {bytes(k): SeqMark.decode(bytes(v)) for k, v in txn.cursor(db=self.db["seqmarks"])}
+            return {
+                bytes(k): SeqMark.decode(bytes(v)) for k, v in txn.cursor(db=self.db["seqmarks"])
+            }
 
     def control_entries(self) -> list[bytes]:
         """Every control transaction on this node's chains, read back from the blocks."""
@@ -223,15 +217,16 @@ class Store:
     def reading_locations(
         self, patient: bytes, stream: str, from_ms: int, to_ms: int
     ) -> list[tuple[bytes, int, list[int]]]:
-        """(node, height, entry indexes) of blocks holding readings of that stream near [from, to]."""
+        """(node, height, entry indexes) of blocks with that stream's readings near [from, to]."""
         with self.env.begin() as txn:
             names = self.db["names"]
             pid = txn.get(b"p" + patient, db=names)
             sid = txn.get(b"s" + stream.encode(), db=names)
             if pid is None or sid is None:
                 return []
-            nodes = {bytes(v): bytes(k[1:]) for k, v in txn.cursor(db=names)
-                     if bytes(k[:1]) == b"n"}
+            nodes = {
+                bytes(v): bytes(k[1:]) for k, v in txn.cursor(db=names) if bytes(k[:1]) == b"n"
+            }
             prefix = bytes(pid) + bytes(sid)
             start = prefix + struct.pack(">I", max(0, from_ms // HOUR_MS - 1))
             stop = struct.pack(">I", to_ms // HOUR_MS)
@@ -241,7 +236,13 @@ class Store:
                 for k, v in cur:
                     if k[:5] != prefix or k[5:9] > stop:
                         break
-                    out.append((nodes[bytes(k[9:11])], struct.unpack(">I", k[11:15])[0], unpack(bytes(v), max_len=1 << 20)))
+                    out.append(
+                        (
+                            nodes[bytes(k[9:11])],
+                            struct.unpack(">I", k[11:15])[0],
+                            unpack(bytes(v), max_len=1 << 20),
+                        )
+                    )
             return out
 
     def disk_bytes(self) -> int:
@@ -251,5 +252,8 @@ class Store:
 
     def statistics(self) -> dict[str, Any]:
         info = self.env.info()
-        return {"map_size": info["map_size"], "used_bytes": self.disk_bytes(),
-                "readings": self.reading_count()}
+        return {
+            "map_size": info["map_size"],
+            "used_bytes": self.disk_bytes(),
+            "readings": self.reading_count(),
+        }

@@ -78,9 +78,9 @@ class Signed:
     def create(cls, key: nacl.signing.SigningKey, **fields: Any) -> Self:
         """Build and sign; the signer field is filled from ``key``."""
         fields[cls.SIGNER] = bytes(key.verify_key)
-        unsigned = cls(**fields, sig=b"\0" * 64)
+        unsigned = cls(**fields, sig=b"\0" * 64)  # type: ignore[call-arg]
         sig = key.sign(unsigned.signing_bytes()).signature
-        return cls(**fields, sig=sig)
+        return cls(**fields, sig=sig)  # type: ignore[call-arg]
 
     @property
     def signer(self) -> bytes:
@@ -180,8 +180,14 @@ class StreamKey:
     )
 
     def to_wire(self) -> list[Any]:
-        return [self.stream, self.chain_id, self.start_epoch, self.epoch_ms, self.key_epoch,
-                self.sealed]
+        return [
+            self.stream,
+            self.chain_id,
+            self.start_epoch,
+            self.epoch_ms,
+            self.key_epoch,
+            self.sealed,
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Everything a fresh Debian machine needs to run MeshHealth's tests:
+# Mosquitto (the tests start their own on a free loopback port) and the
+# package with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
