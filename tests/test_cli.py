@@ -161,3 +161,40 @@ def test_demo_leaves_verifiable_data_and_verify_catches_tampering(tmp_path: Path
     bad = mh("chain", "verify", "--data-dir", str(data))
     assert bad.returncode != 0
     assert "block 0" in bad.stdout and "FAIL" in bad.stdout
+
+
+@pytest.mark.integration
+def test_device_simulate_one_connection_per_device(tmp_path: Path, mosquitto, node_factory) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    node = node_factory(mosquitto.url)
+    r = mh(
+        "device",
+        "simulate",
+        "--broker",
+        mosquitto.url,
+        "--node",
+        node.url,
+        "--genesis",
+        str(node.cfg.genesis_path),
+        "--patients",
+        "2",
+        "--devices",
+        "2",
+        "--streams",
+        "hr,temp,bp",
+        "--backfill",
+        "600",
+        "--duration",
+        "0",
+        "--no-gateway",
+        "--state-dir",
+        str(tmp_path / "sim"),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["connects"] == 4  # one MQTT connection per device
+    assert stats["outbox"] == 0 and stats["produced"] > 0
+    assert node.status()["ingest"]["readings_committed"] == stats["produced"]
+    assert len(list((tmp_path / "sim" / "patients").glob("*.key"))) == 2

@@ -113,66 +113,53 @@ async def test_100_devices_20k_readings_committed_exactly_once(mosquitto, node_f
     assert_exactly_once(sim, keys)
 
 
-async def _crash_run(node: Any, sim: Simulation, fault: Any) -> dict[str, Any]:
-    await sim.enroll()
-    task = asyncio.create_task(sim.run(asyncio.Event(), duration_s=0, drain_timeout=180))
+async def crash_mid_ingest(node: Any, broker_url: str, state: Path, fault: Any) -> dict[str, Any]:
+    """40 devices sync 150 s of 1 Hz readings; ``fault()`` strikes after 1,500 commits.
+
+    Afterwards every produced reading must be stored exactly once in a verifying chain.
+    """
+    sim = make_sim(
+        node, broker_url, state, patients=20, devices=2, backfill_s=150, resend_after=2.0
+    )
     try:
-        await wait_committed(node, 1500, 120)
-        await asyncio.to_thread(fault)
-        drained = await asyncio.wait_for(task, 240)
+        await sim.enroll()
+        task = asyncio.create_task(sim.run(asyncio.Event(), duration_s=0, drain_timeout=180))
+        try:
+            await wait_committed(node, 1500, 120)
+            await asyncio.to_thread(fault)
+            drained = await asyncio.wait_for(task, 240)
+        finally:
+            if not task.done():
+                task.cancel()
+        stats = sim.statistics()
+        assert drained, f"outboxes not emptied after the fault: {stats}"
+        node.stop()
+        keys, _ = stored_readings(node)
+        assert_exactly_once(sim, keys)
+        return stats
     finally:
-        if not task.done():
-            task.cancel()
-    stats = sim.statistics()
-    assert drained, f"outboxes not emptied after the fault: {stats}"
-    return stats
+        sim.close()
 
 
 @pytest.mark.timeout(400)
 async def test_kill9_node_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_path):
     node = node_factory(mosquitto.url)
-    sim = make_sim(
-        node,
-        mosquitto.url,
-        tmp_path / "sim",
-        patients=20,
-        devices=2,
-        backfill_s=150,
-        resend_after=2.0,
-    )
+    restarted = []
 
     def crash() -> None:
         node.kill9()
         time.sleep(1.0)
         node.start()
+        restarted.append(node.status()["ingest"]["readings_committed"])
 
-    try:
-        stats = await _crash_run(node, sim, crash)
-    finally:
-        sim.close()
-    node.stop()
-    keys, _ = stored_readings(node)
-    assert_exactly_once(sim, keys)
-    assert stats["connects"] >= 1
+    await crash_mid_ingest(node, mosquitto.url, tmp_path / "sim", crash)
+    assert restarted and restarted[0] >= 1500, "the restarted node lost committed readings"
 
 
 @pytest.mark.timeout(400)
 async def test_broker_restart_mid_ingest_loses_nothing(mosquitto, node_factory, tmp_path):
     node = node_factory(mosquitto.url)
-    sim = make_sim(
-        node,
-        mosquitto.url,
-        tmp_path / "sim",
-        patients=20,
-        devices=2,
-        backfill_s=150,
-        resend_after=2.0,
+    stats = await crash_mid_ingest(
+        node, mosquitto.url, tmp_path / "sim", lambda: mosquitto.restart(1.0)
     )
-    try:
-        stats = await _crash_run(node, sim, lambda: mosquitto.restart(1.0))
-    finally:
-        sim.close()
     assert stats["connects"] >= 2, "the agent should have reconnected after the restart"
-    node.stop()
-    keys, _ = stored_readings(node)
-    assert_exactly_once(sim, keys)
