@@ -1,0 +1,1 @@
+"""Block dissemination between nodes: a sans-I/O protocol core and a simulator."""

@@ -1,0 +1,367 @@
+"""The gossip protocol core: a pure state machine (no sockets, no clock, no RNG of its own).
+
+Theory of operation
+-------------------
+Every node holds a replica of every chain.  ``heads[chain]`` is the highest
+height held *contiguously* from 0.  Two mechanisms move blocks:
+
+* **Eager push.**  When a node stores a new block (its own, or one pushed to
+  it), it pushes the block to ``fanout`` random live peers, except the one
+  it came from.  Pushes carry a hop count.  A node forwards a block once, so a
+  block costs about ``fanout`` messages per node, and it reaches most nodes
+  in O(log N) hops.
+* **Anti-entropy.**  Every ``tick_s`` a node sends a :class:`Heads` digest to
+  one random peer.  The digest has the heads that advanced recently
+  (bounded) and an order-independent hash of the whole vector.  The peer
+  answers with its own digest, and each side pulls, in bounded batches,
+  what the other has and it lacks.  If the hashes differ but the recent
+  lists explain nothing, the full vector is requested.  This repairs
+  everything push missed: lost messages, partitions, crashed or new nodes.
+
+Liveness (SWIM-like suspicion): a peer that fails to answer a digest
+becomes *suspect*, then *dead* after ``dead_after`` consecutive failures.
+Hearing anything from it makes it *alive* again.  Dead peers are left out
+of fanout and probed only now and then, with a growing back-off.  A peer
+the shell catches sending invalid data is penalised: it gets the same
+back-off and is avoided.
+
+The shell owns block bytes and validation.  It calls
+:meth:`Gossip.on_block_stored` after it commits a block,
+:meth:`Gossip.on_ahead` when a block arrives whose parent is missing (it
+keeps that block in a bounded buffer), :meth:`Gossip.on_message` for
+control messages and :meth:`Gossip.on_tick` on the timer.  Every call
+returns the :class:`Send` actions to perform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+from meshhealth.gossip.messages import (
+    Blocks,
+    FullHeads,
+    FullHeadsRequest,
+    Heads,
+    Message,
+    NodeId,
+    Pull,
+    Push,
+    Send,
+)
+
+
+@dataclass(frozen=True)
+class GossipParams:
+    fanout: int = 4
+    tick_s: float = 0.2
+    recent_window_s: float = 30.0
+    max_recent: int = 64
+    pull_batch: int = 64
+    reply_timeout_s: float = 1.0
+    dead_after: int = 3  # consecutive unanswered digests
+    max_backoff_s: float = 30.0
+    pull_timeout_s: float = 2.0
+
+
+class PeerStatus(Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass
+class Peer:
+    id: NodeId
+    status: PeerStatus = PeerStatus.ALIVE
+    last_heard: float = 0.0
+    failures: int = 0
+    awaiting_since: float | None = None  # a digest sent, reply pending
+    backoff_until: float = 0.0
+    backoff_s: float = 0.0
+    penalties: int = 0
+
+
+def _entry_hash(chain: NodeId, height: int) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(chain + height.to_bytes(8, "big"), digest_size=16).digest(), "big"
+    )
+
+
+@dataclass
+class Statistics:
+    pushes_sent: int = 0
+    duplicates: int = 0
+    pulls_sent: int = 0
+    digests_sent: int = 0
+    full_heads_sent: int = 0
+
+
+@dataclass
+class Gossip:
+    me: NodeId
+    rng: random.Random
+    params: GossipParams = field(default_factory=GossipParams)
+    heads: dict[NodeId, int] = field(default_factory=dict)
+    peers: dict[NodeId, Peer] = field(default_factory=dict)
+    stats: Statistics = field(default_factory=Statistics)
+    _advanced: OrderedDict[NodeId, float] = field(default_factory=OrderedDict)
+    _digest: int = 0
+    # chain -> (last height of the batch in flight, deadline)
+    _pulls: dict[NodeId, tuple[int, float]] = field(default_factory=dict)
+    # chain -> (height we want to reach, the peer that has it)
+    _want: dict[NodeId, tuple[int, NodeId]] = field(default_factory=dict)
+    _alive_cache: list[NodeId] | None = None
+    _cache_until: float = 0.0
+
+    # --- membership -------------------------------------------------------------
+
+    def add_peer(self, peer: NodeId, now: float) -> None:
+        if peer != self.me and peer not in self.peers:
+            self.peers[peer] = Peer(peer, last_heard=now)
+            self._alive_cache = None
+
+    def _heard(self, peer: NodeId, now: float) -> Peer:
+        p = self.peers.get(peer)
+        if p is None:
+            self.add_peer(peer, now)
+            p = self.peers[peer]
+        if p.status is not PeerStatus.ALIVE:
+            self._alive_cache = None
+        p.status, p.last_heard, p.failures, p.awaiting_since = PeerStatus.ALIVE, now, 0, None
+        if p.penalties == 0:
+            p.backoff_s, p.backoff_until = 0.0, 0.0
+        return p
+
+    def penalise(self, peer: NodeId, now: float) -> None:
+        """The shell caught ``peer`` sending invalid data: avoid it for a growing while."""
+        p = self.peers.get(peer)
+        if p is None:
+            return
+        p.penalties += 1
+        p.backoff_s = min(self.params.max_backoff_s, max(1.0, p.backoff_s * 2))
+        p.backoff_until = now + p.backoff_s
+        p.status = PeerStatus.SUSPECT
+        self._alive_cache = None
+
+    def _live(self, now: float) -> list[NodeId]:
+        """Peers eligible for fanout: not dead, not backing off (cached between changes)."""
+        if self._alive_cache is None or now >= self._cache_until:
+            live, until = [], float("inf")
+            for p in self.peers.values():
+                if p.status is PeerStatus.DEAD:
+                    continue
+                if p.backoff_until > now:
+                    until = min(until, p.backoff_until)
+                    continue
+                live.append(p.id)
+            self._alive_cache, self._cache_until = live, until
+        return self._alive_cache
+
+    def _sample(self, k: int, now: float, exclude: NodeId | None = None) -> list[NodeId]:
+        live = self._live(now)
+        if len(live) <= k + 1:
+            return [p for p in live if p != exclude][:k]
+        out: list[NodeId] = []
+        while len(out) < k:
+            p = live[self.rng.randrange(len(live))]
+            if p != exclude and p not in out:
+                out.append(p)
+        return out
+
+    # --- heads ------------------------------------------------------------------
+
+    def head(self, chain: NodeId) -> int:
+        return self.heads.get(chain, -1)
+
+    def _advance(self, chain: NodeId, height: int, now: float) -> None:
+        old = self.heads.get(chain, -1)
+        if old >= 0:
+            self._digest ^= _entry_hash(chain, old)
+        self._digest ^= _entry_hash(chain, height)
+        self.heads[chain] = height
+        self._advanced[chain] = now
+        self._advanced.move_to_end(chain)
+        pull = self._pulls.get(chain)
+        if pull is not None and height >= pull[0]:
+            del self._pulls[chain]
+
+    def digest(self) -> bytes:
+        return self._digest.to_bytes(16, "big")
+
+    def _recent(self, now: float) -> tuple[tuple[NodeId, int], ...]:
+        out = []
+        for chain in reversed(self._advanced):
+            if (
+                now - self._advanced[chain] > self.params.recent_window_s
+                or len(out) >= self.params.max_recent
+            ):
+                break
+            out.append((chain, self.heads[chain]))
+        return tuple(out)
+
+    # --- blocks -------------------------------------------------------------------
+
+    def on_block_stored(
+        self,
+        src: NodeId | None,
+        chain: NodeId,
+        height: int,
+        now: float,
+        *,
+        hops: int = 0,
+        forward: bool = True,
+    ) -> list[Send]:
+        """The shell committed block ``(chain, height)``; it must be contiguous."""
+        if src is not None:
+            self._heard(src, now)
+        if height <= self.head(chain):
+            self.stats.duplicates += 1
+            return []
+        if height != self.head(chain) + 1:
+            raise ValueError(f"block {height} stored above head {self.head(chain)}: not contiguous")
+        self._advance(chain, height, now)
+        sends = self._continue_pull(chain, now)
+        if forward:
+            pushes = [
+                Send(p, Push(chain, height, hops + 1))
+                for p in self._sample(self.params.fanout, now, src)
+            ]
+            self.stats.pushes_sent += len(pushes)
+            sends += pushes
+        return sends
+
+    def on_duplicate(self, src: NodeId, now: float) -> None:
+        self._heard(src, now)
+        self.stats.duplicates += 1
+
+    def on_ahead(self, src: NodeId, chain: NodeId, height: int, now: float) -> list[Send]:
+        """A block above our head arrived (the shell buffers it): pull the gap from ``src``."""
+        self._heard(src, now)
+        return self._pull(src, chain, height - 1, now)
+
+    def _pull(self, src: NodeId, chain: NodeId, upto: int, now: float) -> list[Send]:
+        """Remember we want ``chain`` up to ``upto`` (from ``src``); one batch in flight."""
+        if upto <= self.head(chain):
+            return []
+        want = self._want.get(chain)
+        if want is None or upto > want[0]:
+            self._want[chain] = (upto, src)
+        pending = self._pulls.get(chain)
+        if pending is not None and pending[1] > now:
+            return []
+        return self._issue_pull(chain, now)
+
+    def _issue_pull(self, chain: NodeId, now: float) -> list[Send]:
+        upto, src = self._want[chain]
+        start = self.head(chain) + 1
+        end = min(upto, start + self.params.pull_batch - 1)
+        self._pulls[chain] = (end, now + self.params.pull_timeout_s)
+        self.stats.pulls_sent += 1
+        return [Send(src, Pull(chain, start, end))]
+
+    def _continue_pull(self, chain: NodeId, now: float) -> list[Send]:
+        """After a stored block: finish, or ask for the next batch of a catch-up."""
+        want = self._want.get(chain)
+        if want is None:
+            return []
+        if self.head(chain) >= want[0]:
+            del self._want[chain]
+            self._pulls.pop(chain, None)
+            return []
+        if chain in self._pulls:
+            return []
+        return self._issue_pull(chain, now)
+
+    # --- control messages ---------------------------------------------------------
+
+    def on_message(self, src: NodeId, msg: Message, now: float) -> list[Send]:
+        self._heard(src, now)
+        if isinstance(msg, Heads):
+            return self._on_heads(src, msg, now)
+        if isinstance(msg, FullHeadsRequest):
+            self.stats.full_heads_sent += 1
+            return [Send(src, FullHeads(tuple(self.heads.items())))]
+        if isinstance(msg, FullHeads):
+            out: list[Send] = []
+            for chain, h in msg.heads:
+                out += self._pull(src, chain, h, now)
+            return out
+        if isinstance(msg, Pull):
+            top = min(
+                msg.to_height, self.head(msg.chain), msg.from_height + self.params.pull_batch - 1
+            )
+            if top < msg.from_height:
+                return []
+            return [Send(src, Blocks(msg.chain, msg.from_height, top, 0))]
+        raise TypeError(f"the shell handles {type(msg).__name__} itself")
+
+    def _on_heads(self, src: NodeId, msg: Heads, now: float) -> list[Send]:
+        out: list[Send] = []
+        explained = False
+        for chain, h in msg.recent:
+            mine = self.head(chain)
+            explained |= h != mine
+            if h > mine:
+                out += self._pull(src, chain, h, now)
+        if not msg.reply:
+            out.append(Send(src, Heads(self._recent(now), self.digest(), reply=True)))
+            self.stats.digests_sent += 1
+        elif msg.digest != self.digest() and not explained:
+            # the difference is in a chain that did not advance recently: compare everything
+            out.append(Send(src, FullHeadsRequest()))
+        return out
+
+    # --- timer ----------------------------------------------------------------------
+
+    def on_tick(self, now: float) -> list[Send]:
+        """Liveness bookkeeping, then one anti-entropy digest to a random peer."""
+        for p in self.peers.values():
+            if (
+                p.awaiting_since is not None
+                and now - p.awaiting_since > self.params.reply_timeout_s
+            ):
+                p.awaiting_since = None
+                p.failures += 1
+                new = (
+                    PeerStatus.DEAD if p.failures >= self.params.dead_after else PeerStatus.SUSPECT
+                )
+                if new is not p.status:
+                    p.status = new
+                    self._alive_cache = None
+                if new is PeerStatus.DEAD:
+                    p.backoff_s = min(self.params.max_backoff_s, max(1.0, p.backoff_s * 2))
+                    p.backoff_until = now + p.backoff_s
+        target = self._anti_entropy_target(now)
+        if target is None:
+            return []
+        peer = self.peers[target]
+        if peer.awaiting_since is None:
+            peer.awaiting_since = now
+        self.stats.digests_sent += 1
+        return [Send(target, Heads(self._recent(now), self.digest(), reply=False))]
+
+    def _anti_entropy_target(self, now: float) -> NodeId | None:
+        """Mostly a live peer; now and then a dead one whose back-off expired (recovered?)."""
+        if self.rng.random() < 0.1:
+            dead = [
+                p
+                for p in self.peers.values()
+                if p.status is PeerStatus.DEAD and p.backoff_until <= now
+            ]
+            if dead:
+                p = dead[self.rng.randrange(len(dead))]
+                p.backoff_s = min(self.params.max_backoff_s, max(1.0, p.backoff_s * 2))
+                p.backoff_until = now + p.backoff_s
+                return p.id
+        live = self._sample(1, now)
+        return live[0] if live else None
+
+    def statistics(self) -> dict[str, object]:
+        by_status: dict[str, int] = {}
+        for p in self.peers.values():
+            by_status[p.status.value] = by_status.get(p.status.value, 0) + 1
+        return {"heads": len(self.heads), "peers": by_status, **self.stats.__dict__}

@@ -1,0 +1,139 @@
+"""The gossip protocol core (deterministic) and the seeded network simulator."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshhealth.gossip.messages import Blocks, FullHeads, FullHeadsRequest, Heads, Pull, Push, Send
+from meshhealth.gossip.protocol import Gossip, GossipParams, PeerStatus
+from meshhealth.gossip.sim import Simulation, node_id
+
+A, B, C, D = (bytes([i]) * 32 for i in range(1, 5))
+
+
+def core(me: bytes = A, peers: tuple[bytes, ...] = (B, C, D), **kw: object) -> Gossip:
+    g = Gossip(me, random.Random(7), GossipParams(**kw))  # type: ignore[arg-type]
+    for p in peers:
+        g.add_peer(p, 0.0)
+    return g
+
+
+def test_new_block_is_pushed_to_fanout_peers_but_not_back_to_its_source() -> None:
+    g = core(fanout=2)
+    sends = g.on_block_stored(B, B, 0, 1.0, hops=1)
+    assert len(sends) == 2 and B not in {s.peer for s in sends}
+    assert all(s.message == Push(B, 0, 2) for s in sends)
+    assert g.head(B) == 0
+    assert g.on_block_stored(C, B, 0, 1.1) == []  # a duplicate is not forwarded
+    assert g.stats.duplicates == 1
+    with pytest.raises(ValueError, match="not contiguous"):
+        g.on_block_stored(C, B, 5, 1.2)
+
+
+def test_block_ahead_of_head_pulls_the_gap_once() -> None:
+    g = core(pull_batch=3)
+    (s,) = g.on_ahead(B, C, 10, 1.0)
+    assert s == Send(B, Pull(C, 0, 2))  # bounded batch from our head + 1
+    assert g.on_ahead(D, C, 10, 1.1) == []  # already pulling up to there
+    assert g.on_ahead(D, C, 10, 5.0) != []  # the pull timed out: ask again
+
+
+def test_heads_exchange_pulls_what_the_peer_has_and_answers_once() -> None:
+    a, b = core(A), core(B, (A, C, D))
+    for h in range(3):
+        b.on_block_stored(None, C, h, 1.0, forward=False)
+    (digest,) = a.on_tick(2.0)
+    assert digest.peer in (B, C, D)
+    out = b.on_message(A, Heads(a._recent(2.0), a.digest(), reply=False), 2.0)
+    reply = [s for s in out if isinstance(s.message, Heads)]
+    assert len(reply) == 1 and reply[0].message.reply
+    pulls = a.on_message(B, reply[0].message, 2.1)
+    assert pulls == [Send(B, Pull(C, 0, 2))]
+    (blocks,) = b.on_message(A, pulls[0].message, 2.2)
+    assert blocks == Send(A, Blocks(C, 0, 2, 0))
+    assert b.on_message(A, Pull(C, 5, 9), 2.3) == []  # nothing to give
+
+
+def test_hidden_difference_asks_for_the_full_vector() -> None:
+    a, b = core(A, recent_window_s=1.0), core(B, (A,), recent_window_s=1.0)
+    b.on_block_stored(None, D, 0, 0.0, forward=False)  # old news: outside the recent window
+    reply = b.on_message(A, Heads((), a.digest(), reply=False), 10.0)[-1].message
+    assert isinstance(reply, Heads) and reply.recent == ()
+    (req,) = a.on_message(B, reply, 10.0)
+    assert req == Send(B, FullHeadsRequest())
+    (full,) = b.on_message(A, FullHeadsRequest(), 10.1)
+    assert full.message == FullHeads(((D, 0),))
+    assert a.on_message(B, full.message, 10.2) == [Send(B, Pull(D, 0, 0))]
+
+
+def test_unanswered_digests_make_a_peer_suspect_then_dead_and_hearing_revives() -> None:
+    g = core(A, (B,), reply_timeout_s=0.5, dead_after=3)
+    t = 0.0
+    for _ in range(3):
+        g.on_tick(t)
+        t += 1.0
+        g.on_tick(t)  # the reply to the previous digest never came
+    assert g.peers[B].status is PeerStatus.DEAD
+    assert g.on_block_stored(None, A, 0, t) == []  # dead peers get no pushes
+    g.on_message(B, Heads((), b"\0" * 16, reply=True), t + 0.1)
+    assert g.peers[B].status is PeerStatus.ALIVE
+    assert [s.peer for s in g.on_block_stored(None, A, 1, t + 0.2)] == [B]
+
+
+def test_penalised_peer_is_avoided_until_its_backoff_ends() -> None:
+    g = core(A, (B, C), fanout=2)
+    g.penalise(B, 0.0)
+    assert [s.peer for s in g.on_block_stored(None, A, 0, 0.5)] == [C]
+    assert {s.peer for s in g.on_block_stored(None, A, 1, 5.0)} == {B, C}
+
+
+# --- the simulator ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_thousand_nodes_every_block_reaches_every_node_despite_loss(seed: int) -> None:
+    sim = Simulation(1000, seed=seed, loss=0.02)
+    sim.run_until(0.5)
+    blocks = [sim.produce(i) for i in (0, 17, 999)]
+    assert sim.run_until_quiet(lambda: all(sim.everyone_has(b) for b in blocks), limit_s=20)
+    hops = [nd.received_at[blocks[0]][1] for nd in sim.nodes]
+    assert max(hops) <= 2 * 10  # ~2·log2(N) rounds
+
+
+def test_partitioned_half_catches_up_after_heal() -> None:
+    sim = Simulation(400, seed=5)
+    sim.run_until(0.5)
+    sim.partition([set(range(200)), set(range(200, 400))])
+    blk = sim.produce(3)
+    sim.run_until(sim.now + 5)
+    assert sim.holders(blk) == 200  # only its own side
+    sim.heal()
+    assert sim.run_until_quiet(lambda: sim.everyone_has(blk), limit_s=30)
+
+
+def test_crashed_node_catches_up_a_long_chain_after_recovery() -> None:
+    sim = Simulation(200, seed=9, params=GossipParams(pull_batch=16))
+    sim.run_until(0.5)
+    sim.crash(42)
+    last = None
+    for _ in range(100):
+        last = sim.produce(7)
+        sim.run_until(sim.now + 0.05)
+    assert last is not None and sim.nodes[42].core.head(node_id(7)) == -1
+    sim.recover(42)
+    assert sim.run_until_quiet(lambda: sim.nodes[42].core.head(node_id(7)) == 99, limit_s=60)
+    assert sim.run_until_quiet(lambda: sim.everyone_has(last), limit_s=10)
+
+
+def test_simulation_is_deterministic_for_a_seed() -> None:
+    def run(seed: int) -> tuple[int, int]:
+        sim = Simulation(300, seed=seed, loss=0.05)
+        sim.run_until(0.3)
+        blk = sim.produce(1)
+        sim.run_until_quiet(lambda: sim.everyone_has(blk), limit_s=20)
+        return sim.counters.messages, sim.counters.bytes
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
