@@ -193,7 +193,7 @@ class Gossip:
         return self._digest.to_bytes(16, "big")
 
     def _recent(self, now: float) -> tuple[tuple[NodeId, int], ...]:
-        out = []
+        out: list[tuple[NodeId, int]] = []
         for chain in reversed(self._advanced):
             if (
                 now - self._advanced[chain] > self.params.recent_window_s
