@@ -21,6 +21,14 @@ def _ingest(a: argparse.Namespace) -> int:
     return 0
 
 
+def _gossip(a: argparse.Namespace) -> int:
+    from meshhealth.bench.gossip import run
+
+    run(quick=a.quick, json_path=Path(a.json) if a.json else None, fanout=a.fanout, loss=a.loss,
+        seed=a.seed)
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmarks (table on stdout, --json for machines)")
     bs = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -32,3 +40,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--devices", type=int, default=100)
     s.add_argument("--keep", help="work directory to keep (default: a temp dir)")
     s.set_defaults(fn=_ingest)
+    s = bs.add_parser("gossip", help="block dissemination in the seeded network simulator")
+    s.add_argument("--json", help="write the results here")
+    s.add_argument("--quick", action="store_true", help="N up to 1,000 (default up to 10,000)")
+    s.add_argument("--fanout", type=int, default=4)
+    s.add_argument("--loss", type=float, default=0.01, help="message loss probability")
+    s.add_argument("--seed", type=int, default=1)
+    s.set_defaults(fn=_gossip)

@@ -57,6 +57,10 @@ class Counters:
     messages: int = 0
     bytes: int = 0
     dropped: int = 0
+    by_kind: dict[str, list[int]] = field(default_factory=dict)  # kind -> [messages, bytes]
+
+    def snapshot(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in self.by_kind.items()}
 
 
 def node_id(i: int) -> NodeId:
@@ -137,8 +141,12 @@ class Simulation:
     def _send(self, src: int, sends: list[Send]) -> None:
         for s in sends:
             dst = self.index[s.peer]
+            size = message_bytes(s.message, self.block_bytes)
             self.counters.messages += 1
-            self.counters.bytes += message_bytes(s.message, self.block_bytes)
+            self.counters.bytes += size
+            kind = self.counters.by_kind.setdefault(type(s.message).__name__, [0, 0])
+            kind[0] += 1
+            kind[1] += size
             if not self.can_talk(src, dst) or self.rng.random() < self.loss:
                 self.counters.dropped += 1
                 continue
