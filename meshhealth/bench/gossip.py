@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def measure(n: int, *, seed: int, blocks: int, fanout: int, loss: float) -> dict
         t0 = sim.now
         producer = sim.rng.randrange(n)
         blk = sim.produce(producer)
-        if not sim.run_until_quiet(lambda b=blk: sim.everyone_has(b), limit_s=60, step_s=0.01):
+        if not sim.run_until_quiet(partial(sim.everyone_has, blk), limit_s=60, step_s=0.01):
             raise RuntimeError(f"N={n}: block {k} did not reach every node in 60 virtual s")
         after = sim.counters.snapshot()
         for kind, (m, b) in after.items():
