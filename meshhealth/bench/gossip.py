@@ -79,8 +79,9 @@ def measure(n: int, *, seed: int, blocks: int, fanout: int, loss: float) -> dict
     }
 
 
-def run(*, quick: bool, json_path: Path | None, fanout: int = 4, loss: float = 0.01,
-        seed: int = 1) -> dict[str, Any]:
+def run(
+    *, quick: bool, json_path: Path | None, fanout: int = 4, loss: float = 0.01, seed: int = 1
+) -> dict[str, Any]:
     sizes = (10, 100, 1000) if quick else (10, 100, 1000, 10_000)
     rows = []
     for n in sizes:
@@ -89,22 +90,33 @@ def run(*, quick: bool, json_path: Path | None, fanout: int = 4, loss: float = 0
         row = measure(n, seed=seed, blocks=blocks, fanout=fanout, loss=loss)
         row["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(row)
-        print(f"N={n:>6}: rounds p50/p99/max {row['rounds_p50']}/{row['rounds_p99']}/"
-              f"{row['rounds_max']} (log2 N = {row['log2_nodes']}), "
-              f"{row['messages_per_node_per_block']} msg and "
-              f"{row['bytes_per_node_per_block']:,.0f} B per node per block, "
-              f"all nodes in {row['virtual_ms_max']:.0f} ms virtual", flush=True)
-    result = {"sim": rows, "real": None, "catchup_readings_per_s": None,
-              "catchup_ceiling_verify_per_s": None,
-              "real_status": "not measured: the aiohttp gossip shell is not built yet"}
+        print(
+            f"N={n:>6}: rounds p50/p99/max {row['rounds_p50']}/{row['rounds_p99']}/"
+            f"{row['rounds_max']} (log2 N = {row['log2_nodes']}), "
+            f"{row['messages_per_node_per_block']} msg and "
+            f"{row['bytes_per_node_per_block']:,.0f} B per node per block, "
+            f"all nodes in {row['virtual_ms_max']:.0f} ms virtual",
+            flush=True,
+        )
+    result = {
+        "sim": rows,
+        "real": None,
+        "catchup_readings_per_s": None,
+        "catchup_ceiling_verify_per_s": None,
+        "real_status": "not measured: the aiohttp gossip shell is not built yet",
+    }
     print()
-    print(f"{'nodes':>7} {'log2N':>6} {'rounds p50':>10} {'p99':>5} {'max':>5} "
-          f"{'2·log2N':>8} {'msg/node/blk':>13} {'fanout·rounds':>14} {'B/node/blk':>11}")
+    print(
+        f"{'nodes':>7} {'log2N':>6} {'rounds p50':>10} {'p99':>5} {'max':>5} "
+        f"{'2·log2N':>8} {'msg/node/blk':>13} {'fanout·rounds':>14} {'B/node/blk':>11}"
+    )
     for r in rows:
-        print(f"{r['nodes']:>7} {r['log2_nodes']:>6} {r['rounds_p50']:>10} {r['rounds_p99']:>5} "
-              f"{r['rounds_max']:>5} {2 * r['log2_nodes']:>8.1f} "
-              f"{r['messages_per_node_per_block']:>13} {fanout * r['rounds_max']:>14} "
-              f"{r['bytes_per_node_per_block']:>11,.0f}")
+        print(
+            f"{r['nodes']:>7} {r['log2_nodes']:>6} {r['rounds_p50']:>10} {r['rounds_p99']:>5} "
+            f"{r['rounds_max']:>5} {2 * r['log2_nodes']:>8.1f} "
+            f"{r['messages_per_node_per_block']:>13} {fanout * r['rounds_max']:>14} "
+            f"{r['bytes_per_node_per_block']:>11,.0f}"
+        )
     print("real processes: not measured yet (the aiohttp gossip shell is issue 3's remaining work)")
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,8 +24,13 @@ def _ingest(a: argparse.Namespace) -> int:
 def _gossip(a: argparse.Namespace) -> int:
     from meshhealth.bench.gossip import run
 
-    run(quick=a.quick, json_path=Path(a.json) if a.json else None, fanout=a.fanout, loss=a.loss,
-        seed=a.seed)
+    run(
+        quick=a.quick,
+        json_path=Path(a.json) if a.json else None,
+        fanout=a.fanout,
+        loss=a.loss,
+        seed=a.seed,
+    )
     return 0
 
 

@@ -25,7 +25,7 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected, RemoteError
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import EnrollDevice, Reading, Receipt
+from meshhealth.wire import EnrollDevice, Link, Reading, Receipt
 
 
 @dataclass
@@ -56,12 +56,30 @@ class Batcher:
     _started_ms: int | None = None
     # devices that re-sent committed readings: they need a fresh receipt
     want_receipt: set[bytes] = field(default_factory=set)
+    # other chains' heads that advanced since our last block: the next block links them
+    _links_due: dict[bytes, Link] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prev:
             self.prev = self.network
 
     # --- admission --------------------------------------------------------
+
+    def is_pending(self, device: bytes, seq: int) -> bool:
+        return seq in self._seqs.get(device, ())
+
+    def note_remote_head(
+        self, node: bytes, height: int, block_hash: bytes, *, carries_entries: bool, now_ms: int
+    ) -> None:
+        """Another chain advanced in our replica: our next block links its new head.
+
+        A block with entries needs our link to become confirmed, so it makes
+        our next block due even if we ingest nothing; a link-only block does
+        not (else idle nodes would answer each other's links forever).
+        """
+        self._links_due[node] = Link(node, height, block_hash)
+        if carries_entries and self._started_ms is None:
+            self._started_ms = now_ms
 
     def reject(self, reason: str) -> None:
         self.rejects[reason] += 1
@@ -125,7 +143,7 @@ class Batcher:
         )
 
     def due(self, now_ms: int) -> bool:
-        if not self._entries:
+        if self._started_ms is None:
             return False
         assert self._started_ms is not None
         return self.full() or now_ms - self._started_ms >= self.limits.interval_ms
@@ -150,7 +168,9 @@ class Batcher:
             prev=self.prev,
             ts_ms=now_ms,
             entries=self._entries,
+            links=tuple(self._links_due.values()),
         )
+        self._links_due = {}
         commit = Commit(block, tuple(self._readings), touched, tuple(self._txs))
         self.height, self.prev = block.header.height, block.hash
         self._entries, self._readings, self._txs, self._seqs = [], [], [], {}

@@ -14,8 +14,9 @@ from typing import Any
 import nacl.bindings
 import nacl.exceptions
 
-from meshhealth.errors import MalformedMessage
-from meshhealth.wire import Reading
+from meshhealth.errors import MalformedMessage, RemoteError
+from meshhealth.wire import Reading, decode_entry
+from meshhealth.wire.codec import peek_tag
 from meshhealth.wire.types import MAX_READING
 
 Result = tuple[Any, ...]
@@ -54,3 +55,21 @@ def check_chunk(payloads: list[bytes]) -> list[Result]:
 
 def rebuild(result: Result) -> Reading:
     return Reading(*result[1:])
+
+
+def check_entry(raw: bytes) -> str | None:
+    """None if a block entry decodes and its signature verifies, else the reason."""
+    try:
+        if peek_tag(raw) == "R1":
+            res = check_one(raw)
+            return None if res[0] is None else str(res[0])
+        decode_entry(raw).verify()
+    except MalformedMessage:
+        return "malformed"
+    except RemoteError:
+        return "bad_signature"
+    return None
+
+
+def check_entries(entries: list[bytes]) -> list[str | None]:
+    return [check_entry(e) for e in entries]

@@ -1,0 +1,122 @@
+"""Admitting another authority's block into our replica (pure).
+
+The gossip shell has already checked the header against its place in the
+chain (network, authority signature, height, prev hash).  Here the body is
+checked against the header, and then every entry is checked, as strictly as
+our own ingest would check it:
+
+* the Merkle root and the entry count;
+* every entry's signature — done beforehand in the verifier processes and
+  passed in as ``sig_results``;
+* enrolments, applied in entry order;
+* readings from enrolled devices, on a known key chain and epoch;
+* every *link*: the block must link only to blocks we already hold, with
+  matching hashes.  Links are how causality travels.  A reading's
+  enrolment may sit in a third chain, and it always sits at or below
+  something the producer linked, so applying blocks after their links
+  keeps the access state sound in any arrival order.
+
+A reading whose (device, seq) we already hold is valid in a second chain
+too: the device sent it to two nodes, for instance after a failover on a
+shared subscription.  It is stored, but not indexed twice.
+
+Nothing is changed until the whole block has passed.  Then the commit is
+returned, and the access state and seq marks are updated in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from meshhealth.chain.acl import AccessState
+from meshhealth.chain.block import Block, verify_body
+from meshhealth.crypto.hashing import h
+from meshhealth.errors import InvalidBlock, Rejected, RemoteError
+from meshhealth.ingest.batcher import Batcher
+from meshhealth.ingest.commit import Commit, IndexedReading
+from meshhealth.ingest.seqmarks import SeqMark
+from meshhealth.wire import BlockHeader, EnrollDevice, Reading, decode_entry
+
+
+class MissingLinks(Exception):
+    """The block links to blocks we do not hold yet: fetch them, then retry."""
+
+    def __init__(self, missing: list[tuple[bytes, int]]):
+        super().__init__(f"{len(missing)} linked block(s) missing")
+        self.missing = missing
+
+
+def admit_remote(
+    b: Batcher,
+    header: BlockHeader,
+    entries: Sequence[bytes],
+    sig_results: Sequence[str | None],
+    *,
+    block_hash_at: Callable[[bytes, int], bytes | None],
+    now_ms: int,
+) -> Commit:
+    node, height = header.node, header.height
+
+    def bad(msg: str) -> InvalidBlock:
+        return InvalidBlock(msg, node=node, height=height)
+
+    verify_body(header, entries)
+    missing = []
+    for link in header.links:
+        if link.node == node:
+            raise bad("a block links its own chain")
+        have = block_hash_at(link.node, link.height)
+        if have is None:
+            missing.append((link.node, link.height))
+        elif have != link.hash:
+            raise bad(f"link to {link.node.hex()[:8]}#{link.height} disagrees with our replica")
+    if missing:
+        raise MissingLinks(missing)
+    overlay = AccessState()
+    new_txs: list[EnrollDevice] = []
+    adds: dict[bytes, set[int]] = {}
+    index: list[IndexedReading] = []
+    txs: list[tuple[bytes, int]] = []
+    skew = b.limits.max_future_skew_ms
+    for i, (raw, sig) in enumerate(zip(entries, sig_results, strict=True)):
+        if sig is not None:
+            raise bad(f"entry {i}: {sig}")
+        try:
+            e = decode_entry(raw)
+        except RemoteError as exc:
+            raise bad(f"entry {i}: {exc}") from exc
+        if isinstance(e, EnrollDevice):
+            overlay.apply(e)
+            new_txs.append(e)
+            txs.append((h(raw), i))
+            continue
+        assert isinstance(e, Reading)
+        if e.t_last_ms > header.ts_ms + skew:
+            raise bad(f"entry {i}: reading from after its block")
+        try:
+            b.access.check_reading(e)
+        except Rejected:
+            try:
+                overlay.check_reading(e)
+            except Rejected as exc:
+                raise bad(f"entry {i}: {exc.reason}") from exc
+        mark = b.marks.get(e.device)
+        seen = adds.setdefault(e.device, set())
+        if (mark is not None and mark.has(e.seq)) or e.seq in seen or b.is_pending(e.device, e.seq):
+            continue  # held already, via another chain: valid, not indexed twice
+        seen.add(e.seq)
+        index.append(IndexedReading(i, e.patient, e.stream, e.t_ms))
+    # the block is valid: now change state
+    for tx in new_txs:
+        b.access.apply(tx)
+    touched: dict[bytes, SeqMark] = {}
+    for device, seqs in adds.items():
+        if not seqs:
+            continue
+        mark = b.marks.setdefault(device, SeqMark())
+        for s in seqs:
+            mark.add(s)
+        touched[device] = mark.copy()
+    block = Block(header, tuple(entries))
+    b.note_remote_head(node, height, block.hash, carries_entries=bool(entries), now_ms=now_ms)
+    return Commit(block, tuple(index), touched, tuple(txs))
