@@ -6,6 +6,7 @@ import dataclasses
 
 import nacl.signing
 import pytest
+from core_helpers import T0, device_readings, make_world, new_device
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
@@ -16,7 +17,6 @@ from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.replica import MissingLinks, admit_remote
 from meshhealth.ingest.verify import check_entries
 from meshhealth.wire import Link, Reading
-from core_helpers import T0, device_readings, make_world, new_device
 
 
 def two_nodes():  # type: ignore[no-untyped-def]
@@ -71,7 +71,7 @@ def test_tampered_entry_or_unknown_device_or_missing_link_is_not_admitted() -> N
     hdr, entries = commit.block.header, list(commit.block.entries)
     forged = bytearray(entries[1])
     forged[-5] ^= 1
-    bad = entries[:1] + [bytes(forged)] + entries[2:]
+    bad = [*entries[:1], bytes(forged), *entries[2:]]
     with pytest.raises(InvalidBlock, match="Merkle"):
         admit_remote(b, hdr, bad, check_entries(bad), block_hash_at=lambda n, h: None, now_ms=T0)
     # a block re-signed by its (compromised) producer over a forged entry: the signature catches it
