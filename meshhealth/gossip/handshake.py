@@ -114,7 +114,6 @@ def check_proof(
 __all__ = [
     "HandshakeError",
     "Hello",
-    "MalformedMessage",
     "Peer",
     "Proof",
     "check_hello",
