@@ -18,6 +18,11 @@ CORE = [
     "meshhealth.ingest.commit",
     "meshhealth.ingest.batcher",
     "meshhealth.ingest.verify",
+    "meshhealth.ingest.replica",
+    "meshhealth.gossip.messages",
+    "meshhealth.gossip.protocol",
+    "meshhealth.gossip.handshake",
+    "meshhealth.gossip.sim",
 ]
 FORBIDDEN = ("asyncio", "aiohttp", "aiomqtt", "gmqtt", "amqtt", "lmdb")
 
