@@ -23,6 +23,7 @@ CORE = [
     "meshhealth.gossip.protocol",
     "meshhealth.gossip.handshake",
     "meshhealth.gossip.sim",
+    "meshhealth.gossip.wire",
 ]
 FORBIDDEN = ("asyncio", "aiohttp", "aiomqtt", "gmqtt", "amqtt", "lmdb")
 
