@@ -118,6 +118,14 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class GossipConfig:
+    peers: list[str] = field(default_factory=list)  # other nodes' API URLs
+    fanout: int = 4
+    tick_s: float = 0.2
+    observers: bool = False  # accept non-authority peers as read-only observers
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     map_size_mb: int = 64
 
@@ -132,6 +140,7 @@ class NodeConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
 
     def path(self, name: str) -> Path:
         p = Path(name)
@@ -164,6 +173,7 @@ class NodeConfig:
                 "ingest": section(self.ingest),
                 "api": section(self.api),
                 "storage": section(self.storage),
+                "gossip": section(self.gossip),
             }
         )
 
@@ -174,7 +184,7 @@ class NodeConfig:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], *, base: Path, source: str = "config") -> NodeConfig:
-        known = {"node", "mqtt", "ingest", "api", "storage"}
+        known = {"node", "mqtt", "ingest", "api", "storage", "gossip"}
         for k in doc:
             if k not in known:
                 raise ConfigError(f"{source}: unknown section [{k}] (known: {sorted(known)})")
@@ -204,6 +214,7 @@ class NodeConfig:
             ingest=build(IngestConfig, "ingest"),
             api=build(ApiConfig, "api"),
             storage=build(StorageConfig, "storage"),
+            gossip=build(GossipConfig, "gossip"),
         )
         ing = cfg.ingest
         if not 0.01 <= ing.block_interval_s <= 3600:

@@ -92,6 +92,13 @@ class Node:
             receipts_topic=m.receipts_topic,
             publish=self.mqtt.publish,
         )
+        from meshhealth.gossip.protocol import GossipParams
+        from meshhealth.net.gossip_shell import GossipShell
+
+        gc = cfg.gossip
+        self.gossip = GossipShell(
+            self, gc.peers, GossipParams(fanout=gc.fanout, tick_s=gc.tick_s), observers=gc.observers
+        )
         self.api_requests: dict[str, int] = {}
         self.started = time.time()
         self.api_url = ""
@@ -111,6 +118,11 @@ class Node:
             "ingest": self.pipeline.statistics(),
             "store": self.store.statistics(),
             "enrolled_devices": len(self.batcher.access.known_devices),
+            "chains": {
+                n.hex(): {"height": h, "hash": hh.hex()}
+                for n, (h, hh) in self.store.heads().items()
+            },
+            "gossip": self.gossip.statistics(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "pid": os.getpid(),
         }
@@ -144,6 +156,7 @@ class Node:
             self.api_url = f"http://{self.cfg.api.host}:{self.cfg.api.port}"
             async with asyncio.TaskGroup() as tg:
                 pipe = tg.create_task(self.pipeline.run())
+                gossip = tg.create_task(self.gossip.run())
                 await self.mqtt.start(self.broker_url)
                 stack.push_async_callback(self.mqtt.stop)
                 log.info(
@@ -156,4 +169,5 @@ class Node:
                     ready.set()
                 await stop.wait()
                 pipe.cancel()
+                gossip.cancel()
             await self.pipeline.flush()

@@ -160,3 +160,15 @@ def test_bench_gossip_quick_writes_the_documented_keys(tmp_path) -> None:  # typ
         assert r["rounds_p99"] <= 2 * r["log2_nodes"] + 1
         assert r["messages_per_node_per_block"] <= r["fanout"] * r["rounds_max"]
     assert data["real"] is None  # not measured until the network shell exists
+
+
+def test_restored_heads_continue_contiguously_and_match_the_digest() -> None:
+    g, fresh = core(), core()
+    g.restore({B: 4, C: 0})
+    for h in range(5):
+        fresh.on_block_stored(None, B, h, 0.0, forward=False)
+    fresh.on_block_stored(None, C, 0, 0.0, forward=False)
+    assert g.digest() == fresh.digest()
+    assert g._recent(0.0) == ()  # restored heads are not news
+    g.on_block_stored(None, B, 5, 1.0)
+    assert g.head(B) == 5

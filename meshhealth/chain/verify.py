@@ -36,7 +36,11 @@ def verify_chain(
     authorities: set[bytes],
     expected_head: tuple[int, bytes] | None = None,
     progress: Callable[[int], None] | None = None,
+    lattice: AccessState | None = None,
 ) -> ChainReport:
+    """Verify one chain.  ``lattice``: the access state from the control transactions of
+    *every* chain in the replica (a reading's enrolment may sit in another chain; admission
+    already checked that it came first, through the block's links)."""
     if node not in authorities:
         raise InvalidBlock("chain of a node that is not an authority", node=node, height=0)
     rep = ChainReport(node)
@@ -67,7 +71,7 @@ def verify_chain(
                     access.apply(e)
                     rep.txs += 1
                 elif isinstance(e, Reading):
-                    access.check_reading(e)
+                    (lattice or access).check_reading(e)
                     if (e.device, e.seq) in seen:
                         raise InvalidBlock(
                             f"entry {i}: seq {e.seq} of a device stored twice",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from meshhealth.chain.acl import AccessState
 from meshhealth.chain.verify import verify_chain
 from meshhealth.cli.progress import Progress
 from meshhealth.config import Genesis
 from meshhealth.errors import ConfigError, InvalidBlock
 from meshhealth.store.lmdb_store import Store
+from meshhealth.wire import EnrollDevice, decode_entry
 
 
 def find_stores(root: Path) -> list[Path]:
@@ -39,6 +41,11 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
         try:
             g = _genesis(store, genesis_path)
             heads = store.heads()
+            lattice = AccessState()
+            for raw in store.control_entries():
+                tx = decode_entry(raw)
+                if isinstance(tx, EnrollDevice):
+                    lattice.apply(tx)
             total = sum(h + 1 for h, _ in heads.values())
             bar = Progress(total, f"verify {path.name}", force=progress)
             for node, head in sorted(heads.items()):
@@ -50,6 +57,7 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
                         authorities={a.key for a in g.authorities},
                         expected_head=head,
                         progress=bar.advance,
+                        lattice=lattice if len(heads) > 1 else None,
                     )
                 except InvalidBlock as exc:
                     bar.close()

@@ -22,7 +22,9 @@ from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, save_identity
 
 
-def setup_network(root: Path, n: int, *, broker: str = "") -> list[NodeConfig]:
+def setup_network(
+    root: Path, n: int, *, broker: str = "", shared_group: str = ""
+) -> list[NodeConfig]:
     """Keys, one genesis and a config per node under ``root/node-i``."""
     root.mkdir(parents=True, exist_ok=True)
     idents = [Identity.generate("node") for _ in range(n)]
@@ -33,16 +35,21 @@ def setup_network(root: Path, n: int, *, broker: str = "") -> list[NodeConfig]:
     )
     (root / "genesis.toml").write_text(g.dumps())
     cfgs = []
+    ports = [free_port() for _ in idents]
     for i, ident in enumerate(idents):
         d = root / f"node-{i + 1}"
         d.mkdir(parents=True)
         save_identity(ident, d / "node.key")
         base = NodeConfig(base=d, genesis_file=str((root / "genesis.toml").resolve()))
+        peers = [f"http://127.0.0.1:{p}" for j, p in enumerate(ports) if j != i]
         cfg = replace(
             base,
-            api=replace(base.api, port=free_port()),
-            mqtt=replace(base.mqtt, broker=broker, embedded_port=free_port()),
+            api=replace(base.api, port=ports[i]),
+            mqtt=replace(
+                base.mqtt, broker=broker, embedded_port=free_port(), shared_group=shared_group
+            ),
             ingest=replace(base.ingest, verify_workers=1),
+            gossip=replace(base.gossip, peers=peers),
         )
         (d / "node.toml").write_text(cfg.dumps())
         cfgs.append(cfg)

@@ -189,6 +189,15 @@ class Gossip:
         if pull is not None and height >= pull[0]:
             del self._pulls[chain]
 
+    def restore(self, heads: dict[NodeId, int]) -> None:
+        """Start from the heads a replica already holds (not announced as recent)."""
+        for chain, height in heads.items():
+            old = self.heads.get(chain, -1)
+            if old >= 0:
+                self._digest ^= _entry_hash(chain, old)
+            self._digest ^= _entry_hash(chain, height)
+            self.heads[chain] = height
+
     def digest(self) -> bytes:
         return self._digest.to_bytes(16, "big")
 

@@ -71,6 +71,9 @@ class Pipeline:
         self.committed_readings = store.reading_count()
         self.commit_seconds = 0.0
         self._pool: Executor | None = None
+        # held while a block (ours or a peer's) is admitted and committed: one writer of state
+        self.apply_lock = asyncio.Lock()
+        self.on_block: Callable[[Commit], None] | None = None  # after each local commit
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="lmdb-writer")
 
     # --- inputs -----------------------------------------------------------
@@ -182,14 +185,34 @@ class Pipeline:
                 if b.want_receipt:
                     self._send_receipts(set())
                 continue
-            t0 = time.perf_counter()
-            commit = b.seal(now_ms())
-            self._room.set()
-            await loop.run_in_executor(self._writer, self.store.commit_block, commit)
-            self.commit_seconds += time.perf_counter() - t0
-            self._on_committed(commit)
+            async with self.apply_lock:
+                t0 = time.perf_counter()
+                commit = b.seal(now_ms())
+                self._room.set()
+                await loop.run_in_executor(self._writer, self.store.commit_block, commit)
+                self.commit_seconds += time.perf_counter() - t0
+                self._on_committed(commit)
+
+    async def commit_remote(self, c: Commit) -> None:
+        """Write a peer's admitted block (the caller holds ``apply_lock``)."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit_block, c)
+        self.committed.update(c.seqmarks)
+
+    async def verify_entries(self, entries: list[bytes]) -> list[str | None]:
+        """Entry signatures of a peer's block, checked in the verifier processes."""
+        if self._pool is None or len(entries) < 64:
+            return verify.check_entries(entries)
+        loop = asyncio.get_running_loop()
+        step = max(64, len(entries) // max(1, self.workers) + 1)
+        parts = [
+            loop.run_in_executor(self._pool, verify.check_entries, entries[i : i + step])
+            for i in range(0, len(entries), step)
+        ]
+        return [r for part in await asyncio.gather(*parts) for r in part]
 
     def _on_committed(self, c: Commit) -> None:
+        if self.on_block is not None:
+            self.on_block(c)
         self.blocks += 1
         self.committed_readings += len(c.readings)
         self.committed.update(c.seqmarks)

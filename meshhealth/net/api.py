@@ -122,5 +122,6 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/chains", chains)
     app.router.add_get("/v1/chains/{node}/{height}", block)
     app.router.add_get("/v1/devices/{device}/enrollments", enrollments)
+    app.router.add_get("/v1/gossip", node.gossip.handle)
     app["started"] = time.time()
     return app
