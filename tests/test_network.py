@@ -20,8 +20,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 def start_nodes(root: Path, n: int, broker_url: str) -> tuple[list[NodeProcess], Any]:
     cfgs = setup_network(root, n, broker=broker_url, shared_group="mh")
-    nodes = [NodeProcess(c.base / "node.toml", root / f"node{i}.log", c.api.port)
-             for i, c in enumerate(cfgs)]
+    nodes = [
+        NodeProcess(c.base / "node.toml", root / f"node{i}.log", c.api.port)
+        for i, c in enumerate(cfgs)
+    ]
     for nd in nodes:
         nd.start()
     return nodes, cfgs
@@ -46,15 +48,24 @@ async def test_three_nodes_share_a_broker_and_converge_on_every_chain(mosquitto,
     nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
     try:
         g = Genesis.load(cfgs[0].genesis_path)
-        sim = Simulation(broker_url=mosquitto.url, node_urls=[n.url for n in nodes],
-                         network=g.network_id, authorities={a.key for a in g.authorities},
-                         state_dir=tmp_path / "sim", patients=10, devices_per_patient=1,
-                         streams=("hr",), interval_s=1.0, samples_per_reading=1,
-                         backfill_s=100)
+        sim = Simulation(
+            broker_url=mosquitto.url,
+            node_urls=[n.url for n in nodes],
+            network=g.network_id,
+            authorities={a.key for a in g.authorities},
+            state_dir=tmp_path / "sim",
+            patients=10,
+            devices_per_patient=1,
+            streams=("hr",),
+            interval_s=1.0,
+            samples_per_reading=1,
+            backfill_s=100,
+        )
         try:
             await sim.enroll()
-            drained = await asyncio.wait_for(sim.run(asyncio.Event(), duration_s=0,
-                                                     drain_timeout=120), 180)
+            drained = await asyncio.wait_for(
+                sim.run(asyncio.Event(), duration_s=0, drain_timeout=120), 180
+            )
         finally:
             sim.close()
         assert drained, sim.statistics()
@@ -72,3 +83,60 @@ async def test_three_nodes_share_a_broker_and_converge_on_every_chain(mosquitto,
             n.stop()
     for c in cfgs:
         assert verify_stores(c.data_path) == 0  # every replica verifies, all chains
+
+
+@pytest.mark.timeout(300)
+async def test_killed_node_catches_up_and_outsiders_are_refused(mosquitto, tmp_path):
+    nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
+    outsider_root = tmp_path / "outsider"
+    try:
+        g = Genesis.load(cfgs[0].genesis_path)
+        sim = Simulation(
+            broker_url=mosquitto.url,
+            node_urls=[n.url for n in nodes],
+            network=g.network_id,
+            authorities={a.key for a in g.authorities},
+            state_dir=tmp_path / "sim",
+            patients=10,
+            devices_per_patient=1,
+            streams=("hr",),
+            interval_s=1.0,
+            samples_per_reading=1,
+            backfill_s=150,
+            resend_after=2.0,
+        )
+        try:
+            await sim.enroll()
+            task = asyncio.create_task(sim.run(asyncio.Event(), duration_s=0, drain_timeout=150))
+            await asyncio.sleep(1.0)
+            nodes[2].kill9()  # its share of the devices fails over to the others
+            drained = await asyncio.wait_for(task, 200)
+        finally:
+            sim.close()
+        assert drained
+        nodes[2].start()
+        assert await converged(nodes, 3, 90), [heads(n) for n in nodes]
+
+        # a node of another network, pointed at ours, is refused at the handshake
+        (other,) = setup_network(outsider_root, 1, broker=mosquitto.url)
+        from dataclasses import replace
+
+        other = replace(other, gossip=replace(other.gossip, peers=[nodes[0].url]))
+        (other.base / "node.toml").write_text(other.dumps())
+        intruder = NodeProcess(other.base / "node.toml", tmp_path / "intruder.log", other.api.port)
+        intruder.start()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if nodes[0].status()["gossip"].get("handshake_refused", 0) >= 1:
+                    break
+                await asyncio.sleep(0.3)
+            assert nodes[0].status()["gossip"].get("handshake_refused", 0) >= 1
+            assert len(intruder.status()["chains"]) <= 1  # it learned nothing of ours
+        finally:
+            intruder.stop()
+    finally:
+        for n in nodes:
+            n.stop()
+    for c in cfgs:
+        assert verify_stores(c.data_path) == 0

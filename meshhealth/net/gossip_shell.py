@@ -132,12 +132,14 @@ class GossipShell:
                     await self._serve(conn)
             except (
                 aiohttp.ClientError,
+                aiohttp.WSMessageTypeError,
                 OSError,
                 TimeoutError,
                 hs.HandshakeError,
                 RemoteError,
             ) as exc:
-                log.debug("gossip: %s: %s", url, exc)
+                # a peer that is down, refuses us or breaks the protocol: back off, retry
+                log.info("gossip: %s: %s", url, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -181,7 +183,7 @@ class GossipShell:
             )
             proof = hs.Proof.decode(await asyncio.wait_for(ws.receive_bytes(), 10))
             hs.check_proof(proof, peer.id, "HI", self.node.network, theirs, mine)
-        except (hs.HandshakeError, RemoteError, TimeoutError, TypeError) as exc:
+        except (hs.HandshakeError, RemoteError, TimeoutError, aiohttp.WSMessageTypeError) as exc:
             self.counters["handshake_refused"] += 1
             log.info("gossip: refused a peer: %s", exc)
             await ws.close()
