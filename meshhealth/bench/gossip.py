@@ -11,8 +11,8 @@ the simulator runs until every node holds it.  Reported per size:
   second, because they do not depend on how many blocks there are).
 
 The real-process half of this benchmark (propagation between node processes
-over aiohttp, catch-up rate) needs the gossip network shell, which is not
-built yet: ``real`` is ``null`` until it is.
+over aiohttp, catch-up rate) is not written yet: ``real`` is ``null`` until
+it is.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def run(
         "real": None,
         "catchup_readings_per_s": None,
         "catchup_ceiling_verify_per_s": None,
-        "real_status": "not measured: the aiohttp gossip shell is not built yet",
+        "real_status": "not measured yet: the real-process benchmark is still to be written",
     }
     print()
     print(
@@ -117,7 +117,7 @@ def run(
             f"{r['messages_per_node_per_block']:>13} {fanout * r['rounds_max']:>14} "
             f"{r['bytes_per_node_per_block']:>11,.0f}"
         )
-    print("real processes: not measured yet (the aiohttp gossip shell is issue 3's remaining work)")
+    print("real processes: not measured yet (the real-process benchmark is still to be written)")
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {json_path}")
