@@ -188,13 +188,15 @@ class Agent:
                 if room <= 0:
                     continue
                 batch = await asyncio.to_thread(self._pending, dev, t.sent_upto, room)
+                if batch and t.sent_upto == t.acked:
+                    # nothing was in flight: the receipt clock starts now, not at the last
+                    # receipt (else a device idle for a while re-sends at once)
+                    t.progress_at = time.monotonic()
                 topic = READINGS_TOPIC.format(device=dev.hex())
                 for seq, raw in batch:
                     await client.publish(topic, raw, qos=1)
                     t.sent_upto = seq
                     self.stats["published"] += 1
-                if batch and t.acked == 0 and t.progress_at == 0:
-                    t.progress_at = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
 

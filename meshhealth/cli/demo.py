@@ -67,73 +67,107 @@ async def run_demo(a: argparse.Namespace) -> int:
             return 2
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = setup_network(root, 1, broker=a.broker or "")[0]
-    node = Node(cfg)
+    # one embedded broker per node (a clinic with its own wearables); with --broker,
+    # every node shares that Mosquitto through a shared subscription
+    cfgs = setup_network(
+        root, a.nodes, broker=a.broker or "", shared_group="demo" if a.broker else ""
+    )
+    nodes = [Node(c) for c in cfgs]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node_stop, ready = asyncio.Event(), asyncio.Event()
+    node_stop = asyncio.Event()
     t_end = time.monotonic() + a.duration if a.duration else None
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(node.run(node_stop, ready))
-        await ready.wait()
-        print(
-            f"node {node.identity.short}  api {node.api_url}  broker {node.broker_url} "
-            f"(embedded)  data {cfg.data_path}"
-        )
-        sim = Simulation(
-            broker_url=node.broker_url,
-            node_urls=[node.api_url],
-            network=node.network,
-            authorities={node.identity.public},
-            state_dir=root / "devices",
-            patients=a.patients,
-            devices_per_patient=a.devices,
-            interval_s=10.0,
-            backfill_s=a.backfill,
-            seed=a.seed,
-        )
-        await sim.enroll()
+        for nd in nodes:
+            ready = asyncio.Event()
+            tg.create_task(nd.run(node_stop, ready))
+            await ready.wait()
+            print(
+                f"node {nd.identity.short}  api {nd.api_url}  broker {nd.broker_url}  "
+                f"data {nd.cfg.data_path}"
+            )
+        authorities = {nd.identity.public for nd in nodes}
+        sims = []
+        for i, nd in enumerate(nodes):
+            # the patients are spread over the nodes' brokers (at least one per node)
+            share = max(1, a.patients // len(nodes) + (i < a.patients % len(nodes)))
+            sims.append(
+                Simulation(
+                    broker_url=nd.broker_url,
+                    node_urls=[nd.api_url],
+                    network=nd.network,
+                    authorities=authorities,
+                    state_dir=root / "devices" / f"node-{i + 1}",
+                    patients=share,
+                    devices_per_patient=a.devices,
+                    interval_s=10.0,
+                    backfill_s=a.backfill,
+                    seed=a.seed + i,
+                )
+            )
+        for sim in sims:
+            await sim.enroll()
         sim_stop = asyncio.Event()
-        sim_task = tg.create_task(sim.run(sim_stop, duration_s=10**9, drain_timeout=5))
-        last: dict[str, Any] = {}
-        t_last = time.monotonic()
+        sim_tasks = [
+            tg.create_task(sim.run(sim_stop, duration_s=10**9, drain_timeout=5)) for sim in sims
+        ]
         print(
-            f"{a.patients} patients x {a.devices} devices, 6 streams, {a.backfill:.0f} s backfill"
+            f"{sum(len(s.patients) for s in sims)} patients x {a.devices} devices on "
+            f"{len(nodes)} node(s), 6 streams, {a.backfill:.0f} s backfill"
         )
         print(
-            f"{'time':>6} {'readings/s':>10} {'committed':>10} {'height':>6} {'rejects':>7} "
-            f"{'outbox':>6} {'episode'}"
+            f"{'time':>6} {'readings/s':>10} {'committed':>10} {'heights':>12} "
+            f"{'replicas':>8} {'rejects':>7} {'outbox':>6} {'episode'}"
         )
-        t0 = time.monotonic()
+        t0 = t_last = time.monotonic()
+        last_total = 0
         while not stop.is_set() and (t_end is None or time.monotonic() < t_end):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            st = node.status()["ingest"]
+            sts = [nd.status() for nd in nodes]
+            total = sum(st["ingest"]["readings_committed"] for st in sts)
             now = time.monotonic()
-            rate = (st["readings_committed"] - last.get("readings_committed", 0)) / (now - t_last)
-            last, t_last = st, now
-            episodes = {e for p in sim.patients if (e := p.phys.episode) is not None}
+            rate = (total - last_total) / (now - t_last)
+            last_total, t_last = total, now
+            heights = "/".join(str(st["ingest"]["height"]) for st in sts)
+            replicas = min(len(st["chains"]) for st in sts)
+            rejects = sum(st["ingest"]["rejected"] for st in sts)
+            outbox = sum(sim.outbox.count() for sim in sims)
+            episodes = {
+                e for sim in sims for p in sim.patients if (e := p.phys.episode) is not None
+            }
             print(
-                f"{now - t0:6.0f} {rate:10.0f} {st['readings_committed']:10d} {st['height']:6d} "
-                f"{st['rejected']:7d} {sim.outbox.count():6d} {','.join(sorted(episodes)) or '-'}",
+                f"{now - t0:6.0f} {rate:10.0f} {total:10d} {heights:>12} {replicas:>8} "
+                f"{rejects:7d} {outbox:6d} {','.join(sorted(episodes)) or '-'}",
                 flush=True,
             )
+        reasons: dict[str, int] = {}
+        for nd in nodes:
+            for k, v in nd.status()["ingest"]["rejects"].items():
+                reasons[k] = reasons.get(k, 0) + v
+        if reasons:
+            print("rejected, by reason:", ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
         sim_stop.set()
-        await sim_task
-        sim.close()
+        for t in sim_tasks:
+            await t
+        for sim in sims:
+            sim.close()
         node_stop.set()
     print(f"stopped; verify with: meshhealth chain verify --data-dir {root}")
     return 0
 
 
 def add_parser(sub: Any) -> None:
-    s = sub.add_parser("demo", help="embedded broker + node + simulated wearables, live")
+    s = sub.add_parser(
+        "demo", help="gossiping nodes + embedded brokers + simulated wearables, live"
+    )
     s.add_argument("--duration", type=float, default=0, help="seconds to run (default: until ^C)")
-    s.add_argument("--data-dir", default="demo-data", help="where the node's data is left")
+    s.add_argument("--data-dir", default="demo-data", help="one data dir per node is left here")
     s.add_argument("--fresh", action="store_true", help="wipe --data-dir first if not empty")
-    s.add_argument("--patients", type=int, default=4)
+    s.add_argument("--nodes", type=int, default=3, help="authority nodes (gossiping)")
+    s.add_argument("--patients", type=int, default=6)
     s.add_argument("--devices", type=int, default=2, help="devices per patient")
     s.add_argument(
         "--backfill",
