@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,16 @@ def start_nodes(root: Path, n: int, broker_url: str) -> tuple[list[NodeProcess],
     for nd in nodes:
         nd.start()
     return nodes, cfgs
+
+
+def network_status(urls: list[str]) -> subprocess.CompletedProcess[str]:
+    args = [a for u in urls for a in ("--node", u)]
+    return subprocess.run(
+        [sys.executable, "-m", "meshhealth.cli.main", "network", "status", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def heads(node: NodeProcess) -> dict[str, int]:
@@ -78,6 +90,11 @@ async def test_three_nodes_share_a_broker_and_converge_on_every_chain(mosquitto,
             st = n.status()["gossip"]
             assert st.get("invalid_block", 0) == 0
             assert len(st["connections"]) == 2
+        out = await asyncio.to_thread(network_status, [n.url for n in nodes])
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = out.stdout.strip().splitlines()
+        assert len(lines) == 4  # header + 3 nodes
+        assert all(line.split()[-2] == "0" for line in lines[1:])  # converged: no lag
     finally:
         for n in nodes:
             n.stop()

@@ -119,6 +119,51 @@ async def _enroll(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_network_status(a: argparse.Namespace) -> int:
+    """Ask each node for its status; print every chain's height on every node, and the lag."""
+    import json as _json
+    import urllib.request
+
+    rows: list[tuple[str, dict[str, Any] | None, str]] = []
+    chains: set[str] = set()
+    for url in a.node:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/v1/status", timeout=5) as r:
+                st = _json.loads(r.read())
+        except OSError as exc:
+            rows.append((url, None, str(exc)))
+            continue
+        rows.append((url, st, ""))
+        chains |= set(st["chains"])
+    best = {
+        c: max(
+            (st["chains"].get(c, {"height": -1})["height"] for _, st, _ in rows if st is not None),
+            default=-1,
+        )
+        for c in chains
+    }
+    order = sorted(chains)
+    print(
+        f"{'node':<10} {'url':<28} "
+        + " ".join(f"{c[:8]:>9}" for c in order)
+        + f" {'max lag':>8} {'peers':>5}"
+    )
+    down = 0
+    for url, st, err in rows:
+        if st is None:
+            down += 1
+            print(f"{'?':<10} {url:<28} unreachable: {err}")
+            continue
+        hs = [st["chains"].get(c, {"height": -1})["height"] for c in order]
+        lag = max((best[c] - h for c, h in zip(order, hs, strict=True)), default=0)
+        print(
+            f"{st['node'][:8]:<10} {url:<28} "
+            + " ".join(f"{h:>9}" for h in hs)
+            + f" {lag:>8} {len(st['gossip']['connections']):>5}"
+        )
+    return 1 if down else 0
+
+
 # --- running --------------------------------------------------------------------
 
 
@@ -194,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-future-skew-ms", type=int, default=30_000)
     s.add_argument("--out", default="genesis.toml")
     s.set_defaults(fn=cmd_network_create)
+    s = net.add_parser("status", help="every chain's height on every node, and the lag")
+    s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
+    s.set_defaults(fn=cmd_network_status)
 
     pat = sub.add_parser("patient", help="patient keys and control transactions").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"
