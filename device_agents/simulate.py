@@ -29,10 +29,10 @@ from device_agents.agent import Agent
 from device_agents.device import Device
 from device_agents.outbox import Outbox
 from device_agents.sensors import STREAMS, PatientPhysiology, samples
-from meshhealth.crypto.keys import Identity, box_public_of, save_identity
-from meshhealth.errors import NetworkError
-from meshhealth.sharing.keychain import KeyChain, epoch_of, seal
-from meshhealth.wire import EnrollDevice, StreamKey
+from meshhealth.crypto.keys import Identity, save_identity
+from meshhealth.net.client import post_tx
+from meshhealth.sharing.enrollment import enrollment
+from meshhealth.sharing.keychain import KeyChain, epoch_of
 
 log = logging.getLogger(__name__)
 
@@ -43,42 +43,6 @@ class Patient:
     chains: dict[str, KeyChain]
     phys: PatientPhysiology
     devices: list[Device] = field(default_factory=list)
-
-
-def enrollment(
-    patient: Identity, chains: dict[str, KeyChain], device: bytes, key_epoch: int, now_ms: int
-) -> EnrollDevice:
-    """The patient's signed enrolment of ``device``, sealing ``K(key_epoch)`` per stream."""
-    box = box_public_of(device)
-    keys = tuple(
-        StreamKey(
-            s,
-            c.chain_id,
-            c.start_epoch,
-            c.epoch_ms,
-            max(key_epoch, c.start_epoch),
-            seal(c.key(max(key_epoch, c.start_epoch)), box),
-        )
-        for s, c in sorted(chains.items())
-    )
-    return EnrollDevice.create(patient.signing, device=device, ts_ms=now_ms, streams=keys)
-
-
-async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: bytes) -> str:
-    """Submit a control transaction, failing over across nodes."""
-    last = ""
-    for url in node_urls:
-        try:
-            async with session.post(
-                f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
-            ) as resp:
-                body = await resp.json()
-                if resp.status in (202, 409):
-                    return str(body.get("tx", ""))
-                last = f"{url}: {resp.status} {body.get('error')}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            last = f"{url}: {exc}"
-    raise NetworkError(f"no node accepted the transaction ({last})")
 
 
 class Simulation:

@@ -16,7 +16,6 @@ from typing import Any
 
 from device_agents.device import Device
 from device_agents.sensors import PatientPhysiology, samples
-from device_agents.simulate import enrollment
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import block_hash, build_block, encode_body
 from meshhealth.chain.verify import ChainReport, verify_chain
@@ -24,6 +23,7 @@ from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.commit import Commit
+from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.store.lmdb_store import Store, chain_key
 from meshhealth.wire import EnrollDevice, Reading

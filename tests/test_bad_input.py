@@ -15,9 +15,9 @@ import nacl.signing
 import pytest
 
 from device_agents.device import Device
-from device_agents.simulate import enrollment
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity
+from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.keychain import KeyChain, epoch_of
 from meshhealth.wire import Reading
 

@@ -14,6 +14,7 @@ CORE = [
     "meshhealth.chain.acl",
     "meshhealth.chain.verify",
     "meshhealth.sharing.keychain",
+    "meshhealth.sharing.enrollment",
     "meshhealth.ingest.seqmarks",
     "meshhealth.ingest.commit",
     "meshhealth.ingest.batcher",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from device_agents.device import Device
 from device_agents.outbox import Outbox
-from device_agents.simulate import enrollment
 from meshhealth.crypto.keys import Identity
+from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.keychain import KeyChain, decode_samples, decrypt, epoch_of
 from meshhealth.wire import Reading
 

@@ -32,10 +32,10 @@ import nacl.bindings
 import nacl.signing
 
 from device_agents.device import Device
-from device_agents.simulate import enrollment
 from meshhealth.bench.procs import BrokerProcess, MemorySampler, NodeProcess, tree_peak_rss_mb
 from meshhealth.cli.demo import setup_network
 from meshhealth.crypto.keys import Identity
+from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.keychain import KeyChain, epoch_of
 from meshhealth.wire.codec import pack
 

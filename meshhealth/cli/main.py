@@ -95,7 +95,8 @@ async def _enroll(a: argparse.Namespace) -> int:
 
     import aiohttp
 
-    from device_agents.simulate import enrollment, post_tx
+    from meshhealth.net.client import post_tx
+    from meshhealth.sharing.enrollment import enrollment
     from meshhealth.sharing.keychain import KeyChain, epoch_of
 
     patient = load_identity(Path(a.key), passphrase=a.passphrase)

@@ -1,0 +1,24 @@
+"""Talking to nodes' HTTP APIs as a client (patients, devices, tools)."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from meshhealth.errors import NetworkError
+
+
+async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: bytes) -> str:
+    """Submit a control transaction, failing over across nodes."""
+    last = ""
+    for url in node_urls:
+        try:
+            async with session.post(
+                f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
+            ) as resp:
+                body = await resp.json()
+                if resp.status in (202, 409):
+                    return str(body.get("tx", ""))
+                last = f"{url}: {resp.status} {body.get('error')}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = f"{url}: {exc}"
+    raise NetworkError(f"no node accepted the transaction ({last})")

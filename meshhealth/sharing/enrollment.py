@@ -1,0 +1,26 @@
+"""The patient's side of enrolling a device: seal each stream's key chain to it."""
+
+from __future__ import annotations
+
+from meshhealth.crypto.keys import Identity, box_public_of
+from meshhealth.sharing.keychain import KeyChain, seal
+from meshhealth.wire import EnrollDevice, StreamKey
+
+
+def enrollment(
+    patient: Identity, chains: dict[str, KeyChain], device: bytes, key_epoch: int, now_ms: int
+) -> EnrollDevice:
+    """The patient's signed enrolment of ``device``, sealing ``K(key_epoch)`` per stream."""
+    box = box_public_of(device)
+    keys = tuple(
+        StreamKey(
+            s,
+            c.chain_id,
+            c.start_epoch,
+            c.epoch_ms,
+            max(key_epoch, c.start_epoch),
+            seal(c.key(max(key_epoch, c.start_epoch)), box),
+        )
+        for s, c in sorted(chains.items())
+    )
+    return EnrollDevice.create(patient.signing, device=device, ts_ms=now_ms, streams=keys)
