@@ -89,9 +89,6 @@ class Agent:
         await asyncio.to_thread(self.outbox.put_many, [(d.id, s, r) for d, s, r in items], states)
         self._wake.set()
 
-    def pending(self) -> int:
-        return self.outbox.count()
-
     async def wait_drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,7 +7,7 @@ Every setting has a default a newcomer can run with; a bad value raises a
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,3 @@ class NodeConfig:
         if not 0 <= ing.verify_workers <= 64:
             raise ConfigError(f"{source}: ingest.verify_workers must be in [0, 64]")
         return cfg
-
-    def with_overrides(self, **kw: Any) -> NodeConfig:
-        return replace(self, **kw)

@@ -16,7 +16,7 @@ import nacl.signing
 from meshhealth.chain import merkle
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import InvalidBlock, MalformedMessage, RemoteError
-from meshhealth.wire import BlockHeader, Link, decode_entry
+from meshhealth.wire import BlockHeader, Link
 from meshhealth.wire.codec import pack, unpack
 
 MAX_BLOCK_BYTES = 8 * 1024 * 1024
@@ -114,7 +114,3 @@ def verify_body(
                 raise InvalidBlock(
                     f"entry {i}: {exc}", node=header.node, height=header.height
                 ) from exc
-
-
-def check_entry_signature(data: bytes) -> None:
-    decode_entry(data).verify()

@@ -5,7 +5,8 @@ Named databases::
     headers   node(32) + height(8)        -> encoded BlockHeader
     bodies    node(32) + height(8)        -> encoded body (list of entries)
     heads     node(32)                    -> height(8) + hash(32)
-    readings  pid(4) stream(1) hour(4) nid(2) height(4) -> entry indexes (msgpack)
+    readings  pid(4) stream(1) hour(4) nid(2) height(4) -> entry indexes (msgpack);
+              written with every block, queried from the sharing issue on
     seqmarks  device(32)                  -> SeqMark
     acl       tx hash(32)                 -> node(32) + height(8) + index(4)
     names     kind(1) + name               -> small local id (and back)
@@ -37,7 +38,7 @@ from meshhealth.errors import StorageError
 from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import BlockHeader
-from meshhealth.wire.codec import pack, unpack
+from meshhealth.wire.codec import pack
 
 HOUR_MS = 3_600_000
 _DBS = ("headers", "bodies", "heads", "readings", "seqmarks", "acl", "names", "meta")
@@ -213,37 +214,6 @@ class Store:
                     raise StorageError("acl index points at a missing block")
                 out.append(decode_body(bytes(body))[struct.unpack(">I", loc[40:])[0]])
         return out
-
-    def reading_locations(
-        self, patient: bytes, stream: str, from_ms: int, to_ms: int
-    ) -> list[tuple[bytes, int, list[int]]]:
-        """(node, height, entry indexes) of blocks with that stream's readings near [from, to]."""
-        with self.env.begin() as txn:
-            names = self.db["names"]
-            pid = txn.get(b"p" + patient, db=names)
-            sid = txn.get(b"s" + stream.encode(), db=names)
-            if pid is None or sid is None:
-                return []
-            nodes = {
-                bytes(v): bytes(k[1:]) for k, v in txn.cursor(db=names) if bytes(k[:1]) == b"n"
-            }
-            prefix = bytes(pid) + bytes(sid)
-            start = prefix + struct.pack(">I", max(0, from_ms // HOUR_MS - 1))
-            stop = struct.pack(">I", to_ms // HOUR_MS)
-            out = []
-            cur = txn.cursor(db=self.db["readings"])
-            if cur.set_range(start):
-                for k, v in cur:
-                    if k[:5] != prefix or k[5:9] > stop:
-                        break
-                    out.append(
-                        (
-                            nodes[bytes(k[9:11])],
-                            struct.unpack(">I", k[11:15])[0],
-                            unpack(bytes(v), max_len=1 << 20),
-                        )
-                    )
-            return out
 
     def disk_bytes(self) -> int:
         """Bytes of the store actually in use (pages up to the high-water mark)."""
