@@ -51,7 +51,7 @@ class Batcher:
     _entries: list[bytes] = field(default_factory=list)
     _readings: list[IndexedReading] = field(default_factory=list)
     _txs: list[tuple[bytes, int]] = field(default_factory=list)
-    _seqs: dict[bytes, list[int]] = field(default_factory=dict)
+    _seqs: dict[bytes, set[int]] = field(default_factory=dict)  # per device, in this batch
     _bytes: int = 0
     _started_ms: int | None = None
     # devices that re-sent committed readings: they need a fresh receipt
@@ -96,13 +96,13 @@ class Batcher:
         mark = self.marks.get(r.device)
         if mark is None:
             mark = self.marks[r.device] = SeqMark()
-        pending = self._seqs.setdefault(r.device, [])
+        pending = self._seqs.setdefault(r.device, set())
         if mark.has(r.seq) or r.seq in pending:
             self.want_receipt.add(r.device)
             raise Rejected("duplicate", f"seq {r.seq} already stored")
         if not mark.room_for(r.seq):
             raise Rejected("seq_window", "too many readings above a gap; re-send the gap first")
-        pending.append(r.seq)
+        pending.add(r.seq)
         self._add(raw, now_ms)
         self._readings.append(IndexedReading(len(self._entries) - 1, r.patient, r.stream, r.t_ms))
 
