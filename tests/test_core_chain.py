@@ -389,3 +389,11 @@ def test_cli_verify_stores_before_and_after_tampering(
     assert verify_stores(path) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "block 2" in out
+
+
+def test_store_block_hash_is_the_header_hash(fresh: tuple[Store, BuiltChain]) -> None:
+    store, built = fresh
+    node = built.world.node
+    for height, commit in enumerate(built.commits):
+        assert store.block_hash(node, height) == commit.block.hash
+    assert store.block_hash(node, len(built.commits)) is None

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from meshhealth.chain.block import block_hash, decode_body, verify_header
+from meshhealth.chain.block import decode_body, verify_header
 from meshhealth.errors import InvalidBlock, RemoteError
 from meshhealth.gossip import handshake as hs
 from meshhealth.gossip import wire
@@ -146,9 +146,10 @@ class GossipShell:
     def _hello(self) -> hs.Hello:
         return hs.Hello(self.node.network, self.me, os.urandom(hs.CHALLENGE_LEN))
 
-    async def _handshake_initiator(self, ws: aiohttp.ClientWebSocketResponse) -> Connection:
-        mine = self._hello()
-        await ws.send_bytes(mine.encode())
+    async def _receive_hello(
+        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+    ) -> tuple[hs.Hello, hs.Peer]:
+        """The peer's Hello, checked against our network and authority set."""
         theirs = hs.Hello.decode(await asyncio.wait_for(ws.receive_bytes(), 10))
         peer = hs.check_hello(
             theirs,
@@ -157,6 +158,12 @@ class GossipShell:
             authorities=self.authorities,
             observers=self.observers,
         )
+        return theirs, peer
+
+    async def _handshake_initiator(self, ws: aiohttp.ClientWebSocketResponse) -> Connection:
+        mine = self._hello()
+        await ws.send_bytes(mine.encode())
+        theirs, peer = await self._receive_hello(ws)
         proof = hs.Proof.decode(await asyncio.wait_for(ws.receive_bytes(), 10))
         hs.check_proof(proof, peer.id, "HR", self.node.network, mine, theirs)
         await ws.send_bytes(
@@ -168,14 +175,7 @@ class GossipShell:
         ws = web.WebSocketResponse(max_msg_size=wire.MAX_GOSSIP, heartbeat=10)
         await ws.prepare(request)
         try:
-            theirs = hs.Hello.decode(await asyncio.wait_for(ws.receive_bytes(), 10))
-            peer = hs.check_hello(
-                theirs,
-                network=self.node.network,
-                me=self.me,
-                authorities=self.authorities,
-                observers=self.observers,
-            )
+            theirs, peer = await self._receive_hello(ws)
             mine = self._hello()
             await ws.send_bytes(mine.encode())
             await ws.send_bytes(
@@ -235,10 +235,6 @@ class GossipShell:
         else:
             self.dispatch(self.core.on_message(conn.peer, msg, now))
 
-    def _hash_at(self, node: bytes, height: int) -> bytes | None:
-        hdr = self.node.store.header(node, height)
-        return None if hdr is None else block_hash(hdr)
-
     async def _receive(
         self,
         conn: Connection,
@@ -295,7 +291,7 @@ class GossipShell:
                     header,
                     entries,
                     results,
-                    block_hash_at=self._hash_at,
+                    block_hash_at=self.node.store.block_hash,
                     now_ms=time.time_ns() // 1_000_000,
                 )
                 await self.node.pipeline.commit_remote(commit)

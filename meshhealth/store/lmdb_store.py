@@ -34,6 +34,7 @@ from typing import Any
 import lmdb
 
 from meshhealth.chain.block import Block, decode_body, encode_body
+from meshhealth.crypto.hashing import h
 from meshhealth.errors import StorageError
 from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
@@ -169,6 +170,12 @@ class Store:
         with self.env.begin() as txn:
             v = txn.get(chain_key(node, height), db=self.db["headers"])
         return None if v is None else BlockHeader.decode(bytes(v))
+
+    def block_hash(self, node: bytes, height: int) -> bytes | None:
+        """A stored block's hash: the stored header bytes are canonical; hash them as they are."""
+        with self.env.begin() as txn:
+            v = txn.get(chain_key(node, height), db=self.db["headers"])
+        return None if v is None else h(bytes(v))
 
     def raw_block(self, node: bytes, height: int) -> tuple[bytes, bytes] | None:
         """(encoded header, encoded body) exactly as stored."""
