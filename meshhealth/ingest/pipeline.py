@@ -84,7 +84,7 @@ class Pipeline:
             self.batcher.reject("overload")
             return
         self._inbox.append((topic, payload))
-        if len(self._inbox) >= self.chunk_size:
+        if len(self._inbox) in (1, self.chunk_size):  # the loop is idle, or a chunk is full
             self._wake.set()
 
     def submit_tx(self, raw: bytes) -> bytes:
@@ -126,9 +126,14 @@ class Pipeline:
         limit = max(1, 2 * self.workers)
         while True:
             if not self._inbox and not in_flight:
+                # idle: sleep until a payload arrives (no polling), then give a chunk up to
+                # 5 ms to fill, so a trickle still ships in chunks rather than one by one
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.005)
+                await self._wake.wait()
+                if len(self._inbox) < self.chunk_size:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 0.005)
             elif not self._inbox or len(in_flight) >= limit:
                 topics, payloads, fut = in_flight.popleft()
                 await self._admit(topics, payloads, await fut)
