@@ -103,13 +103,19 @@ def test_enroll_device_against_a_running_node(tmp_path: Path, mosquitto, node_fa
     node = node_factory(mosquitto.url)
     assert mh("patient", "new", "--out", str(tmp_path / "p.key")).returncode == 0
     assert mh("device", "keygen", "--out", str(tmp_path / "d.key")).returncode == 0
-    r = mh(
-        "patient",
-        "enroll-device",
-        "--key",
-        str(tmp_path / "p.key"),
-        "--device",
-        str(tmp_path / "d.key"),
+
+    def enroll(*args: str) -> subprocess.CompletedProcess[str]:
+        return mh(
+            "patient",
+            "enroll-device",
+            "--key",
+            str(tmp_path / "p.key"),
+            "--device",
+            str(tmp_path / "d.key"),
+            *args,
+        )
+
+    r = enroll(
         "--streams",
         "hr,temp",
         "--node",
@@ -121,18 +127,7 @@ def test_enroll_device_against_a_running_node(tmp_path: Path, mosquitto, node_fa
     )
     assert r.returncode == 0, r.stderr  # the first node is down: it fails over
     assert node.status()["enrolled_devices"] == 1
-    r = mh(
-        "patient",
-        "enroll-device",
-        "--key",
-        str(tmp_path / "p.key"),
-        "--device",
-        str(tmp_path / "d.key"),
-        "--streams",
-        "glucose",
-        "--node",
-        node.url,
-    )
+    r = enroll("--streams", "glucose", "--node", node.url)
     assert r.returncode == 2 and "glucose" in r.stderr
 
 

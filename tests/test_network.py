@@ -31,6 +31,33 @@ def start_nodes(root: Path, n: int, broker_url: str) -> tuple[list[NodeProcess],
     return nodes, cfgs
 
 
+def hr_sim(
+    cfgs: Any,
+    nodes: list[NodeProcess],
+    broker_url: str,
+    state: Path,
+    *,
+    backfill_s: float,
+    resend_after: float = 5.0,
+) -> Simulation:
+    """10 patients, one 1 Hz heart-rate device each, enrolling through any of the nodes."""
+    g = Genesis.load(cfgs[0].genesis_path)
+    return Simulation(
+        broker_url=broker_url,
+        node_urls=[n.url for n in nodes],
+        network=g.network_id,
+        authorities={a.key for a in g.authorities},
+        state_dir=state,
+        patients=10,
+        devices_per_patient=1,
+        streams=("hr",),
+        interval_s=1.0,
+        samples_per_reading=1,
+        backfill_s=backfill_s,
+        resend_after=resend_after,
+    )
+
+
 def network_status(urls: list[str]) -> subprocess.CompletedProcess[str]:
     args = [a for u in urls for a in ("--node", u)]
     return subprocess.run(
@@ -59,20 +86,7 @@ async def converged(nodes: list[NodeProcess], n_chains: int, timeout: float) -> 
 async def test_three_nodes_share_a_broker_and_converge_on_every_chain(mosquitto, tmp_path):
     nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
     try:
-        g = Genesis.load(cfgs[0].genesis_path)
-        sim = Simulation(
-            broker_url=mosquitto.url,
-            node_urls=[n.url for n in nodes],
-            network=g.network_id,
-            authorities={a.key for a in g.authorities},
-            state_dir=tmp_path / "sim",
-            patients=10,
-            devices_per_patient=1,
-            streams=("hr",),
-            interval_s=1.0,
-            samples_per_reading=1,
-            backfill_s=100,
-        )
+        sim = hr_sim(cfgs, nodes, mosquitto.url, tmp_path / "sim", backfill_s=100)
         try:
             await sim.enroll()
             drained = await asyncio.wait_for(
@@ -107,21 +121,7 @@ async def test_killed_node_catches_up_and_outsiders_are_refused(mosquitto, tmp_p
     nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
     outsider_root = tmp_path / "outsider"
     try:
-        g = Genesis.load(cfgs[0].genesis_path)
-        sim = Simulation(
-            broker_url=mosquitto.url,
-            node_urls=[n.url for n in nodes],
-            network=g.network_id,
-            authorities={a.key for a in g.authorities},
-            state_dir=tmp_path / "sim",
-            patients=10,
-            devices_per_patient=1,
-            streams=("hr",),
-            interval_s=1.0,
-            samples_per_reading=1,
-            backfill_s=150,
-            resend_after=2.0,
-        )
+        sim = hr_sim(cfgs, nodes, mosquitto.url, tmp_path / "sim", backfill_s=150, resend_after=2.0)
         try:
             await sim.enroll()
             task = asyncio.create_task(sim.run(asyncio.Event(), duration_s=0, drain_timeout=150))
