@@ -14,16 +14,11 @@ from meshhealth.cli.demo import setup_network
 from meshhealth.config import NodeConfig
 
 
-class Mosquitto(BrokerProcess):
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, prefer_mosquitto=True)
-
-
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+def mosquitto(tmp_path: Path) -> Iterator[BrokerProcess]:
     if MOSQUITTO is None:
         pytest.skip("mosquitto is not installed (.ci/run installs it)")
-    m = Mosquitto(tmp_path / "mosquitto")
+    m = BrokerProcess(tmp_path / "mosquitto")  # Mosquitto: the fixture skips without it
     m.start()
     yield m
     m.stop()

@@ -11,13 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import shutil
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meshhealth.cli.netutil import free_port
+from meshhealth.cli.netutil import free_port, stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, save_identity
 
@@ -73,10 +72,7 @@ async def run_demo(a: argparse.Namespace) -> int:
         root, a.nodes, broker=a.broker or "", shared_group="demo" if a.broker else ""
     )
     nodes = [Node(c) for c in cfgs]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     node_stop = asyncio.Event()
     t_end = time.monotonic() + a.duration if a.duration else None
     async with asyncio.TaskGroup() as tg:

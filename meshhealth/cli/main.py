@@ -10,25 +10,17 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.errors import MeshHealthError
 
 log = logging.getLogger("meshhealth")
-
-
-def _stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 # --- identities and networks ------------------------------------------------
@@ -173,7 +165,7 @@ async def _node_run(a: argparse.Namespace) -> int:
 
     cfg = NodeConfig.load(Path(a.config))
     node = Node(cfg, identity=load_identity(cfg.key_path, passphrase=a.passphrase))
-    await node.run(_stop_event())
+    await node.run(stop_on_signals())
     return 0
 
 
@@ -198,7 +190,7 @@ async def _simulate(a: argparse.Namespace) -> int:
     )
     try:
         await sim.enroll()
-        ok = await sim.run(_stop_event(), duration_s=a.duration, drain_timeout=a.drain_timeout)
+        ok = await sim.run(stop_on_signals(), duration_s=a.duration, drain_timeout=a.drain_timeout)
         print(json.dumps(sim.statistics()))
         return 0 if ok else 1
     finally:
