@@ -123,6 +123,11 @@ class GossipConfig:
     fanout: int = 4
     tick_s: float = 0.2
     observers: bool = False  # accept non-authority peers as read-only observers
+    # the URL other nodes should dial us at (default: http://api.host:api.port)
+    advertise_url: str = ""
+    peer_exchange: bool = True  # learn other authorities' URLs from peers, and dial them
+    # on start, wait up to this long to learn our own chain's head from peers before sealing
+    startup_sync_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -225,4 +230,14 @@ class NodeConfig:
             raise ConfigError(f"{source}: ingest.max_block_bytes must be in [64 KiB, 8 MiB]")
         if not 0 <= ing.verify_workers <= 64:
             raise ConfigError(f"{source}: ingest.verify_workers must be in [0, 64]")
+        g = cfg.gossip
+        if not 1 <= g.fanout <= 64:
+            raise ConfigError(f"{source}: gossip.fanout must be in [1, 64]")
+        if not 0.01 <= g.tick_s <= 60:
+            raise ConfigError(f"{source}: gossip.tick_s must be in [0.01, 60]")
+        if not 0 <= g.startup_sync_s <= 3600:
+            raise ConfigError(f"{source}: gossip.startup_sync_s must be in [0, 3600]")
+        for url in [*g.peers, *([g.advertise_url] if g.advertise_url else [])]:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{source}: gossip URL {url!r} must start with http(s)://")
         return cfg

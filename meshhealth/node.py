@@ -25,8 +25,9 @@ from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.mqtt import MqttIngest
 from meshhealth.ingest.pipeline import Pipeline
 from meshhealth.net.api import make_app
+from meshhealth.store.lattice_view import confirmed_heights
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EnrollDevice, decode_entry
+from meshhealth.wire import EnrollDevice, EquivocationProof, decode_entry
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,17 @@ class Node:
                 f"{self.genesis.name!r}; add its key to {cfg.genesis_path}"
             )
         self.network = self.genesis.network_id
+        self.authorities = frozenset(a.key for a in self.genesis.authorities)
         self.store = open_store(cfg, self.genesis)
         access = AccessState()
+        faulty: dict[bytes, int] = {}
         for raw in self.store.control_entries():
             tx = decode_entry(raw)
             if isinstance(tx, EnrollDevice):
                 access.apply(tx)
+            elif isinstance(tx, EquivocationProof):
+                hdr, _ = tx.headers()
+                faulty.setdefault(hdr.node, hdr.height)
         head = self.store.head(self.identity.public)
         ing = cfg.ingest
         self.batcher = Batcher(
@@ -74,6 +80,7 @@ class Node:
             marks={d: m.copy() for d, m in self.store.seqmarks().items()},
             height=-1 if head is None else head[0],
             prev=b"" if head is None else head[1],
+            faulty=faulty,
         )
         m = cfg.mqtt
         self.mqtt = MqttIngest(
@@ -97,8 +104,15 @@ class Node:
 
         gc = cfg.gossip
         self.gossip = GossipShell(
-            self, gc.peers, GossipParams(fanout=gc.fanout, tick_s=gc.tick_s), observers=gc.observers
+            self,
+            gc.peers,
+            GossipParams(fanout=gc.fanout, tick_s=gc.tick_s),
+            observers=gc.observers,
+            advertise_url=gc.advertise_url or f"http://{cfg.api.host}:{cfg.api.port}",
+            peer_exchange=gc.peer_exchange,
         )
+        if gc.peers:
+            self.pipeline.may_seal.clear()  # until sync_own_chain: see GossipShell
         self.api_requests: dict[str, int] = {}
         self.started = time.time()
         self.api_url = ""
@@ -118,13 +132,25 @@ class Node:
             "ingest": self.pipeline.statistics(),
             "store": self.store.statistics(),
             "enrolled_devices": len(self.batcher.access.known_devices),
-            "chains": {
-                n.hex(): {"height": h, "hash": hh.hex()}
-                for n, (h, hh) in self.store.heads().items()
-            },
+            "chains": self.chains(),
+            "faulty": {n.hex(): h for n, h in self.batcher.faulty.items()},
             "gossip": self.gossip.statistics(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "pid": os.getpid(),
+        }
+
+    def chains(self) -> dict[str, dict[str, Any]]:
+        """Every chain in the replica: head, hash, highest confirmed height, faulty or not."""
+        faulty = self.batcher.faulty
+        confirmed = confirmed_heights(self.store, self.authorities, faulty)
+        return {
+            n.hex(): {
+                "height": h,
+                "hash": hh.hex(),
+                "confirmed": confirmed.get(n, -1),
+                "faulty": n in faulty,
+            }
+            for n, (h, hh) in self.store.heads().items()
         }
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -157,6 +183,17 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 pipe = tg.create_task(self.pipeline.run())
                 gossip = tg.create_task(self.gossip.run())
+                if ready is not None:
+                    ready.set()  # the API answers; ingest starts once our own head is known
+                if not await self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s):
+                    log.warning(
+                        "node %s: no peer told us our own chain's head within %.0f s; "
+                        "sealing from our local head %d",
+                        self.identity.short,
+                        self.cfg.gossip.startup_sync_s,
+                        self.batcher.height,
+                    )
+                self.pipeline.may_seal.set()
                 await self.mqtt.start(self.broker_url)
                 stack.push_async_callback(self.mqtt.stop)
                 log.info(
@@ -165,8 +202,6 @@ class Node:
                     self.api_url,
                     self.broker_url,
                 )
-                if ready is not None:
-                    ready.set()
                 await stop.wait()
                 pipe.cancel()
                 gossip.cancel()

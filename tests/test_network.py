@@ -107,8 +107,9 @@ async def test_three_nodes_share_a_broker_and_converge_on_every_chain(mosquitto,
         out = await asyncio.to_thread(network_status, [n.url for n in nodes])
         assert out.returncode == 0, out.stdout + out.stderr
         lines = out.stdout.strip().splitlines()
-        assert len(lines) == 4  # header + 3 nodes
-        assert all(line.split()[-2] == "0" for line in lines[1:])  # converged: no lag
+        table = lines[1:4]  # header, 3 nodes, then the legend
+        assert all(line.split()[-2] == "0" for line in table), out.stdout  # converged: no lag
+        assert not any(line.startswith("FAULTY") for line in lines), out.stdout
     finally:
         for n in nodes:
             n.stop()

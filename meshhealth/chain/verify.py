@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import block_hash, decode_body, verify_body, verify_header
 from meshhealth.errors import InvalidBlock, RemoteError
-from meshhealth.wire import BlockHeader, EnrollDevice, Reading, decode_entry
+from meshhealth.wire import BlockHeader, EnrollDevice, EquivocationProof, Reading, decode_entry
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ChainReport:
     entries: int = 0
     readings: int = 0
     txs: int = 0
+    proofs: int = 0
     head: bytes = b""
 
 
@@ -70,6 +71,14 @@ def verify_chain(
                 if isinstance(e, EnrollDevice):
                     access.apply(e)
                     rep.txs += 1
+                elif isinstance(e, EquivocationProof):
+                    if e.headers()[0].network != network:
+                        raise InvalidBlock(
+                            f"entry {i}: equivocation proof of another network",
+                            node=node,
+                            height=height,
+                        )
+                    rep.proofs += 1
                 elif isinstance(e, Reading):
                     (lattice or access).check_reading(e)
                     if (e.device, e.seq) in seen:

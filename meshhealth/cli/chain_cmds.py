@@ -10,6 +10,7 @@ from meshhealth.chain.verify import verify_chain
 from meshhealth.cli.progress import Progress
 from meshhealth.config import Genesis
 from meshhealth.errors import ConfigError, InvalidBlock
+from meshhealth.store.lattice_view import confirmed_heights, faulty_nodes
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import EnrollDevice, decode_entry
 
@@ -74,6 +75,10 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
     return status
 
 
+def _confirmed(height: int) -> str:
+    return "none" if height < 0 else f"#{height}"
+
+
 def show_store(root: Path, *, last: int = 10) -> int:
     for path in find_stores(root):
         store = Store(path, readonly=True)
@@ -83,8 +88,15 @@ def show_store(root: Path, *, last: int = 10) -> int:
                 f"store {path}  network {g.name} ({g.network_id.hex()[:16]})  "
                 f"readings {store.reading_count()}  used {store.disk_bytes() / 1e6:.1f} MB"
             )
+            faulty = faulty_nodes(store)
+            authorities = {a.key for a in g.authorities}
+            confirmed = confirmed_heights(store, authorities, faulty)
             for node, (height, head) in sorted(store.heads().items()):
-                print(f"  chain {node.hex()[:8]}  height {height}  head {head.hex()[:16]}")
+                mark = f"  FAULTY (equivocated at {faulty[node]})" if node in faulty else ""
+                print(
+                    f"  chain {node.hex()[:8]}  height {height}  confirmed "
+                    f"{_confirmed(confirmed[node])}  head {head.hex()[:16]}{mark}"
+                )
                 for hgt in range(max(0, height - last + 1), height + 1):
                     hdr = store.header(node, hgt)
                     if hdr is None:
@@ -92,9 +104,10 @@ def show_store(root: Path, *, last: int = 10) -> int:
                     ts = dt.datetime.fromtimestamp(hdr.ts_ms / 1000, dt.UTC).strftime(
                         "%H:%M:%S.%f"
                     )[:-3]
+                    state = "confirmed" if hgt <= confirmed[node] else "pending"
                     print(
-                        f"    #{hdr.height:<6} {ts}  {hdr.count:>6} entries  "
-                        f"root {hdr.root.hex()[:12]}  prev {hdr.prev.hex()[:12]}"
+                        f"    #{hdr.height:<6} {ts}  {hdr.count:>6} entries  {len(hdr.links):>3} "
+                        f"links  {state:<9}  root {hdr.root.hex()[:12]}  prev {hdr.prev.hex()[:12]}"
                     )
         finally:
             store.close()

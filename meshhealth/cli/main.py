@@ -113,7 +113,7 @@ async def _enroll(a: argparse.Namespace) -> int:
 
 
 def cmd_network_status(a: argparse.Namespace) -> int:
-    """Ask each node for its status; print every chain's height on every node, and the lag."""
+    """Every chain's height and confirmed height on every node, the lag, and proven faults."""
     import json as _json
     import urllib.request
 
@@ -138,22 +138,31 @@ def cmd_network_status(a: argparse.Namespace) -> int:
     order = sorted(chains)
     print(
         f"{'node':<10} {'url':<28} "
-        + " ".join(f"{c[:8]:>9}" for c in order)
+        + " ".join(f"{c[:8]:>13}" for c in order)
         + f" {'max lag':>8} {'peers':>5}"
     )
     down = 0
+    faults: dict[str, int] = {}
     for url, st, err in rows:
         if st is None:
             down += 1
             print(f"{'?':<10} {url:<28} unreachable: {err}")
             continue
-        hs = [st["chains"].get(c, {"height": -1})["height"] for c in order]
-        lag = max((best[c] - h for c, h in zip(order, hs, strict=True)), default=0)
+        cells, lag = [], 0
+        for c in order:
+            ch = st["chains"].get(c, {"height": -1, "confirmed": -1})
+            lag = max(lag, best[c] - ch["height"])
+            cells.append(f"{ch['height']}/{ch.get('confirmed', -1)}")
+        for n in st.get("faulty", {}):
+            faults[n] = faults.get(n, 0) + 1
         print(
             f"{st['node'][:8]:<10} {url:<28} "
-            + " ".join(f"{h:>9}" for h in hs)
+            + " ".join(f"{x:>13}" for x in cells)
             + f" {lag:>8} {len(st['gossip']['connections']):>5}"
         )
+    print("cells: height/confirmed height of each chain (-1: none)")
+    for n, seen_by in sorted(faults.items()):
+        print(f"FAULTY {n[:8]}: equivocation proven (held by {seen_by} of {len(rows)} nodes)")
     return 1 if down else 0
 
 
@@ -232,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-future-skew-ms", type=int, default=30_000)
     s.add_argument("--out", default="genesis.toml")
     s.set_defaults(fn=cmd_network_create)
-    s = net.add_parser("status", help="every chain's height on every node, and the lag")
+    s = net.add_parser(
+        "status", help="every chain's height and confirmation on every node, lag, faults"
+    )
     s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
     s.set_defaults(fn=cmd_network_status)
 

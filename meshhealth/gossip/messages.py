@@ -65,7 +65,15 @@ class Blocks:
     hops: int
 
 
-Message = Push | Heads | FullHeadsRequest | FullHeads | Pull | Blocks
+@dataclass(frozen=True, slots=True)
+class PeerList:
+    """Peer exchange: authorities and the URLs they can be dialed at (unauthenticated
+    hints; the handshake on dialing proves who answers)."""
+
+    peers: tuple[tuple[NodeId, str], ...]
+
+
+Message = Push | Heads | FullHeadsRequest | FullHeads | Pull | Blocks | PeerList
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,12 @@ height held *contiguously* from 0.  Two mechanisms move blocks:
   lists explain nothing, the full vector is requested.  This repairs
   everything push missed: lost messages, partitions, crashed or new nodes.
 
+When a connection comes up, both sides ask for each other's full head
+vector (:meth:`Gossip.on_connected`), so a node that restarts, or starts
+with a wiped data dir, learns at once how far every chain got, its own
+included.  Nodes also swap the addresses they know (peer exchange), so a
+node configured with one bootstrap peer finds the rest.
+
 Liveness (SWIM-like suspicion): a peer that fails to answer a digest
 becomes *suspect*, then *dead* after ``dead_after`` consecutive failures.
 Hearing anything from it makes it *alive* again.  Dead peers are left out
@@ -48,6 +54,7 @@ from meshhealth.gossip.messages import (
     Heads,
     Message,
     NodeId,
+    PeerList,
     Pull,
     Push,
     Send,
@@ -98,6 +105,7 @@ class Statistics:
     pulls_sent: int = 0
     digests_sent: int = 0
     full_heads_sent: int = 0
+    full_heads_requested: int = 0
 
 
 @dataclass
@@ -116,6 +124,8 @@ class Gossip:
     _want: dict[NodeId, tuple[int, NodeId]] = field(default_factory=dict)
     _alive_cache: list[NodeId] | None = None
     _cache_until: float = 0.0
+    # peer exchange: where each known peer can be dialed
+    addresses: dict[NodeId, str] = field(default_factory=dict)
 
     # --- membership -------------------------------------------------------------
 
@@ -123,6 +133,35 @@ class Gossip:
         if peer != self.me and peer not in self.peers:
             self.peers[peer] = Peer(peer, last_heard=now)
             self._alive_cache = None
+
+    def on_connected(self, peer: NodeId, now: float) -> list[Send]:
+        """A connection to ``peer`` came up: compare full head vectors at once.
+
+        This is how a restarted or wiped node learns, before it seals
+        anything, how far its own chain (and every other) already got.
+        """
+        self._heard(peer, now)
+        self.stats.full_heads_requested += 1
+        return [Send(peer, FullHeadsRequest())]
+
+    # --- peer exchange -----------------------------------------------------------
+
+    def note_address(self, peer: NodeId, url: str) -> None:
+        if peer != self.me:
+            self.addresses[peer] = url
+
+    def peer_list(self, my_url: str, limit: int = 256) -> PeerList:
+        """Our own address first, then the addresses we know."""
+        entries = [(self.me, my_url)] if my_url else []
+        entries += list(self.addresses.items())[: limit - len(entries)]
+        return PeerList(tuple(entries))
+
+    def learn_addresses(self, msg: PeerList) -> list[tuple[NodeId, str]]:
+        """Addresses of peers we had none for: the shell dials these."""
+        new = [(p, url) for p, url in msg.peers if p != self.me and p not in self.addresses]
+        for p, url in new:
+            self.addresses[p] = url
+        return new
 
     def _heard(self, peer: NodeId, now: float) -> Peer:
         p = self.peers.get(peer)

@@ -17,6 +17,7 @@ from meshhealth.gossip.messages import (
     FullHeadsRequest,
     Heads,
     Message,
+    PeerList,
     Pull,
     Push,
 )
@@ -28,10 +29,13 @@ MAX_BODY = 8 * 1024 * 1024 + 64 * 1024
 MAX_RECENT = 256
 MAX_HEADS = 65_536
 MAX_BATCH = 256
+MAX_PEERS = 256
+MAX_URL = 256
 
 RawBlock = tuple[bytes, bytes]  # (encoded header, encoded body)
 _KEY = b_exact(32)
 _HEAD = record((("chain", _KEY), ("height", u_int())), lambda c, h: (c, h))
+_PEER = record((("node", _KEY), ("url", b_max(MAX_URL))), lambda n, u: (n, u))
 _RAW = record((("header", b_max(MAX_HEADER)), ("body", b_max(MAX_BODY))), lambda a, b: (a, b))
 
 
@@ -61,6 +65,8 @@ def encode(msg: Message, blocks: list[RawBlock] | None = None) -> bytes:
             msg.hops,
             [list(b) for b in blocks],
         ]
+    elif isinstance(msg, PeerList):
+        body = ["GX", [[n, u.encode()] for n, u in msg.peers]]
     else:
         raise TypeError(type(msg).__name__)
     return pack(body)
@@ -115,4 +121,13 @@ def _decode(tag: str, args: list[Any]) -> tuple[Message, list[RawBlock]]:
         if b < a or len(raws) != b - a + 1:
             raise MalformedMessage("blocks do not match their range")
         return Blocks(_KEY(chain), a, b, u_int(0, 1024)(hops)), raws
+    if tag == "GX":
+        (peers,) = _n(args, 1)
+        out = []
+        for node, url in array(_PEER, MAX_PEERS)(peers):
+            text = url.decode("ascii")  # UnicodeDecodeError is a ValueError
+            if not text.startswith(("http://", "https://")):
+                raise MalformedMessage("a peer URL is http(s)://")
+            out.append((node, text))
+        return PeerList(tuple(out)), []
     raise MalformedMessage(f"unknown gossip message {tag[:4]!r}")

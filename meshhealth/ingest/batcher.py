@@ -25,7 +25,7 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected, RemoteError
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import EnrollDevice, Link, Reading, Receipt
+from meshhealth.wire import EnrollDevice, EquivocationProof, Link, Reading, Receipt
 
 
 @dataclass
@@ -58,10 +58,13 @@ class Batcher:
     want_receipt: set[bytes] = field(default_factory=set)
     # other chains' heads that advanced since our last block: the next block links them
     _links_due: dict[bytes, Link] = field(default_factory=dict)
+    # authorities proven to have equivocated -> the height of the first proof
+    faulty: dict[bytes, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prev:
             self.prev = self.network
+        self.me = bytes(self.key.verify_key)
 
     # --- admission --------------------------------------------------------
 
@@ -76,7 +79,13 @@ class Batcher:
         A block with entries needs our link to become confirmed, so it makes
         our next block due even if we ingest nothing; a link-only block does
         not (else idle nodes would answer each other's links forever).
+        Our own chain, fetched back from peers after a restore or a wiped
+        data dir, moves our head instead: the next block we seal follows it.
         """
+        if node == self.me:
+            if height > self.height:
+                self.height, self.prev = height, block_hash
+            return
         self._links_due[node] = Link(node, height, block_hash)
         if carries_entries and self._started_ms is None:
             self._started_ms = now_ms
@@ -122,6 +131,19 @@ class Batcher:
         self._add(raw, now_ms)
         self._txs.append((tid, len(self._entries) - 1))
         return tid
+
+    def admit_proof(self, proof: EquivocationProof, now_ms: int) -> bool:
+        """Put a checked equivocation proof in the batch; False if its node is known faulty."""
+        a, _ = proof.headers()
+        if a.network != self.network:
+            raise Rejected("bad_proof", "equivocation proof of another network")
+        if a.node in self.faulty:
+            return False
+        raw = proof.encode()
+        self.faulty[a.node] = a.height
+        self._add(raw, now_ms)
+        self._txs.append((h(raw), len(self._entries) - 1))
+        return True
 
     def _add(self, raw: bytes, now_ms: int) -> None:
         if self._started_ms is None:

@@ -30,7 +30,7 @@ from meshhealth.ingest.batcher import Batcher, make_receipt
 from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EnrollDevice
+from meshhealth.wire import EnrollDevice, EquivocationProof
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ class Pipeline:
         self._seal_now = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        # cleared until the node knows its own chain's head (see GossipShell.sync_own_chain):
+        # sealing before then could sign a second block at a height peers already hold
+        self.may_seal = asyncio.Event()
+        self.may_seal.set()
         self.committed: dict[bytes, SeqMark] = store.seqmarks()
         self.received = 0
         self.blocks = 0
@@ -101,6 +105,13 @@ class Pipeline:
             raise
         self._check_full()
         return tid
+
+    def submit_proof(self, proof: EquivocationProof) -> bool:
+        """Put an equivocation proof we found in our next block; False if already known."""
+        added = self.batcher.admit_proof(proof, now_ms())
+        if added:
+            self._check_full()
+        return added
 
     # --- tasks ------------------------------------------------------------
 
@@ -186,6 +197,7 @@ class Pipeline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._seal_now.wait(), wait_s)
             self._seal_now.clear()
+            await self.may_seal.wait()
             if not b.due(now_ms()):
                 if b.want_receipt:
                     self._send_receipts(set())
@@ -252,7 +264,7 @@ class Pipeline:
 
     async def flush(self) -> None:
         """Seal and commit whatever is batched (graceful stop; the writer thread is done)."""
-        if self.batcher.pending:
+        if self.batcher.pending and self.may_seal.is_set():
             commit = self.batcher.seal(now_ms())
             await asyncio.to_thread(self.store.commit_block, commit)
             self._on_committed(commit)

@@ -8,7 +8,8 @@ our own ingest would check it:
 * the Merkle root and the entry count;
 * every entry's signature — done beforehand in the verifier processes and
   passed in as ``sig_results``;
-* enrolments, applied in entry order;
+* enrolments, applied in entry order, and equivocation proofs (the node
+  they accuse is marked faulty);
 * readings from enrolled devices, on a known key chain and epoch;
 * every *link*: the block must link only to blocks we already hold, with
   matching hashes.  Links are how causality travels.  A reading's
@@ -35,7 +36,7 @@ from meshhealth.errors import InvalidBlock, Rejected, RemoteError
 from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import BlockHeader, EnrollDevice, Reading, decode_entry
+from meshhealth.wire import BlockHeader, EnrollDevice, EquivocationProof, Reading, decode_entry
 
 
 class MissingLinks(Exception):
@@ -74,6 +75,7 @@ def admit_remote(
         raise MissingLinks(missing)
     overlay = AccessState()
     new_txs: list[EnrollDevice] = []
+    faults: dict[bytes, int] = {}
     adds: dict[bytes, set[int]] = {}
     index: list[IndexedReading] = []
     txs: list[tuple[bytes, int]] = []
@@ -88,6 +90,13 @@ def admit_remote(
         if isinstance(e, EnrollDevice):
             overlay.apply(e)
             new_txs.append(e)
+            txs.append((h(raw), i))
+            continue
+        if isinstance(e, EquivocationProof):
+            a, _ = e.headers()  # signatures were checked with the other entries
+            if a.network != b.network:
+                raise bad(f"entry {i}: equivocation proof of another network")
+            faults.setdefault(a.node, a.height)
             txs.append((h(raw), i))
             continue
         assert isinstance(e, Reading)
@@ -109,6 +118,8 @@ def admit_remote(
     # the block is valid: now change state
     for tx in new_txs:
         b.access.apply(tx)
+    for accused, at in faults.items():
+        b.faulty.setdefault(accused, at)
     touched: dict[bytes, SeqMark] = {}
     for device, seqs in adds.items():
         if not seqs:

@@ -59,14 +59,14 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def chains(request: web.Request) -> web.Response:
-    heads = request.app[NODE].store.heads()
-    return web.json_response(
-        {
-            "chains": [
-                {"node": n.hex(), "height": h, "hash": hh.hex()} for n, (h, hh) in heads.items()
-            ]
-        }
-    )
+    chains = request.app[NODE].chains()
+    return web.json_response({"chains": [{"node": n, **c} for n, c in chains.items()]})
+
+
+async def latency(request: web.Request) -> web.Response:
+    """Per remote block: ms from its producer's seal to its commit here (benchmarks)."""
+    samples = list(request.app[NODE].gossip.latency)
+    return web.json_response({"samples": [[c.hex(), h, round(ms, 2)] for c, h, ms in samples]})
 
 
 def _key(text: str) -> bytes:
@@ -123,5 +123,6 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/chains/{node}/{height}", block)
     app.router.add_get("/v1/devices/{device}/enrollments", enrollments)
     app.router.add_get("/v1/gossip", node.gossip.handle)
+    app.router.add_get("/v1/gossip/latency", latency)
     app["started"] = time.time()
     return app

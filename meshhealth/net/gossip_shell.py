@@ -8,12 +8,27 @@ full, pushes and digests are dropped and counted rather than waited for,
 so a slow peer never stalls the others, and anti-entropy repairs whatever
 a drop cost.
 
+Right after the handshake both sides ask for each other's full head vector
+and swap the authority addresses they know (peer exchange).  Until a
+node has heard, from its peers, how far its *own* chain got, it seals
+nothing (:meth:`GossipShell.sync_own_chain`): a node restored from an old
+backup or started on a wiped data dir first fetches its own blocks back,
+and only then signs the next one, so it never equivocates.
+
 Received blocks are validated here, before the core hears of them:
 header against the replica's head, entries in the verifier processes,
 then :func:`meshhealth.ingest.replica.admit_remote` and the commit, under
 the same lock as our own blocks.  A block above the head, or one whose
 links we lack, waits in a bounded buffer while the gap is pulled.  A peer
 that sends an invalid block is penalised.
+
+A block for a height we already hold, with a different, validly signed
+header, is an equivocation: the two headers become an
+:class:`~meshhealth.wire.EquivocationProof` in our next block, which
+carries it to every replica; the producer is marked faulty, and we keep
+the branch we had.  A block whose prev hash disagrees with our head is a
+hint of the same thing: we pull the peer's version of our head to get the
+proof.
 """
 
 from __future__ import annotations
@@ -22,8 +37,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
+import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +48,11 @@ import aiohttp
 from aiohttp import web
 
 from meshhealth.chain.block import decode_body, verify_header
+from meshhealth.chain.lattice import equivocation
 from meshhealth.errors import InvalidBlock, RemoteError
 from meshhealth.gossip import handshake as hs
 from meshhealth.gossip import wire
-from meshhealth.gossip.messages import Blocks, Push, Send
+from meshhealth.gossip.messages import Blocks, FullHeads, PeerList, Pull, Push, Send
 from meshhealth.gossip.protocol import Gossip, GossipParams
 from meshhealth.ingest.replica import MissingLinks, admit_remote
 from meshhealth.wire import BlockHeader
@@ -44,6 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_BUFFERED = 4096
+LATENCY_SAMPLES = 50_000
 
 
 @dataclass
@@ -56,11 +75,17 @@ class Connection:
 
 class GossipShell:
     def __init__(
-        self, node: Node, peer_urls: list[str], params: GossipParams, *, observers: bool = False
+        self,
+        node: Node,
+        peer_urls: list[str],
+        params: GossipParams,
+        *,
+        observers: bool = False,
+        advertise_url: str = "",
+        peer_exchange: bool = True,
     ) -> None:
-        import random
-
         self.node, self.peer_urls, self.observers = node, peer_urls, observers
+        self.advertise_url, self.peer_exchange = advertise_url, peer_exchange
         self.me = node.identity.public
         self.authorities = {a.key for a in node.genesis.authorities}
         self.core = Gossip(self.me, random.Random(), params)
@@ -70,6 +95,14 @@ class GossipShell:
         self.conns: dict[bytes, Connection] = {}
         self.buffer: dict[tuple[bytes, int], tuple[bytes, bytes, bytes, int]] = {}
         self.counters: Counter[str] = Counter()
+        # what each authority peer says our own chain's head is (start-up sync)
+        self.own_reports: dict[bytes, int] = {}
+        self.synced = not peer_urls
+        # (chain, height, ms from the producer's seal to our commit), newest last
+        self.latency: deque[tuple[bytes, int, float]] = deque(maxlen=LATENCY_SAMPLES)
+        self._dialing: set[str] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: asyncio.TaskGroup | None = None
         node.pipeline.on_block = self._on_local_block
 
     # --- sending ----------------------------------------------------------------------
@@ -111,9 +144,41 @@ class GossipShell:
 
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
+            self._session, self._tasks = session, tg
             for url in self.peer_urls:
-                tg.create_task(self._dial_forever(session, url))
+                self._dial(url)
             tg.create_task(self._ticks())
+
+    def _dial(self, url: str) -> None:
+        if url in self._dialing or self._tasks is None or self._session is None:
+            return
+        self._dialing.add(url)
+        self._tasks.create_task(self._dial_forever(self._session, url))
+
+    async def sync_own_chain(self, timeout: float) -> bool:
+        """Wait until peers told us how far our own chain got, and we hold that much.
+
+        Done when at least one authority peer reported, every connected
+        authority peer reported (or a second passed since the first did), and
+        our replica of our own chain reaches the highest reported head (the
+        core pulls it).  False if ``timeout`` passed first: the node then goes
+        on with what it has, and says so in its log and status.
+        """
+        deadline = time.monotonic() + timeout
+        first: float | None = None
+        ok = self.synced
+        while not ok and time.monotonic() < deadline:
+            if self.own_reports:
+                first = first or time.monotonic()
+                connected = {p for p, c in self.conns.items() if c.authority}
+                settled = connected <= set(self.own_reports) or time.monotonic() - first >= 1.0
+                mine = (self.node.store.head(self.me) or (-1, b""))[0]
+                ok = settled and mine >= max(self.own_reports.values())
+            if not ok:
+                await asyncio.sleep(0.05)
+        self.synced = True
+        self.counters["startup_sync_ok" if ok else "startup_sync_timeout"] += 1
+        return ok
 
     async def _ticks(self) -> None:
         while True:
@@ -128,6 +193,7 @@ class GossipShell:
                     f"{url}/v1/gossip", max_msg_size=wire.MAX_GOSSIP, heartbeat=10
                 ) as ws:
                     conn = await self._handshake_initiator(ws)
+                    self.core.note_address(conn.peer, url)
                     delay = 0.5
                     await self._serve(conn)
             except (
@@ -196,6 +262,9 @@ class GossipShell:
         self.conns[conn.peer] = conn
         self.counters["connected"] += 1
         writer = asyncio.create_task(self._write(conn))
+        self.dispatch(self.core.on_connected(conn.peer, time.monotonic()))
+        if self.peer_exchange:
+            self.dispatch([Send(conn.peer, self.core.peer_list(self.advertise_url))])
         try:
             async for frame in conn.ws:
                 if frame.type is not aiohttp.WSMsgType.BINARY:
@@ -227,13 +296,27 @@ class GossipShell:
             self.counters["malformed"] += 1
             self.core.penalise(conn.peer, now)
             return
-        if isinstance(msg, Push):
+        if isinstance(msg, PeerList):
+            self._on_peer_list(conn, msg)
+        elif isinstance(msg, Push):
             await self._receive(conn, msg.chain, msg.height, raws[0], msg.hops, forward=True)
         elif isinstance(msg, Blocks):
             for h, raw in zip(range(msg.from_height, msg.to_height + 1), raws, strict=True):
                 await self._receive(conn, msg.chain, h, raw, msg.hops, forward=False)
         else:
+            if isinstance(msg, FullHeads) and conn.authority:
+                self.own_reports[conn.peer] = dict(msg.heads).get(self.me, -1)
             self.dispatch(self.core.on_message(conn.peer, msg, now))
+
+    def _on_peer_list(self, conn: Connection, msg: PeerList) -> None:
+        """Dial authorities we had no address for (an observer's hints are ignored)."""
+        if not (conn.authority and self.peer_exchange):
+            return
+        known = PeerList(tuple((p, u) for p, u in msg.peers if p in self.authorities))
+        for peer, url in self.core.learn_addresses(known):
+            if peer not in self.conns:
+                self.counters["peers_learned"] += 1
+                self._dial(url)
 
     async def _receive(
         self,
@@ -250,11 +333,12 @@ class GossipShell:
             self.counters["refused_block"] += 1
             self.core.penalise(conn.peer, now)
             return
-        if chain == self.me:
-            return  # our own chain: we are its only writer
+        if chain == self.me and self.synced:
+            return  # our own chain: we are its only writer (until start-up sync, a reader)
         head = self.node.store.head(chain)
         head_h, head_hash = (-1, self.node.network) if head is None else head
         if height <= head_h:
+            self._check_equivocation(conn.peer, chain, height, raw[0])
             self.core.on_duplicate(conn.peer, now)
             return
         if height > head_h + 1:
@@ -264,6 +348,34 @@ class GossipShell:
             return
         if await self._apply(conn.peer, chain, height, raw, head_hash, hops, forward):
             await self._drain(chain)
+
+    def _check_equivocation(self, src: bytes, chain: bytes, height: int, other: bytes) -> None:
+        """A block for a height we hold: the same block, an equivocation, or a forgery."""
+        held = self.node.store.raw_header(chain, height)
+        if held is None or held == other:
+            return
+        try:
+            proof = equivocation(self.node.network, held, other)
+        except RemoteError as exc:
+            self.counters["invalid_block"] += 1
+            log.warning(
+                "gossip: forged block %s#%d from %s: %s",
+                chain.hex()[:8],
+                height,
+                src.hex()[:8],
+                exc,
+            )
+            self.core.penalise(src, time.monotonic())
+            return
+        if proof is None:
+            return
+        self.counters["equivocations_seen"] += 1
+        if self.node.pipeline.submit_proof(proof):
+            log.warning(
+                "gossip: node %s signed two blocks at height %d: proof goes in our next block",
+                chain.hex()[:8],
+                height,
+            )
 
     async def _apply(
         self,
@@ -280,6 +392,10 @@ class GossipShell:
             header = BlockHeader.decode(raw[0])
             if header.node != chain:
                 raise InvalidBlock("block of another chain", node=chain, height=height)
+            if header.prev != prev and header.height == height > 0:
+                header.verify()  # a forgery is penalised below, a fork is chased
+                self._chase_fork(src, chain, height - 1)
+                return False
             verify_header(header, network=self.node.network, prev=prev, height=height)
             entries = list(decode_body(raw[1]))
             results = await self.node.pipeline.verify_entries(entries)
@@ -313,10 +429,18 @@ class GossipShell:
             self.core.penalise(src, now)
             return False
         self.counters["blocks_applied"] += 1
+        self.latency.append((chain, height, time.time() * 1000 - header.ts_ms))
         self.dispatch(
             self.core.on_block_stored(src, chain, height, now, hops=hops, forward=forward)
         )
         return True
+
+    def _chase_fork(self, src: bytes, chain: bytes, height: int) -> None:
+        """``src`` holds a block of ``chain`` that does not follow ours: fetch its version
+        of the block at ``height``, which differs from ours (see _check_equivocation)."""
+        self.counters["forks_chased"] += 1
+        if chain not in self.node.batcher.faulty:
+            self.dispatch([Send(src, Pull(chain, height, height))])
 
     async def _drain(self, chain: bytes) -> None:
         """Apply buffered blocks that have become applicable (parents and links present)."""
@@ -336,10 +460,19 @@ class GossipShell:
                     progress = True
                     break
 
+    def latency_summary(self) -> dict[str, float]:
+        recent = [ms for _, _, ms in list(self.latency)[-2000:]]
+        if len(recent) < 2:
+            return {}
+        q = statistics.quantiles(recent, n=100)
+        return {"p50_ms": round(q[49], 1), "p99_ms": round(q[98], 1), "samples": len(recent)}
+
     def statistics(self) -> dict[str, Any]:
         return {
             "connections": sorted(p.hex()[:8] for p in self.conns),
+            "synced": self.synced,
             "buffered": len(self.buffer),
+            "propagation": self.latency_summary(),
             **dict(self.counters),
             "core": self.core.statistics(),
         }

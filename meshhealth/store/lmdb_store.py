@@ -8,7 +8,10 @@ Named databases::
     readings  pid(4) stream(1) hour(4) nid(2) height(4) -> entry indexes (msgpack);
               written with every block, queried from the sharing issue on
     seqmarks  device(32)                  -> SeqMark
-    acl       tx hash(32)                 -> node(32) + height(8) + index(4)
+    acl       entry hash(32)              -> node(32) + height(8) + index(4), for every
+              control transaction and equivocation proof
+    links     node(32) + chain(32)        -> height(8): the highest block of ``chain``
+              that ``node``'s blocks link to (what confirmation counts)
     names     kind(1) + name               -> small local id (and back)
     meta      key                          -> value
 
@@ -42,7 +45,7 @@ from meshhealth.wire import BlockHeader
 from meshhealth.wire.codec import pack
 
 HOUR_MS = 3_600_000
-_DBS = ("headers", "bodies", "heads", "readings", "seqmarks", "acl", "names", "meta")
+_DBS = ("headers", "bodies", "heads", "readings", "seqmarks", "acl", "links", "names", "meta")
 
 
 def chain_key(node: bytes, height: int) -> bytes:
@@ -136,6 +139,8 @@ class Store:
             txn.put(device, mark.encode(), db=self.db["seqmarks"])
         for tx_hash, index in c.txs:
             txn.put(tx_hash, key + struct.pack(">I", index), db=self.db["acl"])
+        for link in hdr.links:  # links only move forward along a chain
+            txn.put(hdr.node + link.node, struct.pack(">Q", link.height), db=self.db["links"])
         n = int.from_bytes(txn.get(b"readings", b"\0" * 8, db=self.db["meta"]), "big")
         txn.put(b"readings", (n + len(c.readings)).to_bytes(8, "big"), db=self.db["meta"])
 
@@ -177,6 +182,11 @@ class Store:
             v = txn.get(chain_key(node, height), db=self.db["headers"])
         return None if v is None else h(bytes(v))
 
+    def raw_header(self, node: bytes, height: int) -> bytes | None:
+        with self.env.begin() as txn:
+            v = txn.get(chain_key(node, height), db=self.db["headers"])
+        return None if v is None else bytes(v)
+
     def raw_block(self, node: bytes, height: int) -> tuple[bytes, bytes] | None:
         """(encoded header, encoded body) exactly as stored."""
         with self.env.begin() as txn:
@@ -204,6 +214,14 @@ class Store:
                     (bytes(b) if (b := bodies.get(k)) is not None else None),
                 )
 
+    def link_heights(self) -> dict[bytes, dict[bytes, int]]:
+        """node -> chain -> the highest height of ``chain`` that ``node``'s blocks link to."""
+        out: dict[bytes, dict[bytes, int]] = {}
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["links"]):
+                out.setdefault(bytes(k[:32]), {})[bytes(k[32:])] = struct.unpack(">Q", v)[0]
+        return out
+
     def seqmarks(self) -> dict[bytes, SeqMark]:
         with self.env.begin() as txn:
             return {
@@ -211,7 +229,7 @@ class Store:
             }
 
     def control_entries(self) -> list[bytes]:
-        """Every control transaction on this node's chains, read back from the blocks."""
+        """Every control transaction and proof in the replica, read back from the blocks."""
         out: list[bytes] = []
         with self.env.begin() as txn:
             locs = [bytes(v) for _, v in txn.cursor(db=self.db["acl"])]

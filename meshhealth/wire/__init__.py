@@ -3,6 +3,7 @@
 from meshhealth.wire.types import (
     BlockHeader,
     EnrollDevice,
+    EquivocationProof,
     Link,
     Reading,
     Receipt,
@@ -13,6 +14,7 @@ from meshhealth.wire.types import (
 __all__ = [
     "BlockHeader",
     "EnrollDevice",
+    "EquivocationProof",
     "Link",
     "Reading",
     "Receipt",

@@ -291,8 +291,56 @@ class Receipt(Signed):
     sig: bytes
 
 
-Entry = Reading | EnrollDevice
-ENTRY_TYPES: dict[str, type[Reading] | type[EnrollDevice]] = {"R1": Reading, "E1": EnrollDevice}
+@dataclass(frozen=True, slots=True)
+class EquivocationProof:
+    """Two different headers one node signed for one height of its chain.
+
+    It needs no signature of its own: the two header signatures are the
+    evidence, and anyone can check them.  A node that finds such a pair
+    puts the proof in its next block, so the proof travels, and is kept,
+    like every other entry.
+    """
+
+    TAG: ClassVar[str] = "Q1"
+    MAX_LEN: ClassVar[int] = 2 * MAX_HEADER + 16
+    FIELDS: ClassVar[Fields] = (("first", b_max(MAX_HEADER)), ("second", b_max(MAX_HEADER)))
+
+    first: bytes
+    second: bytes
+
+    def encode(self) -> bytes:
+        return pack([self.TAG, self.first, self.second])
+
+    @classmethod
+    def decode(cls, data: bytes) -> EquivocationProof:
+        return cls(*decode_fields(data, cls.TAG, cls.FIELDS, max_len=cls.MAX_LEN))
+
+    @classmethod
+    def of(cls, a: bytes, b: bytes) -> EquivocationProof:
+        """The proof for two header encodings, in a canonical (sorted) order."""
+        return cls(*sorted((a, b)))
+
+    def headers(self) -> tuple[BlockHeader, BlockHeader]:
+        """Both headers, decoded and checked: one node, one network, one height, two blocks."""
+        if self.first >= self.second:
+            raise MalformedMessage("an equivocation proof holds two different, sorted headers")
+        a, b = BlockHeader.decode(self.first), BlockHeader.decode(self.second)
+        if (a.node, a.network, a.height) != (b.node, b.network, b.height):
+            raise MalformedMessage("the headers are not of one node, network and height")
+        return a, b
+
+    @property
+    def accused(self) -> bytes:
+        return self.headers()[0].node
+
+    def verify(self) -> EquivocationProof:
+        for hdr in self.headers():
+            hdr.verify()
+        return self
+
+
+Entry = Reading | EnrollDevice | EquivocationProof
+ENTRY_TYPES: dict[str, Any] = {"R1": Reading, "E1": EnrollDevice, "Q1": EquivocationProof}
 
 
 def decode_entry(data: bytes) -> Entry:
@@ -300,4 +348,5 @@ def decode_entry(data: bytes) -> Entry:
     cls = ENTRY_TYPES.get(peek_tag(data))
     if cls is None:
         raise MalformedMessage("unknown entry type")
-    return cls.decode(data)
+    entry: Entry = cls.decode(data)
+    return entry
