@@ -15,20 +15,32 @@ from device_agents.simulate import Simulation
 from meshhealth.bench.procs import NodeProcess
 from meshhealth.cli.chain_cmds import verify_stores
 from meshhealth.cli.demo import setup_network
-from meshhealth.config import Genesis
+from meshhealth.config import Genesis, NodeConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 
-def start_nodes(root: Path, n: int, broker_url: str) -> tuple[list[NodeProcess], Any]:
-    cfgs = setup_network(root, n, broker=broker_url, shared_group="mh")
+def launch(cfgs: list[NodeConfig], root: Path) -> list[NodeProcess]:
+    """Start a node process per config; each waits for its peers before it ingests."""
     nodes = [
         NodeProcess(c.base / "node.toml", root / f"node{i}.log", c.api.port)
         for i, c in enumerate(cfgs)
     ]
-    for nd in nodes:
-        nd.start()
-    return nodes, cfgs
+    try:
+        for nd in nodes:
+            nd.start(until="api")
+        for nd in nodes:
+            nd.wait_ingesting()
+    except BaseException:
+        for nd in nodes:
+            nd.stop()
+        raise
+    return nodes
+
+
+def start_nodes(root: Path, n: int, broker_url: str) -> tuple[list[NodeProcess], Any]:
+    cfgs = setup_network(root, n, broker=broker_url, shared_group="mh")
+    return launch(cfgs, root), cfgs
 
 
 def hr_sim(

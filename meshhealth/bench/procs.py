@@ -99,7 +99,9 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, *, until: str = "ingest") -> None:
+        """Start, and wait until the API answers (``until="api"``) or, by default, until
+        the node also ingests (which waits for its start-up sync with its peers)."""
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -121,12 +123,21 @@ class NodeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited: {self.log.read_text()[-2000:]}")
             try:
-                if self.status()["mqtt_connected"]:
+                if self.status()["mqtt_connected"] or until == "api":
                     return
             except OSError:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"node did not come up: {self.log.read_text()[-2000:]}")
+
+    def wait_ingesting(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.status()["mqtt_connected"]:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node does not ingest: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/v1/status", timeout=5) as r:

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_BUFFERED = 4096
 LATENCY_SAMPLES = 50_000
+MAX_DIAL_BACKOFF_S = 10.0
 
 
 @dataclass
@@ -206,8 +207,8 @@ class GossipShell:
             ) as exc:
                 # a peer that is down, refuses us or breaks the protocol: back off, retry
                 log.info("gossip: %s: %s", url, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, MAX_DIAL_BACKOFF_S)
 
     def _hello(self) -> hs.Hello:
         return hs.Hello(self.node.network, self.me, os.urandom(hs.CHALLENGE_LEN))
