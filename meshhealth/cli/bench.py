@@ -30,6 +30,9 @@ def _gossip(a: argparse.Namespace) -> int:
         fanout=a.fanout,
         loss=a.loss,
         seed=a.seed,
+        real=not a.sim_only,
+        real_nodes=a.nodes,
+        real_rate=a.rate,
     )
     return 0
 
@@ -45,10 +48,15 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--devices", type=int, default=100)
     s.add_argument("--keep", help="work directory to keep (default: a temp dir)")
     s.set_defaults(fn=_ingest)
-    s = bs.add_parser("gossip", help="block dissemination in the seeded network simulator")
+    s = bs.add_parser(
+        "gossip", help="dissemination in the simulator, then real node processes on loopback"
+    )
     s.add_argument("--json", help="write the results here")
     s.add_argument("--quick", action="store_true", help="N up to 1,000 (default up to 10,000)")
     s.add_argument("--fanout", type=int, default=4)
     s.add_argument("--loss", type=float, default=0.01, help="message loss probability")
     s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--nodes", type=int, default=5, help="node processes in the real part")
+    s.add_argument("--rate", type=float, default=2000, help="real part: ingest load, readings/s")
+    s.add_argument("--sim-only", action="store_true", help="skip the real-process part")
     s.set_defaults(fn=_gossip)

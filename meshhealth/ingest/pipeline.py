@@ -70,6 +70,8 @@ class Pipeline:
         self.may_seal = asyncio.Event()
         self.may_seal.set()
         self.committed: dict[bytes, SeqMark] = store.seqmarks()
+        # device -> the highest seq we took from it that no receipt of ours covers yet
+        self._owed: dict[bytes, int] = {}
         self.received = 0
         self.blocks = 0
         self.committed_readings = store.reading_count()
@@ -179,6 +181,8 @@ class Pipeline:
                 b.admit_reading(payloads[i], r, t, topic_device=dev)
             except Rejected as exc:
                 b.reject(exc.reason)
+            else:
+                self._owed[r.device] = max(self._owed.get(r.device, -1), r.seq)
             if b.full():
                 self._check_full()
                 await self._room.wait()
@@ -214,18 +218,47 @@ class Pipeline:
         """Write a peer's admitted block (the caller holds ``apply_lock``)."""
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit_block, c)
         self.committed.update(c.seqmarks)
+        # a device whose readings a shared subscription split across nodes: our last
+        # receipt stopped at a gap another chain has just filled; the device waits for us
+        owed = {d for d in c.seqmarks if d in self._owed}
+        if owed:
+            self._send_receipts(owed)
 
-    async def verify_entries(self, entries: list[bytes]) -> list[str | None]:
-        """Entry signatures of a peer's block, checked in the verifier processes."""
-        if self._pool is None or len(entries) < 64:
-            return verify.check_entries(entries)
+    def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
+        """Start checking the entries of several blocks at once; one future per block.
+
+        A catch-up receives blocks in batches.  All their entries go to the
+        verifier processes in a few large chunks right away, so the workers
+        stay busy while the caller admits and commits the blocks one by one,
+        each as soon as its own entries are checked.
+        """
         loop = asyncio.get_running_loop()
-        step = max(64, len(entries) // max(1, self.workers) + 1)
-        parts = [
-            loop.run_in_executor(self._pool, verify.check_entries, entries[i : i + step])
-            for i in range(0, len(entries), step)
-        ]
-        return [r for part in await asyncio.gather(*parts) for r in part]
+        flat = [e for body in bodies for e in body]
+        if self._pool is None or len(flat) < 64:
+            done = verify.check_entries(flat)
+            chunks = [loop.create_future()]
+            chunks[0].set_result(done)
+            step = max(1, len(flat))
+        else:
+            step = max(64, -(-len(flat) // (4 * self.workers)))
+            chunks = [
+                loop.run_in_executor(self._pool, verify.check_entries, flat[i : i + step])
+                for i in range(0, len(flat), step)
+            ]
+
+        async def part(start: int, end: int) -> list[verify.Result]:
+            if start == end:
+                return []
+            first, last = start // step, (end - 1) // step
+            got = [r for c in await asyncio.gather(*chunks[first : last + 1]) for r in c]
+            return got[start - first * step : end - first * step]
+
+        out: list[asyncio.Future[list[verify.Result]]] = []
+        pos = 0
+        for body in bodies:
+            out.append(asyncio.ensure_future(part(pos, pos + len(body))))
+            pos += len(body)
+        return out
 
     def _on_committed(self, c: Commit) -> None:
         if self.on_block is not None:
@@ -246,6 +279,8 @@ class Pipeline:
                 continue
             rc = make_receipt(b.key, b.network, d, mark, b.height, t)
             self.publish(self.receipts_topic.format(device=d.hex()), rc.encode())
+            if mark.contiguous >= self._owed.get(d, -1):
+                self._owed.pop(d, None)
 
     def statistics(self) -> dict[str, Any]:
         b = self.batcher

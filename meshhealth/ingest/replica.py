@@ -7,7 +7,8 @@ our own ingest would check it:
 
 * the Merkle root and the entry count;
 * every entry's signature — done beforehand in the verifier processes and
-  passed in as ``sig_results``;
+  passed in as ``checked`` (:func:`meshhealth.ingest.verify.check_entries`;
+  a valid reading comes back as its fields, so it is not decoded twice);
 * enrolments, applied in entry order, and equivocation proofs (the node
   they accuse is marked faulty);
 * readings from enrolled devices, on a known key chain and epoch;
@@ -33,6 +34,7 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import Block, verify_body
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import InvalidBlock, Rejected, RemoteError
+from meshhealth.ingest import verify
 from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
@@ -51,7 +53,7 @@ def admit_remote(
     b: Batcher,
     header: BlockHeader,
     entries: Sequence[bytes],
-    sig_results: Sequence[str | None],
+    checked: Sequence[verify.Result],
     *,
     block_hash_at: Callable[[bytes, int], bytes | None],
     now_ms: int,
@@ -80,11 +82,11 @@ def admit_remote(
     index: list[IndexedReading] = []
     txs: list[tuple[bytes, int]] = []
     skew = b.limits.max_future_skew_ms
-    for i, (raw, sig) in enumerate(zip(entries, sig_results, strict=True)):
-        if sig is not None:
-            raise bad(f"entry {i}: {sig}")
+    for i, (raw, res) in enumerate(zip(entries, checked, strict=True)):
+        if res[0] is not None:
+            raise bad(f"entry {i}: {res[0]}")
         try:
-            e = decode_entry(raw)
+            e = verify.rebuild(res) if len(res) > 1 else decode_entry(raw)
         except RemoteError as exc:
             raise bad(f"entry {i}: {exc}") from exc
         if isinstance(e, EnrollDevice):

@@ -57,19 +57,26 @@ def rebuild(result: Result) -> Reading:
     return Reading(*result[1:])
 
 
-def check_entry(raw: bytes) -> str | None:
-    """None if a block entry decodes and its signature verifies, else the reason."""
+def check_block_entry(raw: bytes) -> Result:
+    """A block entry, checked: ``(reason,)``; ``(None, *fields)`` for a valid reading (as
+    :func:`check_one`, so the parent rebuilds it without decoding); ``(None,)`` for any
+    other valid entry."""
     try:
         if peek_tag(raw) == "R1":
-            res = check_one(raw)
-            return None if res[0] is None else str(res[0])
+            return check_one(raw)
         decode_entry(raw).verify()
     except MalformedMessage:
-        return "malformed"
+        return ("malformed",)
     except RemoteError:
-        return "bad_signature"
-    return None
+        return ("bad_signature",)
+    return (None,)
 
 
-def check_entries(entries: list[bytes]) -> list[str | None]:
-    return [check_entry(e) for e in entries]
+def check_entry(raw: bytes) -> str | None:
+    """None if a block entry decodes and its signature verifies, else the reason."""
+    reason = check_block_entry(raw)[0]
+    return None if reason is None else str(reason)
+
+
+def check_entries(entries: list[bytes]) -> list[Result]:
+    return [check_block_entry(e) for e in entries]

@@ -54,6 +54,7 @@ from meshhealth.gossip import handshake as hs
 from meshhealth.gossip import wire
 from meshhealth.gossip.messages import Blocks, FullHeads, PeerList, Pull, Push, Send
 from meshhealth.gossip.protocol import Gossip, GossipParams
+from meshhealth.ingest import verify
 from meshhealth.ingest.replica import MissingLinks, admit_remote
 from meshhealth.wire import BlockHeader
 
@@ -63,6 +64,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MAX_BUFFERED = 4096
 LATENCY_SAMPLES = 50_000
+Checked = asyncio.Future[list[verify.Result]]  # a block's entries, being checked or done
+# a block waiting in the buffer: the peer it came from, the block, hops, its entry checks
+Buffered = tuple[bytes, wire.RawBlock, int, Checked | None]
 MAX_DIAL_BACKOFF_S = 10.0
 
 
@@ -94,7 +98,9 @@ class GossipShell:
             self.core.add_peer(a, time.monotonic())
         self.core.restore({n: h for n, (h, _) in node.store.heads().items()})
         self.conns: dict[bytes, Connection] = {}
-        self.buffer: dict[tuple[bytes, int], tuple[bytes, bytes, bytes, int]] = {}
+        # blocks that arrived before their parent or their links: chain -> height -> block
+        self.buffer: dict[bytes, dict[int, Buffered]] = {}
+        self.buffered = 0
         self.counters: Counter[str] = Counter()
         # what each authority peer says our own chain's head is (start-up sync)
         self.own_reports: dict[bytes, int] = {}
@@ -302,8 +308,20 @@ class GossipShell:
         elif isinstance(msg, Push):
             await self._receive(conn, msg.chain, msg.height, raws[0], msg.hops, forward=True)
         elif isinstance(msg, Blocks):
-            for h, raw in zip(range(msg.from_height, msg.to_height + 1), raws, strict=True):
-                await self._receive(conn, msg.chain, h, raw, msg.hops, forward=False)
+            # check every entry of the batch in the verifier processes at once, then
+            # apply the blocks in order, each as soon as its own entries are done
+            bodies = []
+            for raw in raws:
+                try:
+                    bodies.append(list(decode_body(raw[1])))
+                except RemoteError:
+                    bodies.append([])  # _apply decodes it again and rejects it
+            checks = self.node.pipeline.verify_blocks(bodies)
+            heights = range(msg.from_height, msg.to_height + 1)
+            for h, raw, checked in zip(heights, raws, checks, strict=True):
+                await self._receive(
+                    conn, msg.chain, h, raw, msg.hops, forward=False, checked=checked
+                )
         else:
             if isinstance(msg, FullHeads) and conn.authority:
                 self.own_reports[conn.peer] = dict(msg.heads).get(self.me, -1)
@@ -328,6 +346,7 @@ class GossipShell:
         hops: int,
         *,
         forward: bool,
+        checked: Checked | None = None,
     ) -> None:
         now = time.monotonic()
         if not conn.authority or chain not in self.authorities:
@@ -343,11 +362,10 @@ class GossipShell:
             self.core.on_duplicate(conn.peer, now)
             return
         if height > head_h + 1:
-            if len(self.buffer) < MAX_BUFFERED:
-                self.buffer[(chain, height)] = (conn.peer, raw[0], raw[1], hops)
+            self._hold(chain, height, (conn.peer, raw, hops, checked))
             self.dispatch(self.core.on_ahead(conn.peer, chain, height, now))
             return
-        if await self._apply(conn.peer, chain, height, raw, head_hash, hops, forward):
+        if await self._apply(conn.peer, chain, height, raw, head_hash, hops, forward, checked):
             await self._drain(chain)
 
     def _check_equivocation(self, src: bytes, chain: bytes, height: int, other: bytes) -> None:
@@ -387,6 +405,7 @@ class GossipShell:
         prev: bytes,
         hops: int,
         forward: bool,
+        checked: Checked | None = None,
     ) -> bool:
         now = time.monotonic()
         try:
@@ -399,7 +418,9 @@ class GossipShell:
                 return False
             verify_header(header, network=self.node.network, prev=prev, height=height)
             entries = list(decode_body(raw[1]))
-            results = await self.node.pipeline.verify_entries(entries)
+            if checked is None or len(entries) != len(results := await checked):
+                checked = self.node.pipeline.verify_blocks([entries])[0]
+                results = await checked
             async with self.node.pipeline.apply_lock:
                 if (self.node.store.head(chain) or (-1, b""))[0] >= height:
                     return False  # applied meanwhile, from another peer
@@ -413,8 +434,7 @@ class GossipShell:
                 )
                 await self.node.pipeline.commit_remote(commit)
         except MissingLinks as m:
-            if len(self.buffer) < MAX_BUFFERED:
-                self.buffer[(chain, height)] = (src, raw[0], raw[1], hops)
+            self._hold(chain, height, (src, raw, hops, checked))  # keep the checks
             for n, h in m.missing:
                 self.dispatch(self.core.on_ahead(src, n, h + 1, now))
             return False
@@ -443,23 +463,42 @@ class GossipShell:
         if chain not in self.node.batcher.faulty:
             self.dispatch([Send(src, Pull(chain, height, height))])
 
+    def _hold(self, chain: bytes, height: int, block: Buffered) -> None:
+        """Buffer a block until it applies (bounded: past the limit it is pulled again later)."""
+        held = self.buffer.setdefault(chain, {})
+        if height not in held and self.buffered < MAX_BUFFERED:
+            held[height] = block
+            self.buffered += 1
+
+    def _take(self, chain: bytes, height: int) -> Buffered | None:
+        held = self.buffer.get(chain)
+        block = None if held is None else held.pop(height, None)
+        if block is not None:
+            self.buffered -= 1
+        if held is not None and not held:
+            del self.buffer[chain]
+        return block
+
     async def _drain(self, chain: bytes) -> None:
-        """Apply buffered blocks that have become applicable (parents and links present)."""
+        """Apply buffered blocks that have become applicable (parents and links present).
+
+        Several connections may drain at once: every block is taken out of
+        the buffer before it is awaited on, so each is applied at most once.
+        """
         progress = True
         while progress:
             progress = False
-            for c, h in sorted(self.buffer, key=lambda k: k[1]):
+            for c in list(self.buffer):
                 head = self.node.store.head(c)
                 head_h, head_hash = (-1, self.node.network) if head is None else head
-                if h <= head_h:
-                    self.buffer.pop((c, h), None)
+                for stale in [h for h in self.buffer.get(c, {}) if h <= head_h]:
+                    self._take(c, stale)
+                block = self._take(c, head_h + 1)
+                if block is None:
                     continue
-                if h != head_h + 1:
-                    continue
-                src, hraw, braw, hops = self.buffer.pop((c, h))
-                if await self._apply(src, c, h, (hraw, braw), head_hash, hops, False):
+                src, raw, hops, checked = block
+                if await self._apply(src, c, head_h + 1, raw, head_hash, hops, False, checked):
                     progress = True
-                    break
 
     def latency_summary(self) -> dict[str, float]:
         recent = [ms for _, _, ms in list(self.latency)[-2000:]]
@@ -472,7 +511,7 @@ class GossipShell:
         return {
             "connections": sorted(p.hex()[:8] for p in self.conns),
             "synced": self.synced,
-            "buffered": len(self.buffer),
+            "buffered": self.buffered,
             "propagation": self.latency_summary(),
             **dict(self.counters),
             "core": self.core.statistics(),
