@@ -50,14 +50,18 @@ def _heads(node: NodeProcess) -> dict[str, int]:
     return {k: v["height"] for k, v in node.status()["chains"].items()}
 
 
-def propagation(nodes: list[NodeProcess]) -> list[float]:
-    """Per block that reached every other running node: ms until the last of them had it."""
+def latencies(nodes: list[NodeProcess]) -> dict[tuple[str, int], list[float]]:
+    """Per remote block, the ms from its seal to its commit on each node that has it."""
     per_block: dict[tuple[str, int], list[float]] = {}
     for nd in nodes:
         for chain, height, ms in _get(f"{nd.url}/v1/gossip/latency")["samples"]:
             per_block.setdefault((chain, height), []).append(ms)
-    others = len(nodes) - 1
-    return [max(v) for v in per_block.values() if len(v) == others]
+    return per_block
+
+
+def propagation(per_block: dict[tuple[str, int], list[float]], receivers: int) -> list[float]:
+    """Per block that reached every receiver: ms until the last of them had it."""
+    return [max(v) for v in per_block.values() if len(v) == receivers]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -70,10 +74,11 @@ def run_real(
     work: Path,
     *,
     nodes: int = 5,
-    missed: int = 100_000,
-    rate: float = 4_000,
+    phases: tuple[tuple[float, int], ...] = ((1_000, 30_000), (2_000, 70_000)),
     devices: int = 100,
 ) -> dict[str, Any]:
+    """``phases``: (readings/s, readings) of ingest load, one propagation row each; the
+    late node misses all of them."""
     ceiling = all_cores_verify_ceiling(2.0)
     print(f"Ed25519 verify, all {os.cpu_count()} cores: {ceiling:,.0f}/s", flush=True)
     broker = BrokerProcess(work / "broker")
@@ -98,26 +103,34 @@ def run_real(
             req = urllib.request.Request(f"{live[0].url}/v1/tx", data=tx, method="POST")
             urllib.request.urlopen(req, timeout=10).read()
         time.sleep(1.5)
-        batch = wl.batch(missed // devices)
-        files = write_inputs(batch, 2, work, "load")
-        t_load = time.monotonic()
-        res = publish(broker.url, files, work, receipts=True, rate=rate, timeout=600)
-        load_s = time.monotonic() - t_load
-        receipted = sum(r["receipted"] for r in res)
-        print(
-            f"load: {receipted:,} readings at {rate:,.0f}/s over {len(live)} nodes "
-            f"in {load_s:.1f} s",
-            flush=True,
-        )
-        time.sleep(2.0)  # the last blocks propagate
-        blocks = propagation(live)
+        rows, seen = [], set(latencies(live))
+        for k, (rate, count) in enumerate(phases):
+            files = write_inputs(wl.batch(count // devices), 2, work, f"load{k}")
+            t_load = time.monotonic()
+            res = publish(broker.url, files, work, receipts=True, rate=rate, timeout=600)
+            load_s = time.monotonic() - t_load
+            time.sleep(2.0)  # the phase's last blocks propagate
+            per_block = {b: v for b, v in latencies(live).items() if b not in seen}
+            seen |= set(per_block)
+            blocks = propagation(per_block, len(live) - 1)
+            row = {
+                "nodes": len(live),
+                "load_readings_per_s": rate,
+                "readings": sum(r["receipted"] for r in res),
+                "blocks": len(blocks),
+                "p50_ms": round(_pct(blocks, 0.5), 1),
+                "p99_ms": round(_pct(blocks, 0.99), 1),
+                "max_ms": round(max(blocks), 1) if blocks else None,
+            }
+            rows.append(row)
+            print(
+                f"load {rate:,.0f} readings/s over {len(live)} nodes ({row['readings']:,} in "
+                f"{load_s:.1f} s): propagation to every node over {len(blocks)} blocks "
+                f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms",
+                flush=True,
+            )
         target = _heads(live[0])
         held = live[0].status()["store"]["readings"]
-        print(
-            f"propagation over {len(blocks)} blocks: p50 {_pct(blocks, 0.5):.0f} ms, "
-            f"p99 {_pct(blocks, 0.99):.0f} ms",
-            flush=True,
-        )
 
         t_start = time.monotonic()
         late.start(until="api")
@@ -139,17 +152,7 @@ def run_real(
             flush=True,
         )
         return {
-            "real": [
-                {
-                    "nodes": len(live),
-                    "p50_ms": round(_pct(blocks, 0.5), 1),
-                    "p99_ms": round(_pct(blocks, 0.99), 1),
-                    "max_ms": round(max(blocks), 1) if blocks else None,
-                    "blocks": len(blocks),
-                    "load_readings_per_s": rate,
-                    "readings": receipted,
-                }
-            ],
+            "real": rows,
             "catchup_readings": held,
             "catchup_s": round(t_done - t_api, 2),
             "catchup_s_from_process_start": round(t_done - t_start, 2),

@@ -32,7 +32,6 @@ def _gossip(a: argparse.Namespace) -> int:
         seed=a.seed,
         real=not a.sim_only,
         real_nodes=a.nodes,
-        real_rate=a.rate,
     )
     return 0
 
@@ -57,6 +56,5 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--loss", type=float, default=0.01, help="message loss probability")
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--nodes", type=int, default=5, help="node processes in the real part")
-    s.add_argument("--rate", type=float, default=2000, help="real part: ingest load, readings/s")
     s.add_argument("--sim-only", action="store_true", help="skip the real-process part")
     s.set_defaults(fn=_gossip)

@@ -108,6 +108,7 @@ class GossipShell:
         # (chain, height, ms from the producer's seal to our commit), newest last
         self.latency: deque[tuple[bytes, int, float]] = deque(maxlen=LATENCY_SAMPLES)
         self._dialing: set[str] = set()
+        self._applying: dict[tuple[bytes, int], bytes] = {}  # block -> header, being applied
         self._session: aiohttp.ClientSession | None = None
         self._tasks: asyncio.TaskGroup | None = None
         node.pipeline.on_block = self._on_local_block
@@ -407,6 +408,39 @@ class GossipShell:
         forward: bool,
         checked: Checked | None = None,
     ) -> bool:
+        """Apply one block at our head + 1, unless another copy of it is being applied.
+
+        Pushes overlap: each block reaches a node from its producer and from
+        forwarders at about the same time.  Only the first copy is checked;
+        an identical one is dropped while it is in flight, and a different
+        one waits in the buffer (after the first lands it is an
+        equivocation, or nothing).
+        """
+        key = (chain, height)
+        busy = self._applying.get(key)
+        if busy is not None:
+            if busy != raw[0]:
+                self._hold(chain, height, (src, raw, hops, checked))
+            self.counters["duplicate_in_flight"] += 1
+            self.core.on_duplicate(src, time.monotonic())
+            return False
+        self._applying[key] = raw[0]
+        try:
+            return await self._apply_once(src, chain, height, raw, prev, hops, forward, checked)
+        finally:
+            del self._applying[key]
+
+    async def _apply_once(
+        self,
+        src: bytes,
+        chain: bytes,
+        height: int,
+        raw: wire.RawBlock,
+        prev: bytes,
+        hops: int,
+        forward: bool,
+        checked: Checked | None = None,
+    ) -> bool:
         now = time.monotonic()
         try:
             header = BlockHeader.decode(raw[0])
@@ -492,7 +526,9 @@ class GossipShell:
                 head = self.node.store.head(c)
                 head_h, head_hash = (-1, self.node.network) if head is None else head
                 for stale in [h for h in self.buffer.get(c, {}) if h <= head_h]:
-                    self._take(c, stale)
+                    old = self._take(c, stale)
+                    if old is not None:
+                        self._check_equivocation(old[0], c, stale, old[1][0])
                 block = self._take(c, head_h + 1)
                 if block is None:
                     continue
