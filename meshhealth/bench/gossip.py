@@ -90,6 +90,7 @@ def run(
     real: bool = True,
     real_nodes: int = 5,
     real_phases: tuple[tuple[float, int], ...] | None = None,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     sizes = (10, 100, 1000) if quick else (10, 100, 1000, 10_000)
     rows = []
@@ -111,9 +112,11 @@ def run(
     if real:
         from meshhealth.bench.gossip_real import run_real
 
-        with tempfile.TemporaryDirectory(prefix="mh-bench-gossip-") as work:
+        with tempfile.TemporaryDirectory(prefix="mh-bench-gossip-") as tmp:
+            work = keep or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
             result |= run_real(
-                Path(work),
+                work,
                 nodes=real_nodes,
                 phases=real_phases
                 or (

@@ -32,6 +32,7 @@ def _gossip(a: argparse.Namespace) -> int:
         seed=a.seed,
         real=not a.sim_only,
         real_nodes=a.nodes,
+        keep=Path(a.keep) if a.keep else None,
     )
     return 0
 
@@ -57,4 +58,5 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--nodes", type=int, default=5, help="node processes in the real part")
     s.add_argument("--sim-only", action="store_true", help="skip the real-process part")
+    s.add_argument("--keep", help="real part: keep node data and logs in this directory")
     s.set_defaults(fn=_gossip)

@@ -123,6 +123,14 @@ class Pipeline:
             # workers need only the verifier, not the node's aiohttp/MQTT stack
             ctx.set_forkserver_preload(["meshhealth.ingest.verify"])
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            # start every worker now, not when the first readings (or a catch-up) arrive
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._pool, verify.check_chunk, [])
+                    for _ in range(self.workers)
+                )
+            )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._verify_loop())
