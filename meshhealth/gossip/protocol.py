@@ -303,9 +303,22 @@ class Gossip:
             return []
         return self._issue_pull(chain, now)
 
-    def _issue_pull(self, chain: NodeId, now: float) -> list[Send]:
+    def on_blocks_arrived(
+        self, src: NodeId, chain: NodeId, to_height: int, now: float
+    ) -> list[Send]:
+        """A pull reply arrived (its blocks are still to be checked): during a catch-up,
+        ask for the next batch now, so the next reply is on its way while this one is
+        verified.  At most two batches per chain are in flight."""
+        self._heard(src, now)
+        want = self._want.get(chain)
+        pending = self._pulls.get(chain)
+        if want is None or want[0] <= to_height or (pending and pending[0] > to_height):
+            return []
+        return self._issue_pull(chain, now, start=to_height + 1)
+
+    def _issue_pull(self, chain: NodeId, now: float, start: int | None = None) -> list[Send]:
         upto, src = self._want[chain]
-        start = self.head(chain) + 1
+        start = self.head(chain) + 1 if start is None else start
         end = min(upto, start + self.params.pull_batch - 1)
         self._pulls[chain] = (end, now + self.params.pull_timeout_s)
         self.stats.pulls_sent += 1

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from meshhealth.errors import MalformedMessage, Rejected
@@ -35,6 +36,32 @@ from meshhealth.wire import EnrollDevice, EquivocationProof
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
+
+
+VERIFY_PART = 512  # entries per verifier call when checking peers' blocks
+
+
+@dataclass
+class _VerifyJob:
+    """Part ``index`` of one block's entries; the block's future completes with its last part."""
+
+    entries: list[bytes]
+    block: asyncio.Future[list[verify.Result]]
+    parts: list[list[verify.Result] | None]
+    index: int
+
+    def done(self, fut: asyncio.Future[list[verify.Result]]) -> None:
+        if self.block.done():
+            return
+        if fut.cancelled():
+            self.block.cancel()
+            return
+        if fut.exception() is not None:
+            self.block.set_exception(fut.exception())  # type: ignore[arg-type]
+            return
+        self.parts[self.index] = fut.result()
+        if all(p is not None for p in self.parts):
+            self.block.set_result([r for p in self.parts if p is not None for r in p])
 
 
 def now_ms() -> int:
@@ -81,6 +108,9 @@ class Pipeline:
         self.apply_lock = asyncio.Lock()
         self.on_block: Callable[[Commit], None] | None = None  # after each local commit
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="lmdb-writer")
+        # peers' blocks waiting for the verifier processes (see verify_blocks)
+        self._verify_queue: deque[deque[_VerifyJob]] = deque()
+        self._verifying = 0
 
     # --- inputs -----------------------------------------------------------
 
@@ -233,40 +263,51 @@ class Pipeline:
             self._send_receipts(owed)
 
     def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
-        """Start checking the entries of several blocks at once; one future per block.
+        """Start checking the entries of several blocks; one future per block.
 
-        A catch-up receives blocks in batches.  All their entries go to the
-        verifier processes in a few large chunks right away, so the workers
-        stay busy while the caller admits and commits the blocks one by one,
-        each as soon as its own entries are checked.
+        A catch-up receives blocks in batches, one batch per chain, and a
+        block of one chain usually needs blocks of the others first (its
+        links).  So the blocks are checked in the verifier processes in
+        parts of at most ``VERIFY_PART`` entries, taken round-robin from
+        every batch waiting, a few parts in flight at a time: the lowest
+        blocks of every chain are checked first, and the caller admits and
+        commits them while the workers go on with the rest.
         """
         loop = asyncio.get_running_loop()
-        flat = [e for body in bodies for e in body]
-        if self._pool is None or len(flat) < 64:
-            done = verify.check_entries(flat)
-            chunks = [loop.create_future()]
-            chunks[0].set_result(done)
-            step = max(1, len(flat))
-        else:
-            step = max(64, -(-len(flat) // (4 * self.workers)))
-            chunks = [
-                loop.run_in_executor(self._pool, verify.check_entries, flat[i : i + step])
-                for i in range(0, len(flat), step)
-            ]
-
-        async def part(start: int, end: int) -> list[verify.Result]:
-            if start == end:
-                return []
-            first, last = start // step, (end - 1) // step
-            got = [r for c in await asyncio.gather(*chunks[first : last + 1]) for r in c]
-            return got[start - first * step : end - first * step]
-
-        out: list[asyncio.Future[list[verify.Result]]] = []
-        pos = 0
-        for body in bodies:
-            out.append(asyncio.ensure_future(part(pos, pos + len(body))))
-            pos += len(body)
+        out: list[asyncio.Future[list[verify.Result]]] = [loop.create_future() for _ in bodies]
+        if self._pool is None or sum(map(len, bodies)) < 64:
+            for fut, body in zip(out, bodies, strict=True):
+                fut.set_result(verify.check_entries(body))
+            return out
+        jobs: deque[_VerifyJob] = deque()
+        for fut, body in zip(out, bodies, strict=True):
+            if not body:
+                fut.set_result([])
+                continue
+            parts = [body[i : i + VERIFY_PART] for i in range(0, len(body), VERIFY_PART)]
+            slots: list[list[verify.Result] | None] = [None] * len(parts)
+            jobs.extend(_VerifyJob(part, fut, slots, k) for k, part in enumerate(parts))
+        if jobs:
+            self._verify_queue.append(jobs)
+            self._pump_verify()
         return out
+
+    def _pump_verify(self) -> None:
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        while self._verify_queue and self._verifying < 2 * self.workers:
+            batch = self._verify_queue.popleft()
+            job = batch.popleft()
+            if batch:
+                self._verify_queue.append(batch)  # round-robin over the waiting batches
+            self._verifying += 1
+            fut = loop.run_in_executor(self._pool, verify.check_entries, job.entries)
+            fut.add_done_callback(job.done)
+            fut.add_done_callback(self._verify_done)
+
+    def _verify_done(self, _: asyncio.Future[list[verify.Result]]) -> None:
+        self._verifying -= 1
+        self._pump_verify()
 
     def _on_committed(self, c: Commit) -> None:
         if self.on_block is not None:

@@ -68,6 +68,7 @@ Checked = asyncio.Future[list[verify.Result]]  # a block's entries, being checke
 # a block waiting in the buffer: the peer it came from, the block, hops, its entry checks
 Buffered = tuple[bytes, wire.RawBlock, int, Checked | None]
 MAX_DIAL_BACKOFF_S = 10.0
+MAX_REPLY_BYTES = 4 * 1024 * 1024  # a pull reply stops adding blocks here (one always fits)
 
 
 @dataclass
@@ -131,13 +132,19 @@ class GossipShell:
                 raw = self.node.store.raw_block(msg.chain, msg.height)
                 blocks = [raw] if raw else []
             elif isinstance(msg, Blocks):
+                size = 0
                 for h in range(msg.from_height, msg.to_height + 1):
                     raw = self.node.store.raw_block(msg.chain, h)
-                    if raw is None:
+                    if raw is None or (blocks and size + len(raw[1]) > MAX_REPLY_BYTES):
                         break
                     blocks.append(raw)
-                if len(blocks) != msg.to_height - msg.from_height + 1:
+                    size += len(raw[0]) + len(raw[1])
+                if not blocks:
                     continue
+                # a shorter reply than asked: the puller asks again from where it ends
+                msg = Blocks(
+                    msg.chain, msg.from_height, msg.from_height + len(blocks) - 1, msg.hops
+                )
             if isinstance(msg, Push) and not blocks:
                 continue
             data = wire.encode(msg, blocks)
@@ -318,6 +325,7 @@ class GossipShell:
                 except RemoteError:
                     bodies.append([])  # _apply decodes it again and rejects it
             checks = self.node.pipeline.verify_blocks(bodies)
+            self.dispatch(self.core.on_blocks_arrived(conn.peer, msg.chain, msg.to_height, now))
             heights = range(msg.from_height, msg.to_height + 1)
             for h, raw, checked in zip(heights, raws, checks, strict=True):
                 await self._receive(
