@@ -306,13 +306,15 @@ class Gossip:
     def on_blocks_arrived(
         self, src: NodeId, chain: NodeId, to_height: int, now: float
     ) -> list[Send]:
-        """A pull reply arrived (its blocks are still to be checked): during a catch-up,
-        ask for the next batch now, so the next reply is on its way while this one is
-        verified.  At most two batches per chain are in flight."""
+        """A pull reply arrived (its blocks are still to be checked).
+
+        During a catch-up, ask for the next batch right away, from where this
+        reply ends (a reply may be shorter than asked), so it is on its way
+        while this one is verified and applied.
+        """
         self._heard(src, now)
         want = self._want.get(chain)
-        pending = self._pulls.get(chain)
-        if want is None or want[0] <= to_height or (pending and pending[0] > to_height):
+        if want is None or want[0] <= to_height or to_height <= self.head(chain):
             return []
         return self._issue_pull(chain, now, start=to_height + 1)
 

@@ -176,21 +176,33 @@ class GossipShell:
         Done when at least one authority peer reported, every connected
         authority peer reported (or a second passed since the first did), and
         our replica of our own chain reaches the highest reported head (the
-        core pulls it).  False if ``timeout`` passed first: the node then goes
-        on with what it has, and says so in its log and status.
+        core pulls it, like any other chain).  If no peer has answered within
+        ``timeout`` the node goes on from its local head (False; it is logged
+        and counted).  But once a peer says our chain is longer than what we
+        hold, there is no time limit: sealing before we hold it would sign a
+        second block at a height the network already has.
         """
         deadline = time.monotonic() + timeout
         first: float | None = None
-        ok = self.synced
-        while not ok and time.monotonic() < deadline:
+        ok, behind, next_log = self.synced, False, time.monotonic() + timeout
+        while not ok:
+            mine = (self.node.store.head(self.me) or (-1, b""))[0]
             if self.own_reports:
                 first = first or time.monotonic()
                 connected = {p for p, c in self.conns.items() if c.authority}
                 settled = connected <= set(self.own_reports) or time.monotonic() - first >= 1.0
-                mine = (self.node.store.head(self.me) or (-1, b""))[0]
-                ok = settled and mine >= max(self.own_reports.values())
-            if not ok:
-                await asyncio.sleep(0.05)
+                behind = mine < max(self.own_reports.values())
+                ok = settled and not behind
+            if ok or (not behind and time.monotonic() >= deadline):
+                break
+            if behind and time.monotonic() >= next_log:
+                log.warning(
+                    "still fetching our own chain from peers: we hold %d, they hold %d",
+                    mine,
+                    max(self.own_reports.values()),
+                )
+                next_log = time.monotonic() + timeout
+            await asyncio.sleep(0.05)
         self.synced = True
         self.counters["startup_sync_ok" if ok else "startup_sync_timeout"] += 1
         return ok
