@@ -149,3 +149,16 @@ def test_restored_heads_continue_contiguously_and_match_the_digest() -> None:
     assert g._recent(0.0) == ()  # restored heads are not news
     g.on_block_stored(None, B, 5, 1.0)
     assert g.head(B) == 5
+
+
+def test_catch_up_asks_for_the_next_batch_when_a_reply_arrives() -> None:
+    g = core(pull_batch=10)
+    g.on_message(B, FullHeads(((C, 34),)), 1.0)  # B holds chain C up to 34: pull 0..9
+    assert g.stats.pulls_sent == 1
+    # a reply that stops short (the sender caps a reply's bytes) is continued where it ends
+    assert g.on_blocks_arrived(B, C, 6, 1.1) == [Send(B, Pull(C, 7, 16))]
+    assert g.on_blocks_arrived(B, C, 16, 1.2) == [Send(B, Pull(C, 17, 26))]
+    for h in range(17):
+        g.on_block_stored(B, C, h, 1.3, forward=False)
+    assert g.on_blocks_arrived(B, C, 16, 1.4) == []  # an old reply: nothing new to ask
+    assert g.on_blocks_arrived(B, C, 34, 1.5) == []  # the last batch: nothing more wanted
