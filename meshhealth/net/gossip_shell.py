@@ -65,8 +65,20 @@ log = logging.getLogger(__name__)
 MAX_BUFFERED = 4096
 LATENCY_SAMPLES = 50_000
 Checked = asyncio.Future[list[verify.Result]]  # a block's entries, being checked or done
-# a block waiting in the buffer: the peer it came from, the block, hops, its entry checks
-Buffered = tuple[bytes, wire.RawBlock, int, Checked | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A peer's block on its way into our replica (it may wait in the buffer)."""
+
+    src: bytes  # the peer it came from
+    chain: bytes
+    height: int
+    raw: wire.RawBlock
+    hops: int
+    checked: Checked | None = None  # its entries' checks, started on arrival
+
+
 MAX_DIAL_BACKOFF_S = 10.0
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # a pull reply stops adding blocks here (one always fits)
 
@@ -100,7 +112,7 @@ class GossipShell:
         self.core.restore({n: h for n, (h, _) in node.store.heads().items()})
         self.conns: dict[bytes, Connection] = {}
         # blocks that arrived before their parent or their links: chain -> height -> block
-        self.buffer: dict[bytes, dict[int, Buffered]] = {}
+        self.buffer: dict[bytes, dict[int, Arrival]] = {}
         self.buffered = 0
         self.counters: Counter[str] = Counter()
         # what each authority peer says our own chain's head is (start-up sync)
@@ -326,7 +338,8 @@ class GossipShell:
         if isinstance(msg, PeerList):
             self._on_peer_list(conn, msg)
         elif isinstance(msg, Push):
-            await self._receive(conn, msg.chain, msg.height, raws[0], msg.hops, forward=True)
+            arrival = Arrival(conn.peer, msg.chain, msg.height, raws[0], msg.hops)
+            await self._receive(conn, arrival, forward=True)
         elif isinstance(msg, Blocks):
             # check every entry of the batch in the verifier processes at once, then
             # apply the blocks in order, each as soon as its own entries are done
@@ -340,9 +353,8 @@ class GossipShell:
             self.dispatch(self.core.on_blocks_arrived(conn.peer, msg.chain, msg.to_height, now))
             heights = range(msg.from_height, msg.to_height + 1)
             for h, raw, checked in zip(heights, raws, checks, strict=True):
-                await self._receive(
-                    conn, msg.chain, h, raw, msg.hops, forward=False, checked=checked
-                )
+                arrival = Arrival(conn.peer, msg.chain, h, raw, msg.hops, checked)
+                await self._receive(conn, arrival, forward=False)
         else:
             if isinstance(msg, FullHeads) and conn.authority:
                 self.own_reports[conn.peer] = dict(msg.heads).get(self.me, -1)
@@ -358,18 +370,8 @@ class GossipShell:
                 self.counters["peers_learned"] += 1
                 self._dial(url)
 
-    async def _receive(
-        self,
-        conn: Connection,
-        chain: bytes,
-        height: int,
-        raw: wire.RawBlock,
-        hops: int,
-        *,
-        forward: bool,
-        checked: Checked | None = None,
-    ) -> None:
-        now = time.monotonic()
+    async def _receive(self, conn: Connection, a: Arrival, *, forward: bool) -> None:
+        now, chain, height = time.monotonic(), a.chain, a.height
         if not conn.authority or chain not in self.authorities:
             self.counters["refused_block"] += 1
             self.core.penalise(conn.peer, now)
@@ -379,14 +381,14 @@ class GossipShell:
         head = self.node.store.head(chain)
         head_h, head_hash = (-1, self.node.network) if head is None else head
         if height <= head_h:
-            self._check_equivocation(conn.peer, chain, height, raw[0])
+            self._check_equivocation(conn.peer, chain, height, a.raw[0])
             self.core.on_duplicate(conn.peer, now)
             return
         if height > head_h + 1:
-            self._hold(chain, height, (conn.peer, raw, hops, checked))
+            self._hold(a)
             self.dispatch(self.core.on_ahead(conn.peer, chain, height, now))
             return
-        if await self._apply(conn.peer, chain, height, raw, head_hash, hops, forward, checked):
+        if await self._apply(a, head_hash, forward):
             await self._drain(chain)
 
     def _check_equivocation(self, src: bytes, chain: bytes, height: int, other: bytes) -> None:
@@ -417,17 +419,7 @@ class GossipShell:
                 height,
             )
 
-    async def _apply(
-        self,
-        src: bytes,
-        chain: bytes,
-        height: int,
-        raw: wire.RawBlock,
-        prev: bytes,
-        hops: int,
-        forward: bool,
-        checked: Checked | None = None,
-    ) -> bool:
+    async def _apply(self, a: Arrival, prev: bytes, forward: bool) -> bool:
         """Apply one block at our head + 1, unless another copy of it is being applied.
 
         Pushes overlap: each block reaches a node from its producer and from
@@ -436,32 +428,23 @@ class GossipShell:
         one waits in the buffer (after the first lands it is an
         equivocation, or nothing).
         """
-        key = (chain, height)
+        key = (a.chain, a.height)
         busy = self._applying.get(key)
         if busy is not None:
-            if busy != raw[0]:
-                self._hold(chain, height, (src, raw, hops, checked))
+            if busy != a.raw[0]:
+                self._hold(a)
             self.counters["duplicate_in_flight"] += 1
-            self.core.on_duplicate(src, time.monotonic())
+            self.core.on_duplicate(a.src, time.monotonic())
             return False
-        self._applying[key] = raw[0]
+        self._applying[key] = a.raw[0]
         try:
-            return await self._apply_once(src, chain, height, raw, prev, hops, forward, checked)
+            return await self._apply_once(a, prev, forward)
         finally:
             del self._applying[key]
 
-    async def _apply_once(
-        self,
-        src: bytes,
-        chain: bytes,
-        height: int,
-        raw: wire.RawBlock,
-        prev: bytes,
-        hops: int,
-        forward: bool,
-        checked: Checked | None = None,
-    ) -> bool:
+    async def _apply_once(self, a: Arrival, prev: bytes, forward: bool) -> bool:
         now = time.monotonic()
+        src, chain, height, raw, checked = a.src, a.chain, a.height, a.raw, a.checked
         try:
             header = BlockHeader.decode(raw[0])
             if header.node != chain:
@@ -488,7 +471,7 @@ class GossipShell:
                 )
                 await self.node.pipeline.commit_remote(commit)
         except MissingLinks as m:
-            self._hold(chain, height, (src, raw, hops, checked))  # keep the checks
+            self._hold(Arrival(src, chain, height, raw, a.hops, checked))  # keep the checks
             for n, h in m.missing:
                 self.dispatch(self.core.on_ahead(src, n, h + 1, now))
             return False
@@ -506,7 +489,7 @@ class GossipShell:
         self.counters["blocks_applied"] += 1
         self.latency.append((chain, height, time.time() * 1000 - header.ts_ms))
         self.dispatch(
-            self.core.on_block_stored(src, chain, height, now, hops=hops, forward=forward)
+            self.core.on_block_stored(src, chain, height, now, hops=a.hops, forward=forward)
         )
         return True
 
@@ -517,14 +500,14 @@ class GossipShell:
         if chain not in self.node.batcher.faulty:
             self.dispatch([Send(src, Pull(chain, height, height))])
 
-    def _hold(self, chain: bytes, height: int, block: Buffered) -> None:
+    def _hold(self, a: Arrival) -> None:
         """Buffer a block until it applies (bounded: past the limit it is pulled again later)."""
-        held = self.buffer.setdefault(chain, {})
-        if height not in held and self.buffered < MAX_BUFFERED:
-            held[height] = block
+        held = self.buffer.setdefault(a.chain, {})
+        if a.height not in held and self.buffered < MAX_BUFFERED:
+            held[a.height] = a
             self.buffered += 1
 
-    def _take(self, chain: bytes, height: int) -> Buffered | None:
+    def _take(self, chain: bytes, height: int) -> Arrival | None:
         held = self.buffer.get(chain)
         block = None if held is None else held.pop(height, None)
         if block is not None:
@@ -548,12 +531,9 @@ class GossipShell:
                 for stale in [h for h in self.buffer.get(c, {}) if h <= head_h]:
                     old = self._take(c, stale)
                     if old is not None:
-                        self._check_equivocation(old[0], c, stale, old[1][0])
+                        self._check_equivocation(old.src, c, stale, old.raw[0])
                 block = self._take(c, head_h + 1)
-                if block is None:
-                    continue
-                src, raw, hops, checked = block
-                if await self._apply(src, c, head_h + 1, raw, head_hash, hops, False, checked):
+                if block is not None and await self._apply(block, head_hash, False):
                     progress = True
 
     def latency_summary(self) -> dict[str, float]:
