@@ -27,7 +27,8 @@ from meshhealth.ingest.pipeline import Pipeline
 from meshhealth.net.api import make_app
 from meshhealth.store.lattice_view import confirmed_heights
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EnrollDevice, EquivocationProof, decode_entry
+from meshhealth.wire import EquivocationProof, decode_entry
+from meshhealth.wire.types import CONTROL_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ class Node:
         faulty: dict[bytes, int] = {}
         for raw in self.store.control_entries():
             tx = decode_entry(raw)
-            if isinstance(tx, EnrollDevice):
-                access.apply(tx)
-            elif isinstance(tx, EquivocationProof):
+            if isinstance(tx, EquivocationProof):
                 hdr, _ = tx.headers()
                 faulty.setdefault(hdr.node, hdr.height)
+            elif isinstance(tx, CONTROL_CLASSES):
+                access.apply(tx)
         head = self.store.head(self.identity.public)
         ing = cfg.ingest
         self.batcher = Batcher(

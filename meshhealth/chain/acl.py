@@ -1,8 +1,16 @@
-"""Access-control state: which device may publish which stream for whom.
+"""Access-control state: which device may publish which stream for whom, and who
+may read what.
 
 The state is a pure function of the *set* of control transactions seen
 (add-only, keyed by content), so replicas that saw the same transactions in
-any order agree.  For now the only transaction is :class:`EnrollDevice`.
+any order agree — a CRDT, with no consensus round:
+
+* an enrolment adds (device, patient, stream) -> key chain;
+* a grant is *active* at time t iff it is present, no revocation of it by
+  the same patient is present, and t is inside its window — a revocation
+  may arrive before the grant it revokes, and still wins;
+* an erasure covers everything of its patient up to its time; several
+  erasures cover up to the latest.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from dataclasses import dataclass, field
 
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected
-from meshhealth.wire import EnrollDevice, Reading
+from meshhealth.wire import Control, EnrollDevice, Erase, Grant, Reading, Revoke
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +35,67 @@ class AccessState:
     streams: dict[tuple[bytes, bytes, str], dict[bytes, ChainInfo]] = field(default_factory=dict)
     seen: set[bytes] = field(default_factory=set)  # tx hashes
     known_devices: set[bytes] = field(default_factory=set)
+    grants: dict[bytes, Grant] = field(default_factory=dict)  # tx hash -> grant
+    revoked: set[tuple[bytes, bytes]] = field(default_factory=set)  # (patient, grant hash)
+    erased: dict[bytes, int] = field(default_factory=dict)  # patient -> latest erasure ts
 
-    def apply(self, tx: EnrollDevice) -> bool:
+    def apply(self, tx: Control) -> bool:
         """Add a (verified) transaction; False if it was already known."""
         tid = h(tx.encode())
         if tid in self.seen:
             return False
         self.seen.add(tid)
-        self.known_devices.add(tx.device)
-        for s in tx.streams:
-            chains = self.streams.setdefault((tx.device, tx.patient, s.stream), {})
-            chains[s.chain_id] = ChainInfo(s.chain_id, s.start_epoch, s.epoch_ms)
+        if isinstance(tx, EnrollDevice):
+            self.known_devices.add(tx.device)
+            for s in tx.streams:
+                chains = self.streams.setdefault((tx.device, tx.patient, s.stream), {})
+                chains[s.chain_id] = ChainInfo(s.chain_id, s.start_epoch, s.epoch_ms)
+        elif isinstance(tx, Grant):
+            self.grants[tid] = tx
+        elif isinstance(tx, Revoke):
+            self.revoked.add((tx.patient, tx.grant))
+        elif isinstance(tx, Erase):
+            self.erased[tx.patient] = max(tx.ts_ms, self.erased.get(tx.patient, 0))
         return True
+
+    def is_revoked(self, grant_id: bytes) -> bool:
+        g = self.grants.get(grant_id)
+        return g is not None and (g.patient, grant_id) in self.revoked
+
+    def grants_of(self, patient: bytes) -> dict[bytes, Grant]:
+        return {gid: g for gid, g in self.grants.items() if g.patient == patient}
+
+    def may_read(self, reader: bytes, patient: bytes, stream: str, t_ms: int) -> bytes | None:
+        """Why ``reader`` may read ``patient``'s ``stream`` at ``t_ms``: ``b"self"`` for the
+        patient, the id of an active grant for a grantee; None if nothing allows it."""
+        if self.erased.get(patient, -1) >= t_ms:
+            return None
+        if reader == patient:
+            return b"self"
+        for gid, g in self.grants.items():
+            if (
+                g.grantee == reader
+                and g.patient == patient
+                and (patient, gid) not in self.revoked
+                and g.covers(t_ms)
+                and any(s.stream == stream for s in g.streams)
+            ):
+                return gid
+        return None
+
+    def fingerprint(self) -> bytes:
+        """A digest of the whole state: equal on replicas that hold the same transactions."""
+        parts = [
+            *sorted(
+                b"s" + d + p + st.encode() + c
+                for (d, p, st), cs in self.streams.items()
+                for c in cs
+            ),
+            *sorted(b"g" + gid for gid in self.grants),
+            *sorted(b"r" + p + g for p, g in self.revoked),
+            *sorted(b"x" + p + t.to_bytes(8, "big") for p, t in self.erased.items()),
+        ]
+        return h(b"\0".join(parts))
 
     def check_reading(self, r: Reading) -> None:
         """Raise :class:`Rejected` unless ``r`` fits an enrolment and its key chain."""

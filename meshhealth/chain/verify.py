@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import block_hash, decode_body, verify_body, verify_header
 from meshhealth.errors import InvalidBlock, RemoteError
-from meshhealth.wire import BlockHeader, EnrollDevice, EquivocationProof, Reading, decode_entry
+from meshhealth.wire import BlockHeader, EquivocationProof, Reading, decode_entry
+from meshhealth.wire.types import CONTROL_CLASSES
 
 
 @dataclass
@@ -68,7 +69,7 @@ def verify_chain(
         for i, raw in enumerate(entries):
             try:
                 e = decode_entry(raw).verify()
-                if isinstance(e, EnrollDevice):
+                if isinstance(e, CONTROL_CLASSES):
                     access.apply(e)
                     rep.txs += 1
                 elif isinstance(e, EquivocationProof):

@@ -12,7 +12,8 @@ from meshhealth.config import Genesis
 from meshhealth.errors import ConfigError, InvalidBlock
 from meshhealth.store.lattice_view import confirmed_heights, faulty_nodes
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EnrollDevice, decode_entry
+from meshhealth.wire import decode_entry
+from meshhealth.wire.types import CONTROL_CLASSES
 
 
 def find_stores(root: Path) -> list[Path]:
@@ -45,7 +46,7 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
             lattice = AccessState()
             for raw in store.control_entries():
                 tx = decode_entry(raw)
-                if isinstance(tx, EnrollDevice):
+                if isinstance(tx, CONTROL_CLASSES):
                     lattice.apply(tx)
             total = sum(h + 1 for h, _ in heads.values())
             bar = Progress(total, f"verify {path.name}", force=progress)

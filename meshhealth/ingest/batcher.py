@@ -25,7 +25,7 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected, RemoteError
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import EnrollDevice, EquivocationProof, Link, Reading, Receipt
+from meshhealth.wire import Control, EnrollDevice, EquivocationProof, Link, Reading, Receipt
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Batcher:
         self._add(raw, now_ms)
         self._readings.append(IndexedReading(len(self._entries) - 1, r.patient, r.stream, r.t_ms))
 
-    def admit_tx(self, raw: bytes, tx: EnrollDevice, now_ms: int) -> bytes:
+    def admit_tx(self, raw: bytes, tx: Control, now_ms: int) -> bytes:
         """Verify and add a control transaction; returns its hash."""
         try:
             tx.verify()
@@ -123,7 +123,7 @@ class Batcher:
             raise Rejected("bad_signature", str(exc)) from exc
         if tx.ts_ms > now_ms + self.limits.max_future_skew_ms:
             raise Rejected("future_timestamp", "transaction from the future")
-        if tx.device == tx.patient:
+        if isinstance(tx, EnrollDevice) and tx.device == tx.patient:
             raise Rejected("bad_tx", "a patient cannot enrol itself as a device")
         tid = h(raw)
         if not self.access.apply(tx):

@@ -31,7 +31,7 @@ from meshhealth.ingest.batcher import Batcher, make_receipt
 from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EnrollDevice, EquivocationProof
+from meshhealth.wire import EquivocationProof, decode_control
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Pipeline:
     def submit_tx(self, raw: bytes) -> bytes:
         """Admit a control transaction from the API; raises on anything bad."""
         try:
-            tx = EnrollDevice.decode(raw)
+            tx = decode_control(raw)
         except MalformedMessage:
             self.batcher.reject("malformed_tx")
             raise

@@ -38,7 +38,8 @@ from meshhealth.ingest import verify
 from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import BlockHeader, EnrollDevice, EquivocationProof, Reading, decode_entry
+from meshhealth.wire import BlockHeader, Control, EquivocationProof, Reading, decode_entry
+from meshhealth.wire.types import CONTROL_CLASSES
 
 
 class MissingLinks(Exception):
@@ -76,7 +77,7 @@ def admit_remote(
     if missing:
         raise MissingLinks(missing)
     overlay = AccessState()
-    new_txs: list[EnrollDevice] = []
+    new_txs: list[Control] = []
     faults: dict[bytes, int] = {}
     adds: dict[bytes, set[int]] = {}
     index: list[IndexedReading] = []
@@ -89,7 +90,7 @@ def admit_remote(
             e = verify.rebuild(res) if len(res) > 1 else decode_entry(raw)
         except RemoteError as exc:
             raise bad(f"entry {i}: {exc}") from exc
-        if isinstance(e, EnrollDevice):
+        if isinstance(e, CONTROL_CLASSES):
             overlay.apply(e)
             new_txs.append(e)
             txs.append((h(raw), i))

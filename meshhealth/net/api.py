@@ -18,7 +18,7 @@ from aiohttp import web
 from meshhealth.errors import MalformedMessage, Rejected
 from meshhealth.wire import BlockHeader, EnrollDevice, decode_entry
 from meshhealth.wire.codec import pack
-from meshhealth.wire.types import MAX_TX
+from meshhealth.wire.types import MAX_CONTROL
 
 NODE: web.AppKey[Any] = web.AppKey("node", Any)
 MSGPACK = "application/msgpack"
@@ -47,8 +47,8 @@ async def errors_middleware(
 
 
 async def submit_tx(request: web.Request) -> web.Response:
-    if request.content_length is not None and request.content_length > MAX_TX:
-        return _err(413, "oversized", f"a transaction is at most {MAX_TX} bytes")
+    if request.content_length is not None and request.content_length > MAX_CONTROL:
+        return _err(413, "oversized", f"a transaction is at most {MAX_CONTROL} bytes")
     raw = await request.read()
     tid = request.app[NODE].pipeline.submit_tx(raw)
     return web.json_response({"tx": tid.hex(), "status": "accepted"}, status=202)
@@ -115,7 +115,7 @@ async def enrollments(request: web.Request) -> web.Response:
 
 
 def make_app(node: Any) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_TX + 1024)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_CONTROL + 1024)
     app[NODE] = node
     app.router.add_post("/v1/tx", submit_tx)
     app.router.add_get("/v1/status", status)

@@ -2,22 +2,34 @@
 
 from meshhealth.wire.types import (
     BlockHeader,
+    Control,
     EnrollDevice,
     EquivocationProof,
+    Erase,
+    Grant,
+    GrantStream,
     Link,
     Reading,
     Receipt,
+    Revoke,
     StreamKey,
+    decode_control,
     decode_entry,
 )
 
 __all__ = [
     "BlockHeader",
+    "Control",
     "EnrollDevice",
     "EquivocationProof",
+    "Erase",
+    "Grant",
+    "GrantStream",
     "Link",
     "Reading",
     "Receipt",
+    "Revoke",
     "StreamKey",
+    "decode_control",
     "decode_entry",
 ]

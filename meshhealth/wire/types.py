@@ -291,6 +291,147 @@ class Receipt(Signed):
     sig: bytes
 
 
+MAX_GRANT = 65_536
+OPEN = MAX_U32  # ``last_epoch`` of an open grant: it follows the chain forward
+SEALED_OVERHEAD = 48  # X25519 SealedBox: ephemeral key + MAC
+
+
+def _grantstream(*v: Any) -> GrantStream:
+    return GrantStream(*v)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantStream:
+    """One stream of a grant, and the key material sealed to the grantee.
+
+    Bounded (``last_epoch`` < ``OPEN``): ``sealed`` holds the message keys
+    ``M(first_epoch..last_epoch)``, concatenated, in one SealedBox, so the
+    grantee can decrypt exactly that window and nothing else.  Open
+    (``last_epoch == OPEN``): ``sealed`` holds the ratchet key
+    ``K(first_epoch)``, which the grantee ratchets forward until the chain
+    is replaced (Rechain).
+    """
+
+    stream: str
+    chain_id: bytes
+    start_epoch: int
+    epoch_ms: int
+    first_epoch: int
+    last_epoch: int
+    sealed: bytes
+
+    FIELDS: ClassVar[Fields] = (
+        ("stream", name_str),
+        ("chain_id", CHAIN_ID),
+        ("start_epoch", u_int(0, MAX_U32)),
+        ("epoch_ms", u_int(MIN_EPOCH_MS, MAX_EPOCH_MS)),
+        ("first_epoch", u_int(0, MAX_U32)),
+        ("last_epoch", u_int(0, MAX_U32)),
+        ("sealed", b_max(MAX_GRANT)),
+    )
+
+    @property
+    def open(self) -> bool:
+        return self.last_epoch == OPEN
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.stream,
+            self.chain_id,
+            self.start_epoch,
+            self.epoch_ms,
+            self.first_epoch,
+            self.last_epoch,
+            self.sealed,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(Signed):
+    """Patient-signed: ``grantee`` may read these streams in [from_ms, until_ms].
+
+    ``until_ms == 0`` is an open grant (from ``from_ms`` on, until revoked).
+    ``pseudonymous``: exports made under this grant carry a per-grant
+    pseudonym instead of the patient's key (research sharing).
+    """
+
+    TAG: ClassVar[str] = "G1"
+    MAX_LEN: ClassVar[int] = MAX_GRANT
+    SIGNER: ClassVar[str] = "patient"
+    FIELDS: ClassVar[Fields] = (
+        ("patient", KEY),
+        ("grantee", KEY),
+        ("ts_ms", u_int()),
+        ("from_ms", u_int()),
+        ("until_ms", u_int()),
+        ("pseudonymous", u_int(0, 1)),
+        ("streams", array(record(GrantStream.FIELDS, _grantstream), 32)),
+    )
+
+    patient: bytes
+    grantee: bytes
+    ts_ms: int
+    from_ms: int
+    until_ms: int
+    pseudonymous: int
+    streams: tuple[GrantStream, ...]
+    sig: bytes
+
+    def __post_init__(self) -> None:
+        names = [s.stream for s in self.streams]
+        if not names or len(set(names)) != len(names):
+            raise MalformedMessage("a grant names each stream once, and at least one")
+        if self.until_ms and self.until_ms < self.from_ms:
+            raise MalformedMessage("a grant's window ends before it starts")
+        if self.grantee == self.patient:
+            raise MalformedMessage("a patient needs no grant to their own data")
+        for s in self.streams:
+            if s.first_epoch < s.start_epoch:
+                raise MalformedMessage("a grant starts before its key chain")
+            if s.open != (self.until_ms == 0):
+                raise MalformedMessage("open and bounded grants carry different keys")
+            keys = 1 if s.open else s.last_epoch - s.first_epoch + 1
+            if keys < 1 or len(s.sealed) != SEALED_OVERHEAD + 32 * keys:
+                raise MalformedMessage("sealed keys do not match the grant's epochs")
+
+    @property
+    def open(self) -> bool:
+        return self.until_ms == 0
+
+    def covers(self, t_ms: int) -> bool:
+        return self.from_ms <= t_ms and (self.open or t_ms <= self.until_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke(Signed):
+    """Patient-signed: the grant whose transaction hash is ``grant`` is over."""
+
+    TAG: ClassVar[str] = "V1"
+    MAX_LEN: ClassVar[int] = 512
+    SIGNER: ClassVar[str] = "patient"
+    FIELDS: ClassVar[Fields] = (("patient", KEY), ("grant", KEY), ("ts_ms", u_int()))
+
+    patient: bytes
+    grant: bytes
+    ts_ms: int
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Erase(Signed):
+    """Patient-signed: delete every payload of ``patient`` up to ``ts_ms`` (crypto-shredding:
+    the patient has dropped the seeds; nodes prune the ciphertext)."""
+
+    TAG: ClassVar[str] = "X1"
+    MAX_LEN: ClassVar[int] = 512
+    SIGNER: ClassVar[str] = "patient"
+    FIELDS: ClassVar[Fields] = (("patient", KEY), ("ts_ms", u_int()))
+
+    patient: bytes
+    ts_ms: int
+    sig: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class EquivocationProof:
     """Two different headers one node signed for one height of its chain.
@@ -339,8 +480,23 @@ class EquivocationProof:
         return self
 
 
-Entry = Reading | EnrollDevice | EquivocationProof
-ENTRY_TYPES: dict[str, Any] = {"R1": Reading, "E1": EnrollDevice, "Q1": EquivocationProof}
+Control = EnrollDevice | Grant | Revoke | Erase
+CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase)
+CONTROL_TYPES: dict[str, Any] = {c.TAG: c for c in CONTROL_CLASSES}
+MAX_CONTROL = max(c.MAX_LEN for c in CONTROL_TYPES.values())
+Entry = Reading | Control | EquivocationProof
+ENTRY_TYPES: dict[str, Any] = {"R1": Reading, "Q1": EquivocationProof, **CONTROL_TYPES}
+
+
+def decode_control(data: bytes) -> Control:
+    """Decode a patient-signed control transaction (not yet verified)."""
+    if len(data) > MAX_CONTROL:
+        raise MalformedMessage(f"a control transaction is at most {MAX_CONTROL} bytes")
+    cls = CONTROL_TYPES.get(peek_tag(data))
+    if cls is None:
+        raise MalformedMessage("not a control transaction")
+    tx: Control = cls.decode(data)
+    return tx
 
 
 def decode_entry(data: bytes) -> Entry:

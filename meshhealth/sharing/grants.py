@@ -1,0 +1,131 @@
+"""Grants, both sides: the patient seals keys to a grantee, the grantee opens them.
+
+A **bounded** grant seals the message keys of exactly the epochs its window
+touches, so the grantee can decrypt that window and nothing else, whichever
+node serves it the ciphertext (a key for an epoch is all or nothing, so the
+window is rounded out to whole epochs). An **open** grant seals the ratchet
+key at its start; the grantee ratchets forward on its own, until the
+patient moves the stream to a new key chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import nacl.exceptions
+import nacl.public
+
+from meshhealth.crypto.keys import Identity, box_public_of
+from meshhealth.sharing.keychain import (
+    ChainCursor,
+    KeyChain,
+    decode_samples,
+    decrypt,
+    epoch_of,
+    seal,
+)
+from meshhealth.sharing.keychain import message_key as derive_message_key
+from meshhealth.wire import Grant, GrantStream, Reading
+from meshhealth.wire.types import MAX_GRANT, OPEN
+
+KEY_LEN = 32
+_TOO_LONG = (
+    f"a bounded grant carries one key per epoch and stream, at most {MAX_GRANT:,} bytes in all: "
+    "grant a shorter window, fewer streams, or an open grant"
+)
+
+
+def make_grant(
+    patient: Identity,
+    chains: dict[str, KeyChain],
+    grantee: bytes,
+    *,
+    streams: Iterable[str],
+    from_ms: int,
+    until_ms: int | None,
+    now_ms: int,
+    pseudonymous: bool = False,
+) -> Grant:
+    """The patient's signed grant; ``until_ms=None`` makes it open."""
+    box = box_public_of(grantee)
+    out = []
+    for name in sorted(set(streams)):
+        c = chains.get(name)
+        if c is None:
+            raise ValueError(f"the patient has no key chain for stream {name!r}")
+        first = max(epoch_of(from_ms, c.epoch_ms), c.start_epoch)
+        if until_ms is None:
+            last, keys = OPEN, c.key(first)
+        else:
+            last = epoch_of(until_ms, c.epoch_ms)
+            if last < first:
+                raise ValueError(f"stream {name!r}: the window ends before its key chain starts")
+            if (last - first + 1) * KEY_LEN > MAX_GRANT:
+                raise ValueError(_TOO_LONG)
+            cur = c.cursor(first)  # walk the ratchet once, forward
+            keys = b"".join(cur.message_key(e) for e in range(first, last + 1))
+        out.append(
+            GrantStream(name, c.chain_id, c.start_epoch, c.epoch_ms, first, last, seal(keys, box))
+        )
+    size = sum(len(s.sealed) + 64 for s in out)
+    if size > MAX_GRANT - 1024:
+        raise ValueError(_TOO_LONG)
+    return Grant.create(
+        patient.signing,
+        grantee=grantee,
+        ts_ms=now_ms,
+        from_ms=from_ms,
+        until_ms=until_ms or 0,
+        pseudonymous=int(pseudonymous),
+        streams=tuple(out),
+    )
+
+
+@dataclass
+class GrantKeys:
+    """What a grantee can decrypt under one grant (opened with its own key)."""
+
+    grant: Grant
+    bounded: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (chain, epoch) -> M
+    cursors: dict[bytes, ChainCursor] = field(default_factory=dict)  # chain -> open cursor
+
+    @classmethod
+    def open(cls, grant: Grant, grantee: Identity) -> GrantKeys:
+        if grant.grantee != grantee.public:
+            raise ValueError("this grant is for someone else")
+        keys = cls(grant)
+        box = nacl.public.SealedBox(grantee.box_private)
+        for s in grant.streams:
+            try:
+                plain = box.decrypt(s.sealed)
+            except nacl.exceptions.CryptoError as exc:
+                raise ValueError(f"stream {s.stream}: the sealed keys do not open") from exc
+            if s.open:
+                keys.cursors[s.chain_id] = ChainCursor(s.chain_id, s.epoch_ms, s.first_epoch, plain)
+            else:
+                for i, e in enumerate(range(s.first_epoch, s.last_epoch + 1)):
+                    keys.bounded[(s.chain_id, e)] = plain[i * KEY_LEN : (i + 1) * KEY_LEN]
+        return keys
+
+    def message_key(self, chain_id: bytes, epoch: int) -> bytes | None:
+        """M(epoch) of that key chain, if this grant reaches it; None if it does not."""
+        key = self.bounded.get((chain_id, epoch))
+        if key is not None:
+            return key
+        cur = self.cursors.get(chain_id)
+        if cur is None or epoch < cur.epoch:
+            return None
+        return derive_message_key(
+            ChainCursor(chain_id, cur.epoch_ms, cur.epoch, cur.key).key_at(epoch)
+        )
+
+    def decrypt(self, r: Reading) -> tuple[str, list[tuple[int, tuple[float, ...]]]] | None:
+        """The reading's (unit, samples), or None if this grant holds no key for it."""
+        key = self.message_key(r.chain_id, r.epoch)
+        if key is None:
+            return None
+        return decode_samples(decrypt(key, r.nonce, r.ciphertext, r.associated_data()), r.t_ms)
+
+
+__all__ = ["GrantKeys", "make_grant"]
