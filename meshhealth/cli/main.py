@@ -83,17 +83,14 @@ def cmd_keygen(a: argparse.Namespace, kind: str) -> int:
 
 
 async def _enroll(a: argparse.Namespace) -> int:
-    import tomllib
-
     import aiohttp
 
+    from meshhealth.cli.patient_cmds import load_patient
     from meshhealth.net.client import post_tx
     from meshhealth.sharing.enrollment import enrollment
-    from meshhealth.sharing.keychain import KeyChain, epoch_of
+    from meshhealth.sharing.keychain import epoch_of
 
-    patient = load_identity(Path(a.key), passphrase=a.passphrase)
-    doc = tomllib.loads(Path(a.key).read_text())
-    chains = {c["stream"]: KeyChain.from_doc(c) for c in doc.get("keychains", [])}
+    patient, chains = load_patient(a.key, a.passphrase)
     wanted = a.streams.split(",") if a.streams else list(chains)
     missing = [s for s in wanted if s not in chains]
     if missing:
@@ -264,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="also write the signed transaction here (for the device)")
     s.add_argument("--passphrase")
     s.set_defaults(fn=_sync(_enroll))
+    from meshhealth.cli import patient_cmds
+
+    patient_cmds.add_parsers(pat, _sync)
 
     nd = sub.add_parser("node", help="run a node").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"

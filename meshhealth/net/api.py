@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from meshhealth.errors import MalformedMessage, Rejected
-from meshhealth.wire import BlockHeader, EnrollDevice, decode_entry
+from meshhealth.wire import BlockHeader, EnrollDevice, Grant, decode_entry
 from meshhealth.wire.codec import pack
 from meshhealth.wire.types import MAX_CONTROL
 
@@ -114,6 +114,37 @@ async def enrollments(request: web.Request) -> web.Response:
     return web.Response(body=pack(out), content_type=MSGPACK)
 
 
+def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
+    return {
+        "id": gid.hex(),
+        "patient": g.patient.hex(),
+        "grantee": g.grantee.hex(),
+        "streams": [s.stream for s in g.streams],
+        "from_ms": g.from_ms,
+        "until_ms": g.until_ms or None,
+        "open": g.open,
+        "pseudonymous": bool(g.pseudonymous),
+        "ts_ms": g.ts_ms,
+        "revoked": access.is_revoked(gid),
+        "tx": g.encode().hex(),  # the signed grant: its grantee opens its keys from it
+    }
+
+
+async def grants(request: web.Request) -> web.Response:
+    """Grants naming a patient (``/v1/patients/{key}/grants``) or a grantee
+    (``/v1/grantees/{key}/grants``).  Grants sit in blocks, which every node
+    replicates and serves, so this reveals nothing a block read would not."""
+    who = _key(request.match_info["key"])
+    access = request.app[NODE].batcher.access
+    side = "patient" if request.path.startswith("/v1/patients/") else "grantee"
+    out = [
+        _grant_doc(access, gid, g)
+        for gid, g in sorted(access.grants.items(), key=lambda kv: kv[1].ts_ms)
+        if getattr(g, side) == who
+    ]
+    return web.json_response({"grants": out})
+
+
 def make_app(node: Any) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_CONTROL + 1024)
     app[NODE] = node
@@ -122,6 +153,8 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/chains", chains)
     app.router.add_get("/v1/chains/{node}/{height}", block)
     app.router.add_get("/v1/devices/{device}/enrollments", enrollments)
+    app.router.add_get("/v1/patients/{key}/grants", grants)
+    app.router.add_get("/v1/grantees/{key}/grants", grants)
     app.router.add_get("/v1/gossip", node.gossip.handle)
     app.router.add_get("/v1/gossip/latency", latency)
     app["started"] = time.time()
