@@ -152,6 +152,12 @@ class Reading(Signed):
         )
 
 
+def _each_stream_once(streams: tuple[Any, ...], what: str) -> None:
+    names = [s.stream for s in streams]
+    if not names or len(set(names)) != len(names):
+        raise MalformedMessage(f"{what} names each stream once, and at least one")
+
+
 def _streamkey(*v: Any) -> StreamKey:
     return StreamKey(*v)
 
@@ -211,9 +217,7 @@ class EnrollDevice(Signed):
     sig: bytes
 
     def __post_init__(self) -> None:
-        names = [s.stream for s in self.streams]
-        if not names or len(set(names)) != len(names):
-            raise MalformedMessage("an enrolment names each stream once, and at least one")
+        _each_stream_once(self.streams, "an enrolment")
         for s in self.streams:
             if s.key_epoch < s.start_epoch:
                 raise MalformedMessage("key_epoch precedes the chain's start")
@@ -378,9 +382,7 @@ class Grant(Signed):
     sig: bytes
 
     def __post_init__(self) -> None:
-        names = [s.stream for s in self.streams]
-        if not names or len(set(names)) != len(names):
-            raise MalformedMessage("a grant names each stream once, and at least one")
+        _each_stream_once(self.streams, "a grant")
         if self.until_ms and self.until_ms < self.from_ms:
             raise MalformedMessage("a grant's window ends before it starts")
         if self.grantee == self.patient:
