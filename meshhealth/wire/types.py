@@ -158,12 +158,27 @@ def _each_stream_once(streams: tuple[Any, ...], what: str) -> None:
         raise MalformedMessage(f"{what} names each stream once, and at least one")
 
 
-def _streamkey(*v: Any) -> StreamKey:
-    return StreamKey(*v)
+class Record:
+    """Mixin for a record nested in a wire type: its ``FIELDS``, in order, as an array."""
+
+    __slots__ = ()
+    FIELDS: ClassVar[Fields]
+
+    def to_wire(self) -> list[Any]:
+        return [getattr(self, name) for name, _ in self.FIELDS]
+
+
+# how a stream's key chain is described, to a device (StreamKey) and to a grantee (GrantStream)
+KEY_CHAIN_FIELDS: Fields = (
+    ("stream", name_str),
+    ("chain_id", CHAIN_ID),
+    ("start_epoch", u_int(0, MAX_U32)),
+    ("epoch_ms", u_int(MIN_EPOCH_MS, MAX_EPOCH_MS)),
+)
 
 
 @dataclass(frozen=True, slots=True)
-class StreamKey:
+class StreamKey(Record):
     """A patient's key chain for one stream, as handed to a device.
 
     ``sealed`` is ``K(key_epoch)`` sealed (X25519 SealedBox) to the device.
@@ -177,23 +192,10 @@ class StreamKey:
     sealed: bytes
 
     FIELDS: ClassVar[Fields] = (
-        ("stream", name_str),
-        ("chain_id", CHAIN_ID),
-        ("start_epoch", u_int(0, MAX_U32)),
-        ("epoch_ms", u_int(MIN_EPOCH_MS, MAX_EPOCH_MS)),
+        *KEY_CHAIN_FIELDS,
         ("key_epoch", u_int(0, MAX_U32)),
         ("sealed", b_exact(80)),
     )
-
-    def to_wire(self) -> list[Any]:
-        return [
-            self.stream,
-            self.chain_id,
-            self.start_epoch,
-            self.epoch_ms,
-            self.key_epoch,
-            self.sealed,
-        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +209,7 @@ class EnrollDevice(Signed):
         ("patient", KEY),
         ("device", KEY),
         ("ts_ms", u_int()),
-        ("streams", array(record(StreamKey.FIELDS, _streamkey), 32)),
+        ("streams", array(record(StreamKey.FIELDS, StreamKey), 32)),
     )
 
     patient: bytes
@@ -223,12 +225,8 @@ class EnrollDevice(Signed):
                 raise MalformedMessage("key_epoch precedes the chain's start")
 
 
-def _link(*v: Any) -> Link:
-    return Link(*v)
-
-
 @dataclass(frozen=True, slots=True)
-class Link:
+class Link(Record):
     """A cross-link: the latest validated head ``(node, height, hash)`` of another chain."""
 
     node: bytes
@@ -236,9 +234,6 @@ class Link:
     hash: bytes
 
     FIELDS: ClassVar[Fields] = (("node", KEY), ("height", u_int()), ("hash", KEY))
-
-    def to_wire(self) -> list[Any]:
-        return [self.node, self.height, self.hash]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +251,7 @@ class BlockHeader(Signed):
         ("ts_ms", u_int()),
         ("root", KEY),
         ("count", u_int(0, MAX_U32)),
-        ("links", array(record(Link.FIELDS, _link), MAX_LINKS)),
+        ("links", array(record(Link.FIELDS, Link), MAX_LINKS)),
     )
 
     network: bytes
@@ -300,12 +295,8 @@ OPEN = MAX_U32  # ``last_epoch`` of an open grant: it follows the chain forward
 SEALED_OVERHEAD = 48  # X25519 SealedBox: ephemeral key + MAC
 
 
-def _grantstream(*v: Any) -> GrantStream:
-    return GrantStream(*v)
-
-
 @dataclass(frozen=True, slots=True)
-class GrantStream:
+class GrantStream(Record):
     """One stream of a grant, and the key material sealed to the grantee.
 
     Bounded (``last_epoch`` < ``OPEN``): ``sealed`` holds the message keys
@@ -325,10 +316,7 @@ class GrantStream:
     sealed: bytes
 
     FIELDS: ClassVar[Fields] = (
-        ("stream", name_str),
-        ("chain_id", CHAIN_ID),
-        ("start_epoch", u_int(0, MAX_U32)),
-        ("epoch_ms", u_int(MIN_EPOCH_MS, MAX_EPOCH_MS)),
+        *KEY_CHAIN_FIELDS,
         ("first_epoch", u_int(0, MAX_U32)),
         ("last_epoch", u_int(0, MAX_U32)),
         ("sealed", b_max(MAX_GRANT)),
@@ -337,17 +325,6 @@ class GrantStream:
     @property
     def open(self) -> bool:
         return self.last_epoch == OPEN
-
-    def to_wire(self) -> list[Any]:
-        return [
-            self.stream,
-            self.chain_id,
-            self.start_epoch,
-            self.epoch_ms,
-            self.first_epoch,
-            self.last_epoch,
-            self.sealed,
-        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +346,7 @@ class Grant(Signed):
         ("from_ms", u_int()),
         ("until_ms", u_int()),
         ("pseudonymous", u_int(0, 1)),
-        ("streams", array(record(GrantStream.FIELDS, _grantstream), 32)),
+        ("streams", array(record(GrantStream.FIELDS, GrantStream), 32)),
     )
 
     patient: bytes
