@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from meshhealth.chain.acl import AccessState
 from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.errors import ConfigError, NetworkError
@@ -25,10 +24,8 @@ from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.mqtt import MqttIngest
 from meshhealth.ingest.pipeline import Pipeline
 from meshhealth.net.api import make_app
-from meshhealth.store.lattice_view import confirmed_heights
+from meshhealth.store.lattice_view import confirmed_heights, replay_control
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EquivocationProof, decode_entry
-from meshhealth.wire.types import CONTROL_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +54,7 @@ class Node:
         self.network = self.genesis.network_id
         self.authorities = frozenset(a.key for a in self.genesis.authorities)
         self.store = open_store(cfg, self.genesis)
-        access = AccessState()
-        faulty: dict[bytes, int] = {}
-        for raw in self.store.control_entries():
-            tx = decode_entry(raw)
-            if isinstance(tx, EquivocationProof):
-                hdr, _ = tx.headers()
-                faulty.setdefault(hdr.node, hdr.height)
-            elif isinstance(tx, CONTROL_CLASSES):
-                access.apply(tx)
+        access, faulty = replay_control(self.store)
         head = self.store.head(self.identity.public)
         ing = cfg.ingest
         self.batcher = Batcher(

@@ -5,15 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from meshhealth.chain.acl import AccessState
 from meshhealth.chain.verify import verify_chain
 from meshhealth.cli.progress import Progress
 from meshhealth.config import Genesis
 from meshhealth.errors import ConfigError, InvalidBlock
-from meshhealth.store.lattice_view import confirmed_heights, faulty_nodes
+from meshhealth.store.lattice_view import confirmed_heights, replay_control
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import decode_entry
-from meshhealth.wire.types import CONTROL_CLASSES
 
 
 def find_stores(root: Path) -> list[Path]:
@@ -43,11 +40,7 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
         try:
             g = _genesis(store, genesis_path)
             heads = store.heads()
-            lattice = AccessState()
-            for raw in store.control_entries():
-                tx = decode_entry(raw)
-                if isinstance(tx, CONTROL_CLASSES):
-                    lattice.apply(tx)
+            lattice, _ = replay_control(store)
             total = sum(h + 1 for h, _ in heads.values())
             bar = Progress(total, f"verify {path.name}", force=progress)
             for node, head in sorted(heads.items()):
@@ -89,7 +82,7 @@ def show_store(root: Path, *, last: int = 10) -> int:
                 f"store {path}  network {g.name} ({g.network_id.hex()[:16]})  "
                 f"readings {store.reading_count()}  used {store.disk_bytes() / 1e6:.1f} MB"
             )
-            faulty = faulty_nodes(store)
+            _, faulty = replay_control(store)
             authorities = {a.key for a in g.authorities}
             confirmed = confirmed_heights(store, authorities, faulty)
             for node, (height, head) in sorted(store.heads().items()):

@@ -1,23 +1,31 @@
-"""Confirmation and faults of a stored replica, for status pages and the CLI."""
+"""What a stored replica implies beyond its blocks: the access state, the faulty
+nodes and each chain's confirmation (for the node at start-up, status pages and
+the CLI)."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
+from meshhealth.chain.acl import AccessState
 from meshhealth.chain.lattice import confirmed_height
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EquivocationProof, decode_entry
+from meshhealth.wire import EquivocationProof, Reading, decode_entry
 
 
-def faulty_nodes(store: Store) -> dict[bytes, int]:
-    """Authorities proven to have equivocated (node -> height of the first proof held)."""
-    out: dict[bytes, int] = {}
+def replay_control(store: Store) -> tuple[AccessState, dict[bytes, int]]:
+    """Every control transaction and equivocation proof the replica holds, replayed: the
+    access state, and the authorities proven to have equivocated (node -> lowest height
+    proven)."""
+    access = AccessState()
+    faulty: dict[bytes, int] = {}
     for raw in store.control_entries():
         e = decode_entry(raw)
         if isinstance(e, EquivocationProof):
             a, _ = e.headers()
-            out[a.node] = min(a.height, out.get(a.node, a.height))
-    return out
+            faulty[a.node] = min(a.height, faulty.get(a.node, a.height))
+        elif not isinstance(e, Reading):
+            access.apply(e)
+    return access, faulty
 
 
 def confirmed_heights(
