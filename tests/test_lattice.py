@@ -19,7 +19,7 @@ from meshhealth.gossip import wire
 from meshhealth.gossip.messages import FullHeadsRequest, PeerList, Send
 from meshhealth.gossip.protocol import Gossip
 from meshhealth.ingest.replica import admit_remote
-from meshhealth.ingest.verify import check_entries, check_entry
+from meshhealth.ingest.verify import check_block_entry, check_entries
 from meshhealth.wire import EquivocationProof, decode_entry
 from meshhealth.wire.codec import pack
 
@@ -82,7 +82,7 @@ def test_two_headers_at_one_height_make_a_checkable_proof() -> None:
     assert proof is not None and proof == equivocation(net, other, held)  # order-independent
     assert proof.accused == world.node
     assert decode_entry(proof.encode()).verify() == proof
-    assert check_entry(proof.encode()) is None
+    assert check_block_entry(proof.encode()) == (None,)
 
 
 def test_a_forged_header_is_no_proof() -> None:
@@ -105,7 +105,7 @@ def test_a_forged_header_is_no_proof() -> None:
     with pytest.raises(MalformedMessage):
         EquivocationProof(h1, h1).headers()
     bad = EquivocationProof.of(held.encode(), forged.encode())
-    assert check_entry(bad.encode()) == "bad_signature"
+    assert check_block_entry(bad.encode()) == ("bad_signature",)
 
 
 def test_a_proof_travels_in_a_block_and_marks_the_node_faulty_in_the_replica() -> None:

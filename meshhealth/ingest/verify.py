@@ -72,11 +72,5 @@ def check_block_entry(raw: bytes) -> Result:
     return (None,)
 
 
-def check_entry(raw: bytes) -> str | None:
-    """None if a block entry decodes and its signature verifies, else the reason."""
-    reason = check_block_entry(raw)[0]
-    return None if reason is None else str(reason)
-
-
 def check_entries(entries: list[bytes]) -> list[Result]:
     return [check_block_entry(e) for e in entries]

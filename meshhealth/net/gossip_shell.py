@@ -41,7 +41,7 @@ import random
 import statistics
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -77,6 +77,7 @@ class Arrival:
     raw: wire.RawBlock
     hops: int
     checked: Checked | None = None  # its entries' checks, started on arrival
+    entries: list[bytes] | None = None  # its body, decoded (with ``checked``)
 
 
 MAX_DIAL_BACKOFF_S = 10.0
@@ -343,17 +344,18 @@ class GossipShell:
         elif isinstance(msg, Blocks):
             # check every entry of the batch in the verifier processes at once, then
             # apply the blocks in order, each as soon as its own entries are done
-            bodies = []
+            bodies: list[list[bytes] | None] = []
             for raw in raws:
                 try:
                     bodies.append(list(decode_body(raw[1])))
                 except RemoteError:
-                    bodies.append([])  # _apply decodes it again and rejects it
-            checks = self.node.pipeline.verify_blocks(bodies)
+                    bodies.append(None)  # _apply decodes it again and rejects it
+            checks = iter(self.node.pipeline.verify_blocks([b for b in bodies if b is not None]))
             self.dispatch(self.core.on_blocks_arrived(conn.peer, msg.chain, msg.to_height, now))
             heights = range(msg.from_height, msg.to_height + 1)
-            for h, raw, checked in zip(heights, raws, checks, strict=True):
-                arrival = Arrival(conn.peer, msg.chain, h, raw, msg.hops, checked)
+            for h, raw, body in zip(heights, raws, bodies, strict=True):
+                checked = None if body is None else next(checks)
+                arrival = Arrival(conn.peer, msg.chain, h, raw, msg.hops, checked, body)
                 await self._receive(conn, arrival, forward=False)
         else:
             if isinstance(msg, FullHeads) and conn.authority:
@@ -444,7 +446,7 @@ class GossipShell:
 
     async def _apply_once(self, a: Arrival, prev: bytes, forward: bool) -> bool:
         now = time.monotonic()
-        src, chain, height, raw, checked = a.src, a.chain, a.height, a.raw, a.checked
+        src, chain, height, raw = a.src, a.chain, a.height, a.raw
         try:
             header = BlockHeader.decode(raw[0])
             if header.node != chain:
@@ -454,10 +456,10 @@ class GossipShell:
                 self._chase_fork(src, chain, height - 1)
                 return False
             verify_header(header, network=self.node.network, prev=prev, height=height)
-            entries = list(decode_body(raw[1]))
-            if checked is None or len(entries) != len(results := await checked):
-                checked = self.node.pipeline.verify_blocks([entries])[0]
-                results = await checked
+            entries = list(decode_body(raw[1])) if a.entries is None else a.entries
+            checked = a.checked or self.node.pipeline.verify_blocks([entries])[0]
+            a = replace(a, checked=checked, entries=entries)  # kept if the block must wait
+            results = await checked
             async with self.node.pipeline.apply_lock:
                 if (self.node.store.head(chain) or (-1, b""))[0] >= height:
                     return False  # applied meanwhile, from another peer
@@ -471,7 +473,7 @@ class GossipShell:
                 )
                 await self.node.pipeline.commit_remote(commit)
         except MissingLinks as m:
-            self._hold(Arrival(src, chain, height, raw, a.hops, checked))  # keep the checks
+            self._hold(a)  # with its checks
             for n, h in m.missing:
                 self.dispatch(self.core.on_ahead(src, n, h + 1, now))
             return False
