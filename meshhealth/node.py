@@ -101,8 +101,6 @@ class Node:
             advertise_url=gc.advertise_url or f"http://{cfg.api.host}:{cfg.api.port}",
             peer_exchange=gc.peer_exchange,
         )
-        if gc.peers:
-            self.pipeline.may_seal.clear()  # until sync_own_chain: see GossipShell
         self.api_requests: dict[str, int] = {}
         self.started = time.time()
         self.api_url = ""
@@ -183,7 +181,6 @@ class Node:
                         self.cfg.gossip.startup_sync_s,
                         self.batcher.height,
                     )
-                self.pipeline.may_seal.set()
                 await self.mqtt.start(self.broker_url)
                 stack.push_async_callback(self.mqtt.stop)
                 log.info(

@@ -80,14 +80,10 @@ def network_status(urls: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def heads(node: NodeProcess) -> dict[str, int]:
-    return {k: v["height"] for k, v in node.status()["chains"].items()}
-
-
 async def converged(nodes: list[NodeProcess], n_chains: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        hs = [await asyncio.to_thread(heads, nd) for nd in nodes]
+        hs = [await asyncio.to_thread(nd.heads) for nd in nodes]
         if len(hs[0]) == n_chains and all(h == hs[0] for h in hs):
             return True
         await asyncio.sleep(0.3)
@@ -108,7 +104,7 @@ async def test_three_nodes_share_a_broker_and_converge_on_every_chain(mosquitto,
             sim.close()
         assert drained, sim.statistics()
         # the shared subscription split the readings: more than one chain carries them
-        assert await converged(nodes, 3, 60), [heads(n) for n in nodes]
+        assert await converged(nodes, 3, 60), [n.heads() for n in nodes]
         per_node = [n.status()["ingest"]["readings_committed"] for n in nodes]
         assert sum(1 for c in per_node if c > 0) >= 2, per_node
         assert sum(per_node) >= sim.produced  # failover duplicates may add a few
@@ -145,7 +141,7 @@ async def test_killed_node_catches_up_and_outsiders_are_refused(mosquitto, tmp_p
             sim.close()
         assert drained
         nodes[2].start()
-        assert await converged(nodes, 3, 90), [heads(n) for n in nodes]
+        assert await converged(nodes, 3, 90), [n.heads() for n in nodes]
 
         # a node of another network, pointed at ours, is refused at the handshake
         (other,) = setup_network(outsider_root, 1, broker=mosquitto.url)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from netfaults import FaultProxy, GossipPeer
-from test_network import converged, heads, hr_sim, launch, network_status
+from test_network import converged, hr_sim, launch, network_status
 
 from meshhealth.bench.procs import NodeProcess
 from meshhealth.chain.block import block_hash, build_block
@@ -93,7 +93,7 @@ async def test_partitioned_node_and_wiped_node_converge_without_equivocating(mos
         finally:
             sim.close()
         assert drained, sim.statistics()
-        assert await converged(nodes, N, 90), [heads(n) for n in nodes]
+        assert await converged(nodes, N, 90), [n.heads() for n in nodes]
 
         # a node restarted on a wiped data dir fetches its own chain back before sealing
         victim = 2
@@ -111,7 +111,7 @@ async def test_partitioned_node_and_wiped_node_converge_without_equivocating(mos
         finally:
             sim2.close()
         await wait_for(lambda: chain_of(nodes[0], nodes[victim]) > before, 30, "a new block")
-        assert await converged(nodes, N, 60), [heads(n) for n in nodes]
+        assert await converged(nodes, N, 60), [n.heads() for n in nodes]
         for nd in nodes:
             assert nd.status()["faulty"] == {}  # nobody saw two blocks at one height
     finally:

@@ -41,35 +41,15 @@ def test_patient_grants_revokes_and_the_grantee_opens_its_keys(  # type: ignore[
     save_identity(doctor, dkey)
     patient = load_identity(pkey).public.hex()
 
-    r = mh(
-        "patient",
-        "grant",
-        "--key",
-        str(pkey),
-        "--to",
-        str(dkey),
-        "--streams",
-        "hr",
-        "--days",
-        "1",
-        "--node",
-        node.url,
-    )
+    def grant(to: str, *window: str, nodes: tuple[str, ...] = (node.url,)):  # type: ignore[no-untyped-def]
+        node_args = [a for u in nodes for a in ("--node", u)]
+        return mh("patient", "grant", "--key", str(pkey), "--to", to, *window, *node_args)
+
+    r = grant(str(dkey), "--streams", "hr", "--days", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     bounded_id = r.stdout.split()[1].rstrip(":")
-    r = mh(
-        "patient",
-        "grant",
-        "--key",
-        str(pkey),
-        "--to",
-        doctor.public.hex(),
-        "--open",
-        "--node",
-        "http://127.0.0.1:9",
-        "--node",
-        node.url,
-    )  # the first node is down
+    # the first node is down: the grant fails over to the next
+    r = grant(doctor.public.hex(), "--open", nodes=("http://127.0.0.1:9", node.url))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "open" in r.stdout
 

@@ -25,15 +25,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from meshhealth.bench.stats import pct
 from meshhealth.gossip.protocol import GossipParams
 from meshhealth.gossip.sim import Simulation
 
 BLOCK_KINDS = ("Push", "Pull", "Blocks")
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def measure(n: int, *, seed: int, blocks: int, fanout: int, loss: float) -> dict[str, Any]:
@@ -69,10 +65,10 @@ def measure(n: int, *, seed: int, blocks: int, fanout: int, loss: float) -> dict
         "fanout": fanout,
         "loss": loss,
         "blocks": blocks,
-        "rounds_p50": _pct(rounds, 0.5),
-        "rounds_p99": _pct(rounds, 0.99),
+        "rounds_p50": pct(rounds, 0.5),
+        "rounds_p99": pct(rounds, 0.99),
         "rounds_max": max(rounds),
-        "virtual_ms_p50": round(1000 * _pct(times, 0.5), 1),
+        "virtual_ms_p50": round(1000 * pct(times, 0.5), 1),
         "virtual_ms_max": round(1000 * max(times), 1),
         "messages_per_node_per_block": round(block_msgs / (n * blocks), 2),
         "bytes_per_node_per_block": round(block_bytes / (n * blocks), 1),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ from typing import Any
 
 from meshhealth.bench.ingest import Workload, publish, verify_ceiling, write_inputs
 from meshhealth.bench.procs import BrokerProcess, NodeProcess
+from meshhealth.bench.stats import pct
 from meshhealth.cli.demo import setup_network
 
 
@@ -46,10 +46,6 @@ def _get(url: str) -> Any:
         return json.loads(r.read())
 
 
-def _heads(node: NodeProcess) -> dict[str, int]:
-    return {k: v["height"] for k, v in node.status()["chains"].items()}
-
-
 def latencies(nodes: list[NodeProcess]) -> dict[tuple[str, int], list[float]]:
     """Per remote block, the ms from its seal to its commit on each node that has it."""
     per_block: dict[tuple[str, int], list[float]] = {}
@@ -62,12 +58,6 @@ def latencies(nodes: list[NodeProcess]) -> dict[tuple[str, int], list[float]]:
 def propagation(per_block: dict[tuple[str, int], list[float]], receivers: int) -> list[float]:
     """Per block that reached every receiver: ms until the last of them had it."""
     return [max(v) for v in per_block.values() if len(v) == receivers]
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if len(xs) < 2:
-        return xs[0] if xs else float("nan")
-    return statistics.quantiles(xs, n=100)[int(q * 100) - 1]
 
 
 def run_real(
@@ -118,8 +108,8 @@ def run_real(
                 "load_readings_per_s": rate,
                 "readings": sum(r["receipted"] for r in res),
                 "blocks": len(blocks),
-                "p50_ms": round(_pct(blocks, 0.5), 1),
-                "p99_ms": round(_pct(blocks, 0.99), 1),
+                "p50_ms": round(pct(blocks, 0.5), 1),
+                "p99_ms": round(pct(blocks, 0.99), 1),
                 "max_ms": round(max(blocks), 1) if blocks else None,
             }
             rows.append(row)
@@ -129,14 +119,14 @@ def run_real(
                 f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms",
                 flush=True,
             )
-        target = _heads(live[0])
+        target = live[0].heads()
         held = live[0].status()["store"]["readings"]
 
         t_start = time.monotonic()
         late.start(until="api")
         t_api = time.monotonic()
         while True:
-            got = _heads(late)
+            got = late.heads()
             if all(got.get(c, -1) >= h for c, h in target.items()):
                 break
             if time.monotonic() - t_api > 600:

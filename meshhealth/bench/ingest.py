@@ -33,6 +33,7 @@ import nacl.signing
 
 from device_agents.device import Device
 from meshhealth.bench.procs import BrokerProcess, MemorySampler, NodeProcess, tree_peak_rss_mb
+from meshhealth.bench.stats import pct
 from meshhealth.cli.demo import setup_network
 from meshhealth.crypto.keys import Identity
 from meshhealth.sharing.enrollment import enrollment
@@ -219,13 +220,6 @@ def window_rate(receipt_times: list[float], t_a: float, t_b: float) -> float:
     if len(bursts) < 2:
         return len(times) / (t_b - t_a)
     return sum(len(b) for b in bursts[1:]) / (bursts[-1][0] - bursts[0][0])
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def run(

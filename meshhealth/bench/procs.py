@@ -139,6 +139,10 @@ class NodeProcess:
                 raise TimeoutError(f"node does not ingest: {self.log.read_text()[-2000:]}")
             time.sleep(0.1)
 
+    def heads(self) -> dict[str, int]:
+        """This node's replica: chain (hex) -> height."""
+        return {k: v["height"] for k, v in self.status()["chains"].items()}
+
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/v1/status", timeout=5) as r:
             return json.loads(r.read())  # type: ignore[no-any-return]

@@ -119,6 +119,8 @@ class GossipShell:
         # what each authority peer says our own chain's head is (start-up sync)
         self.own_reports: dict[bytes, int] = {}
         self.synced = not peer_urls
+        if not self.synced:
+            node.pipeline.may_seal.clear()  # sync_own_chain sets it again
         # (chain, height, ms from the producer's seal to our commit), newest last
         self.latency: deque[tuple[bytes, int, float]] = deque(maxlen=LATENCY_SAMPLES)
         self._dialing: set[str] = set()
@@ -217,6 +219,7 @@ class GossipShell:
                 next_log = time.monotonic() + timeout
             await asyncio.sleep(0.05)
         self.synced = True
+        self.node.pipeline.may_seal.set()
         self.counters["startup_sync_ok" if ok else "startup_sync_timeout"] += 1
         return ok
 

@@ -171,21 +171,19 @@ class Store:
                 for k, v in txn.cursor(db=self.db["heads"])
             }
 
-    def header(self, node: bytes, height: int) -> BlockHeader | None:
-        with self.env.begin() as txn:
-            v = txn.get(chain_key(node, height), db=self.db["headers"])
-        return None if v is None else BlockHeader.decode(bytes(v))
-
-    def block_hash(self, node: bytes, height: int) -> bytes | None:
-        """A stored block's hash: the stored header bytes are canonical; hash them as they are."""
-        with self.env.begin() as txn:
-            v = txn.get(chain_key(node, height), db=self.db["headers"])
-        return None if v is None else h(bytes(v))
-
     def raw_header(self, node: bytes, height: int) -> bytes | None:
         with self.env.begin() as txn:
             v = txn.get(chain_key(node, height), db=self.db["headers"])
         return None if v is None else bytes(v)
+
+    def header(self, node: bytes, height: int) -> BlockHeader | None:
+        raw = self.raw_header(node, height)
+        return None if raw is None else BlockHeader.decode(raw)
+
+    def block_hash(self, node: bytes, height: int) -> bytes | None:
+        """A stored block's hash: the stored header bytes are canonical; hash them as they are."""
+        raw = self.raw_header(node, height)
+        return None if raw is None else h(raw)
 
     def raw_block(self, node: bytes, height: int) -> tuple[bytes, bytes] | None:
         """(encoded header, encoded body) exactly as stored."""
