@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -125,6 +125,21 @@ def test_verify_chain_refuses_non_authority_and_wrong_network(
 # --- single-byte corruption (property) --------------------------------------
 
 
+def expect_caught(
+    store: Store, built: BuiltChain, data: st.DataObject, corrupt: Callable[[bytes], bytes]
+) -> None:
+    """Corrupt one drawn stored header or body; verification must name that block, or the
+    next one (whose prev link no longer matches); then the store is restored."""
+    node = built.world.node
+    height = data.draw(st.integers(0, built.blocks - 1), label="height")
+    db = data.draw(st.sampled_from(["headers", "bodies"]), label="db")
+    orig = raw_get(store, db, node, height)
+    assert orig is not None
+    with tampered(store, db, node, height, corrupt(orig)):
+        expect_invalid(store, built, {height, height + 1})
+    verify_store(store, built.world)  # restored
+
+
 @settings(
     max_examples=250,
     deadline=None,
@@ -134,20 +149,14 @@ def test_verify_chain_refuses_non_authority_and_wrong_network(
 def test_any_single_byte_flip_is_caught(
     shared: tuple[Store, BuiltChain], data: st.DataObject
 ) -> None:
-    store, built = shared
-    node = built.world.node
-    height = data.draw(st.integers(0, built.blocks - 1), label="height")
-    db = data.draw(st.sampled_from(["headers", "bodies"]), label="db")
-    orig = raw_get(store, db, node, height)
-    assert orig is not None
-    offset = data.draw(st.integers(0, len(orig) - 1), label="offset")
-    mask = data.draw(st.integers(1, 255), label="mask")
-    bad = bytearray(orig)
-    bad[offset] ^= mask
-    allowed = {height, height + 1}  # the block itself, or the next one's prev link
-    with tampered(store, db, node, height, bytes(bad)):
-        expect_invalid(store, built, allowed)
-    verify_store(store, built.world)  # restored
+    def flip(orig: bytes) -> bytes:
+        bad = bytearray(orig)
+        bad[data.draw(st.integers(0, len(orig) - 1), label="offset")] ^= data.draw(
+            st.integers(1, 255), label="mask"
+        )
+        return bytes(bad)
+
+    expect_caught(*shared, data, flip)
 
 
 @settings(
@@ -159,19 +168,12 @@ def test_any_single_byte_flip_is_caught(
 def test_any_truncation_or_extension_is_caught(
     shared: tuple[Store, BuiltChain], data: st.DataObject
 ) -> None:
-    store, built = shared
-    node = built.world.node
-    height = data.draw(st.integers(0, built.blocks - 1), label="height")
-    db = data.draw(st.sampled_from(["headers", "bodies"]), label="db")
-    orig = raw_get(store, db, node, height)
-    assert orig is not None
-    if data.draw(st.booleans(), label="truncate"):
-        bad = orig[: data.draw(st.integers(0, len(orig) - 1), label="keep")]
-    else:
-        bad = orig + data.draw(st.binary(min_size=1, max_size=8), label="extra")
-    with tampered(store, db, node, height, bad):
-        expect_invalid(store, built, {height, height + 1})
-    verify_store(store, built.world)  # restored
+    def resize(orig: bytes) -> bytes:
+        if data.draw(st.booleans(), label="truncate"):
+            return orig[: data.draw(st.integers(0, len(orig) - 1), label="keep")]
+        return orig + data.draw(st.binary(min_size=1, max_size=8), label="extra")
+
+    expect_caught(*shared, data, resize)
 
 
 # --- structural tampering ---------------------------------------------------
