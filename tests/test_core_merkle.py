@@ -193,3 +193,36 @@ def test_proof_index_bounds() -> None:
     assert not merkle.verify_inclusion(leaves[0], 0, 0, [], root)
     assert merkle.verify_inclusion(leaves[0], 0, 1, [], leaves[0])
     assert not merkle.verify_inclusion(leaves[0], 0, 1, [leaves[1]], leaves[0])
+
+
+# --- proofs for many leaves of one block ---------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.data())
+def test_multiproof_proves_exactly_the_chosen_leaves(n: int, data: st.DataObject) -> None:
+    leaves = [merkle.leaf_hash(i.to_bytes(2, "big")) for i in range(n)]
+    tree = merkle.levels(leaves)
+    root = tree[-1][0]
+    assert root == merkle.root_of_leaves(leaves)
+    chosen = data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n))
+    proof = merkle.multiproof(tree, sorted(chosen))
+    assert merkle.verify_multiproof({i: leaves[i] for i in chosen}, n, proof, root)
+    # a swapped leaf, a truncated or a padded proof fails (the size comes from the signed
+    # header's entry count, so it is not the proof's to bind)
+    victim = min(chosen)
+    forged = {i: leaves[i] for i in chosen} | {victim: merkle.leaf_hash(b"forged")}
+    assert not merkle.verify_multiproof(forged, n, proof, root)
+    assert not merkle.verify_multiproof({i: leaves[i] for i in chosen}, n, [*proof, root], root)
+    if proof:
+        assert not merkle.verify_multiproof({i: leaves[i] for i in chosen}, n, proof[:-1], root)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 200), st.data())
+def test_multiproof_of_one_leaf_is_the_audit_path(n: int, data: st.DataObject) -> None:
+    leaves = [merkle.leaf_hash(i.to_bytes(2, "big")) for i in range(n)]
+    i = data.draw(st.integers(0, n - 1))
+    path = merkle.multiproof(merkle.levels(leaves), [i])
+    assert path == merkle.inclusion_proof(leaves, i)
+    assert merkle.verify_inclusion(leaves[i], i, n, path, merkle.root_of_leaves(leaves))

@@ -90,3 +90,80 @@ def verify_inclusion(
         fn >>= 1
         sn >>= 1
     return sn == 0 and r == root_
+
+
+# --- proofs for many leaves of one tree --------------------------------------
+#
+# Built bottom-up, the tree of ``n`` leaves has levels of ceil(n / 2**k)
+# nodes; node ``i`` of a level pairs with ``i ^ 1`` when that exists, and
+# the last node of an odd level is promoted unchanged.  A proof for a set of
+# leaves is the sibling hashes the verifier cannot compute itself, level by
+# level, in increasing position: with one leaf it is exactly the RFC 9162
+# audit path, and with many leaves of one block it shares the upper levels,
+# so a provider fetching a patient's readings checks each block's root once.
+
+
+def levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the tree, leaves first and the root last."""
+    out = [list(leaves)]
+    while len(out[-1]) > 1:
+        lv = out[-1]
+        nxt = [node_hash(lv[i], lv[i + 1]) for i in range(0, len(lv) - 1, 2)]
+        if len(lv) % 2:
+            nxt.append(lv[-1])
+        out.append(nxt)
+    return out
+
+
+def _walk(size: int, positions: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Per level: (node count, positions known before the level is combined)."""
+    out = []
+    known, n = sorted(set(positions)), size
+    while n > 1:
+        out.append((n, known))
+        known = sorted({i // 2 for i in known})
+        n = (n + 1) // 2
+    return out
+
+
+def multiproof(tree: list[list[bytes]], indexes: Sequence[int]) -> list[bytes]:
+    """The sibling hashes that prove the leaves at ``indexes`` (see above)."""
+    size = len(tree[0])
+    if not indexes or not all(0 <= i < size for i in indexes):
+        raise IndexError("leaf index out of range")
+    proof = []
+    for depth, (n, known) in enumerate(_walk(size, indexes)):
+        have = set(known)
+        for i in known:
+            sib = i ^ 1
+            if sib < n and sib not in have:
+                proof.append(tree[depth][sib])
+                have.add(sib)
+    return proof
+
+
+def verify_multiproof(
+    leaves: dict[int, bytes], size: int, proof: Sequence[bytes], root_: bytes
+) -> bool:
+    """Do these leaf hashes (by index) sit in a tree of ``size`` leaves with root ``root_``?"""
+    if not leaves or not all(0 <= i < size for i in leaves):
+        return False
+    nodes = dict(leaves)
+    it = iter(proof)
+    for n, known in _walk(size, list(leaves)):
+        for i in known:
+            sib = i ^ 1
+            if sib < n and sib not in nodes:
+                nxt = next(it, None)
+                if nxt is None:
+                    return False
+                nodes[sib] = nxt
+        up: dict[int, bytes] = {}
+        for i in known:
+            left = i & ~1
+            if left + 1 < n:
+                up[i // 2] = node_hash(nodes[left], nodes[left + 1])
+            else:
+                up[i // 2] = nodes[i]  # the unpaired last node moves up unchanged
+        nodes = up
+    return next(it, None) is None and nodes.get(0) == root_

@@ -1,6 +1,7 @@
 """Wire types and their one canonical msgpack encoding."""
 
 from meshhealth.wire.types import (
+    AccessLog,
     BlockHeader,
     Control,
     EnrollDevice,
@@ -18,6 +19,7 @@ from meshhealth.wire.types import (
 )
 
 __all__ = [
+    "AccessLog",
     "BlockHeader",
     "Control",
     "EnrollDevice",

@@ -459,12 +459,71 @@ class EquivocationProof:
         return self
 
 
+@dataclass(frozen=True, slots=True)
+class AccessLog(Signed):
+    """Node-signed: ``reader`` asked this node for ``patient``'s ``stream`` in
+    [from_ms, to_ms] at ``ts_ms``; ``outcome`` is ``read`` or ``denied``.
+
+    The node that answered puts the entry in its own next block, so the
+    patient's audit trail is replicated and tamper-evident like the data.
+    ``grant`` names the grant that allowed the read (empty for the patient
+    reading their own data, or for a denial); ``reason`` says why a request
+    was denied; ``request`` is the digest of the signed request, so two
+    identical reads are still two entries.
+    """
+
+    TAG: ClassVar[str] = "L1"
+    MAX_LEN: ClassVar[int] = 1024
+    SIGNER: ClassVar[str] = "node"
+    FIELDS: ClassVar[Fields] = (
+        ("network", KEY),
+        ("node", KEY),
+        ("reader", KEY),
+        ("patient", KEY),
+        ("stream", name_str),
+        ("from_ms", u_int()),
+        ("to_ms", u_int()),
+        ("ts_ms", u_int()),
+        ("outcome", name_str),
+        ("reason", b_max(64)),
+        ("grant", b_max(32)),
+        ("readings", u_int(0, MAX_U32)),
+        ("request", KEY),
+    )
+
+    network: bytes
+    node: bytes
+    reader: bytes
+    patient: bytes
+    stream: str
+    from_ms: int
+    to_ms: int
+    ts_ms: int
+    outcome: str
+    reason: bytes
+    grant: bytes
+    readings: int
+    request: bytes
+    sig: bytes
+
+    def __post_init__(self) -> None:
+        if self.outcome not in ("read", "denied"):
+            raise MalformedMessage("an access log's outcome is read or denied")
+        if len(self.grant) not in (0, 32):
+            raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
+
+
 Control = EnrollDevice | Grant | Revoke | Erase
 CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase)
 CONTROL_TYPES: dict[str, Any] = {c.TAG: c for c in CONTROL_CLASSES}
 MAX_CONTROL = max(c.MAX_LEN for c in CONTROL_TYPES.values())
-Entry = Reading | Control | EquivocationProof
-ENTRY_TYPES: dict[str, Any] = {"R1": Reading, "Q1": EquivocationProof, **CONTROL_TYPES}
+Entry = Reading | Control | EquivocationProof | AccessLog
+ENTRY_TYPES: dict[str, Any] = {
+    "R1": Reading,
+    "Q1": EquivocationProof,
+    "L1": AccessLog,
+    **CONTROL_TYPES,
+}
 
 
 def decode_control(data: bytes) -> Control:
