@@ -22,10 +22,12 @@ from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.errors import ConfigError, NetworkError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.mqtt import MqttIngest
-from meshhealth.ingest.pipeline import Pipeline
+from meshhealth.ingest.pipeline import Pipeline, now_ms
 from meshhealth.net.api import make_app
+from meshhealth.net.signed_request import ReplayGuard
 from meshhealth.store.lattice_view import confirmed_heights, replay_control
 from meshhealth.store.lmdb_store import Store
+from meshhealth.wire import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class Node:
         self.authorities = frozenset(a.key for a in self.genesis.authorities)
         self.store = open_store(cfg, self.genesis)
         access, faulty = replay_control(self.store)
+        for patient, upto in access.erased.items():  # finish erasures a crash cut short
+            self.store.prune_patient(patient, upto)
         head = self.store.head(self.identity.public)
         ing = cfg.ingest
         self.batcher = Batcher(
@@ -102,12 +106,49 @@ class Node:
             peer_exchange=gc.peer_exchange,
         )
         self.api_requests: dict[str, int] = {}
+        self.guard = ReplayGuard(self.identity.public)
+        self.auth_failures = 0
+        self.access_logs = 0
         self.started = time.time()
         self.api_url = ""
         self.broker_url = m.broker
 
     def _on_payload(self, topic: str, payload: bytes) -> None:
         self.pipeline.on_payload(topic, payload)
+
+    def log_access(
+        self,
+        reader: bytes,
+        patient: bytes,
+        stream: str,
+        from_ms: int,
+        to_ms: int,
+        outcome: str,
+        reason: str,
+        grant: bytes,
+        readings: int,
+        request: bytes,
+    ) -> None:
+        """Sign an access log and put it in our next block (the patient's audit trail)."""
+        now = now_ms()
+        entry = AccessLog.create(
+            self.identity.signing,
+            network=self.network,
+            reader=reader,
+            patient=patient,
+            stream=stream,
+            from_ms=from_ms,
+            to_ms=to_ms,
+            ts_ms=now,
+            outcome=outcome,
+            reason=reason.encode(),
+            grant=grant,
+            readings=readings,
+            request=request,
+        )
+        self.batcher.admit_log(entry, now)
+        self.pipeline.check_full()
+        self.access_logs += 1
 
     def status(self) -> dict[str, Any]:
         return {
@@ -120,6 +161,7 @@ class Node:
             "ingest": self.pipeline.statistics(),
             "store": self.store.statistics(),
             "enrolled_devices": len(self.batcher.access.known_devices),
+            "reads": {"access_logs": self.access_logs, "auth_failures": self.auth_failures},
             "chains": self.chains(),
             "faulty": {n.hex(): h for n, h in self.batcher.faulty.items()},
             "gossip": self.gossip.statistics(),

@@ -51,6 +51,7 @@ def hr_sim(
     *,
     backfill_s: float,
     resend_after: float = 5.0,
+    epoch_ms: int = 3_600_000,
 ) -> Simulation:
     """10 patients, one 1 Hz heart-rate device each, enrolling through any of the nodes."""
     g = Genesis.load(cfgs[0].genesis_path)
@@ -67,6 +68,7 @@ def hr_sim(
         samples_per_reading=1,
         backfill_s=backfill_s,
         resend_after=resend_after,
+        epoch_ms=epoch_ms,
     )
 
 

@@ -35,6 +35,7 @@ class AccessState:
     streams: dict[tuple[bytes, bytes, str], dict[bytes, ChainInfo]] = field(default_factory=dict)
     seen: set[bytes] = field(default_factory=set)  # tx hashes
     known_devices: set[bytes] = field(default_factory=set)
+    enrolments: dict[bytes, EnrollDevice] = field(default_factory=dict)  # tx hash -> tx
     grants: dict[bytes, Grant] = field(default_factory=dict)  # tx hash -> grant
     revoked: set[tuple[bytes, bytes]] = field(default_factory=set)  # (patient, grant hash)
     erased: dict[bytes, int] = field(default_factory=dict)  # patient -> latest erasure ts
@@ -47,6 +48,7 @@ class AccessState:
         self.seen.add(tid)
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
+            self.enrolments[tid] = tx
             for s in tx.streams:
                 chains = self.streams.setdefault((tx.device, tx.patient, s.stream), {})
                 chains[s.chain_id] = ChainInfo(s.chain_id, s.start_epoch, s.epoch_ms)
@@ -97,8 +99,16 @@ class AccessState:
         ]
         return h(b"\0".join(parts))
 
-    def check_reading(self, r: Reading) -> None:
-        """Raise :class:`Rejected` unless ``r`` fits an enrolment and its key chain."""
+    def check_reading(self, r: Reading, *, ingest: bool = False) -> None:
+        """Raise :class:`Rejected` unless ``r`` fits an enrolment and its key chain.
+
+        ``ingest``: also refuse what a node must not *take in* from a device, but may
+        find in another node's block, which was sealed before that node saw the
+        transaction making it so (a block's validity must not depend on arrival
+        order): a reading of an erased patient from before the erasure.
+        """
+        if ingest and self.erased.get(r.patient, -1) >= r.t_ms:
+            raise Rejected("erased", "the patient erased their data up to this time")
         chains = self.streams.get((r.device, r.patient, r.stream))
         if chains is None:
             if r.device not in self.known_devices:

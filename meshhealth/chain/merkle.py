@@ -13,10 +13,27 @@ from collections.abc import Sequence
 from meshhealth.crypto.hashing import h
 
 EMPTY_ROOT = h(b"")
+# An erased entry is stored, and gossiped, as this byte and its leaf hash.  0xC1 is
+# the one byte msgpack never uses, so no real entry (a msgpack array) starts with it.
+PRUNED = b"\xc1"
 
 
 def leaf_hash(entry: bytes) -> bytes:
     return h(b"\x00" + entry)
+
+
+def pruned(entry: bytes) -> bytes:
+    """The stand-in for an erased entry: it keeps the entry's place in the tree, not its bytes."""
+    return PRUNED + leaf_hash(entry)
+
+
+def is_pruned(entry: bytes) -> bool:
+    return len(entry) == 33 and entry[:1] == PRUNED
+
+
+def leaf_of(entry: bytes) -> bytes:
+    """The leaf hash of an entry as stored: computed, or kept if the entry was pruned."""
+    return entry[1:] if is_pruned(entry) else leaf_hash(entry)
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
@@ -37,7 +54,7 @@ def root_of_leaves(leaves: Sequence[bytes]) -> bytes:
 
 
 def root(entries: Sequence[bytes]) -> bytes:
-    return root_of_leaves([leaf_hash(e) for e in entries])
+    return root_of_leaves([leaf_of(e) for e in entries])
 
 
 def _split(n: int) -> int:

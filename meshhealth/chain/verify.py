@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import block_hash, decode_body, verify_body, verify_header
+from meshhealth.chain.merkle import is_pruned
 from meshhealth.errors import InvalidBlock, RemoteError
-from meshhealth.wire import BlockHeader, EquivocationProof, Reading, decode_entry
+from meshhealth.wire import AccessLog, BlockHeader, EquivocationProof, Reading, decode_entry
 from meshhealth.wire.types import CONTROL_CLASSES
 
 
@@ -27,6 +28,8 @@ class ChainReport:
     readings: int = 0
     txs: int = 0
     proofs: int = 0
+    logs: int = 0
+    pruned: int = 0  # erased entries: only their leaf hashes are left
     head: bytes = b""
 
 
@@ -67,6 +70,9 @@ def verify_chain(
             raise InvalidBlock(f"undecodable body: {exc}", node=node, height=height) from exc
         verify_body(header, entries)
         for i, raw in enumerate(entries):
+            if is_pruned(raw):
+                rep.pruned += 1
+                continue
             try:
                 e = decode_entry(raw).verify()
                 if isinstance(e, CONTROL_CLASSES):
@@ -80,6 +86,12 @@ def verify_chain(
                             height=height,
                         )
                     rep.proofs += 1
+                elif isinstance(e, AccessLog):
+                    if e.node != node or e.network != network:
+                        raise InvalidBlock(
+                            f"entry {i}: an access log of another node", node=node, height=height
+                        )
+                    rep.logs += 1
                 elif isinstance(e, Reading):
                     (lattice or access).check_reading(e)
                     if (e.device, e.seq) in seen:

@@ -62,7 +62,8 @@ def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: boo
                 bar.close()
                 print(
                     f"ok   {path}: chain {node.hex()[:8]} {rep.blocks} blocks, "
-                    f"{rep.readings} readings, {rep.txs} control txs, head {rep.head.hex()[:16]}"
+                    f"{rep.readings} readings, {rep.txs} control txs, {rep.logs} access logs, "
+                    f"{rep.pruned} erased, head {rep.head.hex()[:16]}"
                 )
         finally:
             store.close()

@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meshhealth.cli import patient_cmds
 
     patient_cmds.add_parsers(pat, _sync)
+    from meshhealth.cli import provider_cmds
+
+    provider_cmds.add_parsers(sub, pat, _sync)
 
     nd = sub.add_parser("node", help="run a node").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"

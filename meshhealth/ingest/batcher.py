@@ -25,7 +25,16 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected, RemoteError
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import Control, EnrollDevice, EquivocationProof, Link, Reading, Receipt
+from meshhealth.wire import (
+    AccessLog,
+    Control,
+    EnrollDevice,
+    EquivocationProof,
+    Erase,
+    Link,
+    Reading,
+    Receipt,
+)
 
 
 @dataclass
@@ -60,6 +69,9 @@ class Batcher:
     _links_due: dict[bytes, Link] = field(default_factory=dict)
     # authorities proven to have equivocated -> the height of the first proof
     faulty: dict[bytes, int] = field(default_factory=dict)
+    # erasures applied since the shell last pruned the store: (patient, up to ts_ms)
+    erasures_due: list[tuple[bytes, int]] = field(default_factory=list)
+    _audit: list[tuple[bytes, int, bytes, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prev:
@@ -101,7 +113,7 @@ class Batcher:
             raise Rejected("topic_mismatch", "reading published on another device's topic")
         if r.t_last_ms > now_ms + self.limits.max_future_skew_ms:
             raise Rejected("future_timestamp", f"{r.t_last_ms - now_ms} ms ahead")
-        self.access.check_reading(r)
+        self.access.check_reading(r, ingest=True)
         mark = self.marks.get(r.device)
         if mark is None:
             mark = self.marks[r.device] = SeqMark()
@@ -128,6 +140,8 @@ class Batcher:
         tid = h(raw)
         if not self.access.apply(tx):
             raise Rejected("duplicate_tx", tid.hex()[:16])
+        if isinstance(tx, Erase):
+            self.erasures_due.append((tx.patient, tx.ts_ms))
         self._add(raw, now_ms)
         self._txs.append((tid, len(self._entries) - 1))
         return tid
@@ -144,6 +158,12 @@ class Batcher:
         self._add(raw, now_ms)
         self._txs.append((h(raw), len(self._entries) - 1))
         return True
+
+    def admit_log(self, log: AccessLog, now_ms: int) -> None:
+        """Put an access log this node signed in its next block (the patient's audit trail)."""
+        raw = log.encode()
+        self._add(raw, now_ms)
+        self._audit.append((log.patient, log.ts_ms, log.request, len(self._entries) - 1))
 
     def _add(self, raw: bytes, now_ms: int) -> None:
         if self._started_ms is None:
@@ -193,9 +213,10 @@ class Batcher:
             links=tuple(self._links_due.values()),
         )
         self._links_due = {}
-        commit = Commit(block, tuple(self._readings), touched, tuple(self._txs))
+        commit = Commit(block, tuple(self._readings), touched, tuple(self._txs), tuple(self._audit))
         self.height, self.prev = block.header.height, block.hash
         self._entries, self._readings, self._txs, self._seqs = [], [], [], {}
+        self._audit = []
         self._bytes, self._started_ms = 0, None
         return commit
 

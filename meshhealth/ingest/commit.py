@@ -16,6 +16,7 @@ class IndexedReading:
     patient: bytes
     stream: str
     t_ms: int
+    counted: bool = True  # False: a copy of a reading another chain already brought us
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,3 +27,5 @@ class Commit:
     readings: tuple[IndexedReading, ...]
     seqmarks: dict[bytes, SeqMark]
     txs: tuple[tuple[bytes, int], ...]  # (tx hash, entry index)
+    audit: tuple[tuple[bytes, int, bytes, int], ...] = ()  # (patient, ts_ms, request, index)
+    prune: frozenset[int] = frozenset()  # entries of erased patients: stored as leaf hashes

@@ -103,6 +103,7 @@ class Pipeline:
         self.blocks = 0
         self.committed_readings = store.reading_count()
         self.commit_seconds = 0.0
+        self.pruned = 0  # readings erased from this store since start
         self._pool: Executor | None = None
         # held while a block (ours or a peer's) is admitted and committed: one writer of state
         self.apply_lock = asyncio.Lock()
@@ -135,14 +136,14 @@ class Pipeline:
         except Rejected as exc:
             self.batcher.reject(exc.reason)
             raise
-        self._check_full()
+        self.check_full()
         return tid
 
     def submit_proof(self, proof: EquivocationProof) -> bool:
         """Put an equivocation proof we found in our next block; False if already known."""
         added = self.batcher.admit_proof(proof, now_ms())
         if added:
-            self._check_full()
+            self.check_full()
         return added
 
     # --- tasks ------------------------------------------------------------
@@ -222,10 +223,10 @@ class Pipeline:
             else:
                 self._owed[r.device] = max(self._owed.get(r.device, -1), r.seq)
             if b.full():
-                self._check_full()
+                self.check_full()
                 await self._room.wait()
 
-    def _check_full(self) -> None:
+    def check_full(self) -> None:
         if self.batcher.full():
             self._room.clear()
             self._seal_now.set()
@@ -251,16 +252,28 @@ class Pipeline:
                 await loop.run_in_executor(self._writer, self.store.commit_block, commit)
                 self.commit_seconds += time.perf_counter() - t0
                 self._on_committed(commit)
+                await self.prune_erased()
 
     async def commit_remote(self, c: Commit) -> None:
         """Write a peer's admitted block (the caller holds ``apply_lock``)."""
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit_block, c)
         self.committed.update(c.seqmarks)
+        await self.prune_erased()
         # a device whose readings a shared subscription split across nodes: our last
         # receipt stopped at a gap another chain has just filled; the device waits for us
         owed = {d for d in c.seqmarks if d in self._owed}
         if owed:
             self._send_receipts(owed)
+
+    async def prune_erased(self) -> None:
+        """Carry out the erasures applied since the last call: the patients' stored
+        payloads become leaf hashes (in the writer thread, like every other write)."""
+        loop = asyncio.get_running_loop()
+        while self.batcher.erasures_due:
+            patient, upto = self.batcher.erasures_due.pop()
+            n = await loop.run_in_executor(self._writer, self.store.prune_patient, patient, upto)
+            self.pruned += n
+            log.info("erased %d readings of patient %s", n, patient.hex()[:8])
 
     def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
         """Start checking the entries of several blocks; one future per block.
@@ -344,6 +357,7 @@ class Pipeline:
             "height": b.height,
             "readings_committed": self.committed_readings,
             "commit_seconds": round(self.commit_seconds, 3),
+            "erased_readings": self.pruned,
         }
 
     async def flush(self) -> None:

@@ -32,13 +32,22 @@ from collections.abc import Callable, Sequence
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import Block, verify_body
+from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import InvalidBlock, Rejected, RemoteError
 from meshhealth.ingest import verify
 from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import BlockHeader, Control, EquivocationProof, Reading, decode_entry
+from meshhealth.wire import (
+    AccessLog,
+    BlockHeader,
+    Control,
+    EquivocationProof,
+    Erase,
+    Reading,
+    decode_entry,
+)
 from meshhealth.wire.types import CONTROL_CLASSES
 
 
@@ -83,9 +92,13 @@ def admit_remote(
     index: list[IndexedReading] = []
     txs: list[tuple[bytes, int]] = []
     skew = b.limits.max_future_skew_ms
+    audit: list[tuple[bytes, int, bytes, int]] = []
+    prune: set[int] = set()
     for i, (raw, res) in enumerate(zip(entries, checked, strict=True)):
         if res[0] is not None:
             raise bad(f"entry {i}: {res[0]}")
+        if is_pruned(raw):
+            continue  # erased where it came from: its leaf hash is all there is
         try:
             e = verify.rebuild(res) if len(res) > 1 else decode_entry(raw)
         except RemoteError as exc:
@@ -94,6 +107,11 @@ def admit_remote(
             overlay.apply(e)
             new_txs.append(e)
             txs.append((h(raw), i))
+            continue
+        if isinstance(e, AccessLog):
+            if e.node != node or e.network != b.network:
+                raise bad(f"entry {i}: an access log signed by another node")
+            audit.append((e.patient, e.ts_ms, e.request, i))
             continue
         if isinstance(e, EquivocationProof):
             a, _ = e.headers()  # signatures were checked with the other entries
@@ -112,15 +130,21 @@ def admit_remote(
                 overlay.check_reading(e)
             except Rejected as exc:
                 raise bad(f"entry {i}: {exc.reason}") from exc
+        if max(b.access.erased.get(e.patient, -1), overlay.erased.get(e.patient, -1)) >= e.t_ms:
+            prune.add(i)  # its patient erased it: keep only its leaf hash
         mark = b.marks.get(e.device)
         seen = adds.setdefault(e.device, set())
         if (mark is not None and mark.has(e.seq)) or e.seq in seen or b.is_pending(e.device, e.seq):
-            continue  # held already, via another chain: valid, not indexed twice
+            # held already, via another chain: valid, indexed (so an erasure finds this
+            # copy too) but not counted twice
+            index.append(IndexedReading(i, e.patient, e.stream, e.t_ms, counted=False))
+            continue
         seen.add(e.seq)
         index.append(IndexedReading(i, e.patient, e.stream, e.t_ms))
     # the block is valid: now change state
     for tx in new_txs:
-        b.access.apply(tx)
+        if b.access.apply(tx) and isinstance(tx, Erase):
+            b.erasures_due.append((tx.patient, tx.ts_ms))
     for accused, at in faults.items():
         b.faulty.setdefault(accused, at)
     touched: dict[bytes, SeqMark] = {}
@@ -133,4 +157,4 @@ def admit_remote(
         touched[device] = mark.copy()
     block = Block(header, tuple(entries))
     b.note_remote_head(node, height, block.hash, carries_entries=bool(entries), now_ms=now_ms)
-    return Commit(block, tuple(index), touched, tuple(txs))
+    return Commit(block, tuple(index), touched, tuple(txs), tuple(audit), frozenset(prune))

@@ -14,6 +14,7 @@ from typing import Any
 import nacl.bindings
 import nacl.exceptions
 
+from meshhealth.chain.merkle import is_pruned
 from meshhealth.errors import MalformedMessage, RemoteError
 from meshhealth.wire import Reading, decode_entry
 from meshhealth.wire.codec import peek_tag
@@ -61,6 +62,8 @@ def check_block_entry(raw: bytes) -> Result:
     """A block entry, checked: ``(reason,)``; ``(None, *fields)`` for a valid reading (as
     :func:`check_one`, so the parent rebuilds it without decoding); ``(None,)`` for any
     other valid entry."""
+    if is_pruned(raw):
+        return (None,)  # erased: only its leaf hash is left, which the Merkle root covers
     try:
         if peek_tag(raw) == "R1":
             return check_one(raw)

@@ -1,23 +1,33 @@
-"""The node's HTTP API (aiohttp).
+"""The node's HTTP API (aiohttp); ``/v1/openapi.json`` describes it.
 
-Control transactions arrive here already signed by the patient, so the
-request itself needs no further authentication; read endpoints that reveal
-anything about a patient arrive with the sharing issue and its signed
-requests.  Every error is a JSON ``{"error": ..., "reason": ...}`` with a
-4xx status; nothing a client sends can stop the node.
+Control transactions arrive already signed by the patient, so submitting
+one needs no further authentication.  Reading a patient's readings or audit
+trail needs a request signed by the reader
+(:mod:`meshhealth.net.signed_request`): the node checks it, decides what
+the access state allows (:mod:`meshhealth.sharing.serve`), answers or
+refuses with 403, and either way records an :class:`AccessLog` in its next
+block.  Every error is a JSON ``{"error": ..., "reason": ...}`` with a 4xx
+status; nothing a client sends can stop the node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from meshhealth.chain import merkle
+from meshhealth.chain.block import decode_body
+from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, Rejected
+from meshhealth.net.signed_request import RequestAuthError
+from meshhealth.sharing.serve import collect, decide
 from meshhealth.wire import BlockHeader, EnrollDevice, Grant, decode_entry
-from meshhealth.wire.codec import pack
+from meshhealth.wire.codec import name_str, pack
 from meshhealth.wire.types import MAX_CONTROL
 
 NODE: web.AppKey[Any] = web.AppKey("node", Any)
@@ -69,13 +79,19 @@ async def latency(request: web.Request) -> web.Response:
     return web.json_response({"samples": [[c.hex(), h, round(ms, 2)] for c, h, ms in samples]})
 
 
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": message, "reason": "malformed"}), content_type="application/json"
+    )
+
+
 def _key(text: str) -> bytes:
     try:
         k = bytes.fromhex(text)
     except ValueError:
         k = b""
     if len(k) != 32:
-        raise web.HTTPBadRequest(text="expected a 64-hex key")
+        raise _bad("expected a 64-hex key")
     return k
 
 
@@ -145,6 +161,121 @@ async def grants(request: web.Request) -> web.Response:
     return web.json_response({"grants": out})
 
 
+# --- signed reads -----------------------------------------------------------
+
+
+async def _signed_by(request: web.Request) -> tuple[bytes, bytes]:
+    """The reader's key and the request's digest, or 401."""
+    node = request.app[NODE]
+    body = await request.read()
+    try:
+        reader = node.guard.verify(
+            request.method, request.raw_path, body, request.headers, int(time.time() * 1000)
+        )
+    except RequestAuthError as exc:
+        node.auth_failures += 1
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": str(exc), "reason": "unauthenticated"}),
+            content_type="application/json",
+        ) from exc
+    return reader, h(request.headers["X-MH-Signature"].encode())
+
+
+def _ms(request: web.Request, name: str, default: int | None = None) -> int:
+    text = request.query.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        v = int(text or "")
+    except ValueError:
+        raise _bad(f"query parameter {name!r}: Unix ms expected") from None
+    if not 0 <= v < 1 << 63:
+        raise _bad(f"query parameter {name!r} out of range")
+    return v
+
+
+async def readings(request: web.Request) -> web.Response:
+    """``GET /v1/patients/{key}/readings?stream=&from=&to=[&after=]``, signed."""
+    node = request.app[NODE]
+    reader, rid = await _signed_by(request)
+    patient = _key(request.match_info["key"])
+    try:
+        stream = name_str(request.query.get("stream"))
+    except MalformedMessage:
+        return _err(400, "malformed", "stream: a short lowercase name")
+    lo, hi, after = _ms(request, "from"), _ms(request, "to"), _ms(request, "after", 0)
+    if lo > hi:
+        return _err(400, "malformed", "from is after to")
+    access = node.batcher.access
+    d = decide(access, reader, patient, stream, lo, hi)
+    if not d.allowed:
+        node.log_access(reader, patient, stream, lo, hi, "denied", d.reason, b"", 0, rid)
+        return _err(403, d.reason, f"{reader.hex()[:8]} may not read this ({d.reason})")
+    enrolments = [tx.encode() for tx in access.enrolments.values() if tx.patient == patient]
+    body, n = await asyncio.to_thread(
+        collect, node.store, enrolments, patient, stream, d, after=after
+    )
+    node.log_access(reader, patient, stream, lo, hi, "read", "", d.grant, n, rid)
+    return web.Response(body=body, content_type=MSGPACK)
+
+
+async def audit(request: web.Request) -> web.Response:
+    """``GET /v1/patients/{key}/audit[?from=&to=]``, signed by the patient: every access
+    log about them, from every chain this node holds."""
+    node = request.app[NODE]
+    reader, rid = await _signed_by(request)
+    patient = _key(request.match_info["key"])
+    lo, hi = _ms(request, "from", 0), _ms(request, "to", int(time.time() * 1000) + 86_400_000)
+    if reader != patient:
+        node.log_access(reader, patient, "audit", lo, hi, "denied", "not_patient", b"", 0, rid)
+        return _err(403, "not_patient", "only the patient may read their audit trail")
+    out = []
+    for loc_node, height, index in node.store.audit_locations(patient, lo, hi):
+        raw = node.store.raw_block(loc_node, height)
+        if raw is not None:
+            out.append([decode_body(raw[1])[index], loc_node, height, index])
+    return web.Response(body=pack(["AU1", out]), content_type=MSGPACK)
+
+
+async def proof(request: web.Request) -> web.Response:
+    """``GET /v1/chains/{node}/{height}/proof/{index}``: an entry, its block header and
+    its RFC 9162 audit path (an erased entry comes as its leaf hash alone)."""
+    node = _key(request.match_info["node"])
+    try:
+        height, index = int(request.match_info["height"]), int(request.match_info["index"])
+    except ValueError:
+        return _err(400, "malformed", "height and index are integers")
+    raw = request.app[NODE].store.raw_block(node, height)
+    if raw is None:
+        return _err(404, "not_found", "no such block")
+    body = decode_body(raw[1])
+    if not 0 <= index < len(body):
+        return _err(404, "not_found", f"block {height} has {len(body)} entries")
+    leaves = [merkle.leaf_of(e) for e in body]
+    entry = body[index]
+    return web.json_response(
+        {
+            "header": raw[0].hex(),
+            "index": index,
+            "size": len(body),
+            "entry": None if merkle.is_pruned(entry) else entry.hex(),
+            "leaf": leaves[index].hex(),
+            "path": [p.hex() for p in merkle.inclusion_proof(leaves, index)],
+        }
+    )
+
+
+async def network(request: web.Request) -> web.Response:
+    """The network's genesis (authorities): pin it with ``provider fetch --genesis``."""
+    return web.Response(text=request.app[NODE].genesis.dumps(), content_type="application/toml")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from meshhealth.net.openapi import document
+
+    return web.json_response(document())
+
+
 def make_app(node: Any) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_CONTROL + 1024)
     app[NODE] = node
@@ -152,10 +283,14 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/chains", chains)
     app.router.add_get("/v1/chains/{node}/{height}", block)
+    app.router.add_get("/v1/chains/{node}/{height}/proof/{index}", proof)
+    app.router.add_get("/v1/patients/{key}/readings", readings)
+    app.router.add_get("/v1/patients/{key}/audit", audit)
+    app.router.add_get("/v1/network", network)
+    app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/devices/{device}/enrollments", enrollments)
     app.router.add_get("/v1/patients/{key}/grants", grants)
     app.router.add_get("/v1/grantees/{key}/grants", grants)
     app.router.add_get("/v1/gossip", node.gossip.handle)
     app.router.add_get("/v1/gossip/latency", latency)
-    app["started"] = time.time()
     return app

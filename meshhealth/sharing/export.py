@@ -46,6 +46,7 @@ GRANT_SYSTEM = "urn:meshhealth:grant"
 
 _IDS = uuid.uuid5(uuid.NAMESPACE_URL, "urn:meshhealth:export")
 _EPOCH = datetime(1970, 1, 1)
+_LAST_MS = (datetime(9999, 12, 31, 23, 59, 59) - _EPOCH) // timedelta(milliseconds=1)
 
 Json = dict[str, Any]
 Code = tuple[str, str]  # a LOINC (code, display)
@@ -101,7 +102,9 @@ LOINC: dict[str, StreamCode] = {
 
 
 def iso(t_ms: int) -> str:
-    """Unix ms as ISO 8601 UTC with milliseconds: ``2026-11-21T10:00:00.000Z``."""
+    """Unix ms as ISO 8601 UTC with milliseconds: ``2026-11-21T10:00:00.000Z`` (clamped to
+    the years 1970..9999, which is all a FHIR dateTime can say)."""
+    t_ms = min(max(t_ms, 0), _LAST_MS)
     return (_EPOCH + timedelta(milliseconds=t_ms)).isoformat(timespec="milliseconds") + "Z"
 
 

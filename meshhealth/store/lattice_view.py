@@ -9,7 +9,8 @@ from collections.abc import Collection
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.lattice import confirmed_height
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EquivocationProof, Reading, decode_entry
+from meshhealth.wire import EquivocationProof, decode_entry
+from meshhealth.wire.types import CONTROL_CLASSES
 
 
 def replay_control(store: Store) -> tuple[AccessState, dict[bytes, int]]:
@@ -23,7 +24,7 @@ def replay_control(store: Store) -> tuple[AccessState, dict[bytes, int]]:
         if isinstance(e, EquivocationProof):
             a, _ = e.headers()
             faulty[a.node] = min(a.height, faulty.get(a.node, a.height))
-        elif not isinstance(e, Reading):
+        elif isinstance(e, CONTROL_CLASSES):
             access.apply(e)
     return access, faulty
 

@@ -10,9 +10,11 @@ Named databases::
     seqmarks  device(32)                  -> SeqMark
     acl       entry hash(32)              -> node(32) + height(8) + index(4), for every
               control transaction and equivocation proof
+    audit     patient(32) + ts(8) + request(8) -> node(32) + height(8) + index(4), for
+              every access log (the patient's audit trail, from every chain)
     links     node(32) + chain(32)        -> height(8): the highest block of ``chain``
               that ``node``'s blocks link to (what confirmation counts)
-    names     kind(1) + name               -> small local id (and back)
+    names     kind(1) + name               -> small local id, and ``~`` kind(1) id -> name
     meta      key                          -> value
 
 The ``readings`` index groups the readings of one patient's stream that fall
@@ -37,15 +39,27 @@ from typing import Any
 import lmdb
 
 from meshhealth.chain.block import Block, decode_body, encode_body
+from meshhealth.chain.merkle import is_pruned, pruned
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import StorageError
 from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import BlockHeader
-from meshhealth.wire.codec import pack
+from meshhealth.wire.codec import pack, unpack
 
 HOUR_MS = 3_600_000
-_DBS = ("headers", "bodies", "heads", "readings", "seqmarks", "acl", "links", "names", "meta")
+_DBS = (
+    "headers",
+    "bodies",
+    "heads",
+    "readings",
+    "seqmarks",
+    "acl",
+    "audit",
+    "links",
+    "names",
+    "meta",
+)
 
 
 def chain_key(node: bytes, height: int) -> bytes:
@@ -107,6 +121,7 @@ class Store:
             got = n.to_bytes(width, "big")
             txn.put(counter, got, db=self.db["names"])
             txn.put(k, got, db=self.db["names"])
+            txn.put(b"~" + kind + got, name, db=self.db["names"])
         self._names[k] = got
         return got
 
@@ -118,11 +133,16 @@ class Store:
         key = chain_key(hdr.node, hdr.height)
         if not txn.put(key, hdr.encode(), db=self.db["headers"], overwrite=False):
             raise StorageError(f"block {hdr.height} of {hdr.node.hex()[:8]} already stored")
-        txn.put(key, encode_body(c.block.entries), db=self.db["bodies"])
+        entries = c.block.entries
+        if c.prune:
+            entries = tuple(pruned(e) if i in c.prune else e for i, e in enumerate(entries))
+        txn.put(key, encode_body(entries), db=self.db["bodies"])
         txn.put(hdr.node, struct.pack(">Q", hdr.height) + c.block.hash, db=self.db["heads"])
         nid = self._name_id(txn, b"n", hdr.node, 2)
         buckets: dict[bytes, list[int]] = {}
         for r in c.readings:
+            if r.index in c.prune:
+                continue
             pid = self._name_id(txn, b"p", r.patient, 4)
             sid = self._name_id(txn, b"s", r.stream.encode(), 1)
             bkey = (
@@ -139,10 +159,17 @@ class Store:
             txn.put(device, mark.encode(), db=self.db["seqmarks"])
         for tx_hash, index in c.txs:
             txn.put(tx_hash, key + struct.pack(">I", index), db=self.db["acl"])
+        for patient, ts, request, index in c.audit:
+            txn.put(
+                patient + struct.pack(">Q", ts) + request[:8],
+                key + struct.pack(">I", index),
+                db=self.db["audit"],
+            )
         for link in hdr.links:  # links only move forward along a chain
             txn.put(hdr.node + link.node, struct.pack(">Q", link.height), db=self.db["links"])
         n = int.from_bytes(txn.get(b"readings", b"\0" * 8, db=self.db["meta"]), "big")
-        txn.put(b"readings", (n + len(c.readings)).to_bytes(8, "big"), db=self.db["meta"])
+        n += sum(r.counted for r in c.readings)
+        txn.put(b"readings", n.to_bytes(8, "big"), db=self.db["meta"])
 
     def set_meta(self, key: str, value: bytes) -> None:
         def put(txn: Any) -> None:
@@ -237,6 +264,114 @@ class Store:
                     raise StorageError("acl index points at a missing block")
                 out.append(decode_body(bytes(body))[struct.unpack(">I", loc[40:])[0]])
         return out
+
+    # --- the sharing read path ----------------------------------------------
+
+    def _name(self, txn: Any, kind: bytes, lid: bytes) -> bytes | None:
+        v = txn.get(b"~" + kind + lid, db=self.db["names"])
+        return None if v is None else bytes(v)
+
+    def reading_blocks(
+        self, patient: bytes, stream: str, from_ms: int, to_ms: int
+    ) -> list[tuple[bytes, int, list[int]]]:
+        """(node, height, entry indexes) of the blocks holding ``patient``'s ``stream``
+        readings that *start* in [from_ms, to_ms] (a reading spans at most an hour, so
+        the hours scanned begin one before ``from_ms``), in time order of the hour."""
+        out: list[tuple[bytes, int, list[int]]] = []
+        with self.env.begin() as txn:
+            names = self.db["names"]
+            pid = txn.get(b"p" + patient, db=names)
+            sid = txn.get(b"s" + stream.encode(), db=names)
+            if pid is None or sid is None:
+                return out
+            prefix = bytes(pid) + bytes(sid)
+            lo = prefix + struct.pack(">I", max(0, from_ms // HOUR_MS - 1))
+            hi = to_ms // HOUR_MS
+            nodes: dict[bytes, bytes | None] = {}
+            cur = txn.cursor(db=self.db["readings"])
+            if not cur.set_range(lo):
+                return out
+            for k, v in cur:
+                if k[:5] != prefix or struct.unpack(">I", k[5:9])[0] > hi:
+                    break
+                nid = bytes(k[9:11])
+                if nid not in nodes:
+                    nodes[nid] = self._name(txn, b"n", nid)
+                node = nodes[nid]
+                if node is None:
+                    raise StorageError("the readings index names an unknown chain")
+                out.append(
+                    (node, struct.unpack(">I", k[11:15])[0], unpack(bytes(v), max_len=1 << 20))
+                )
+        return out
+
+    def audit_locations(
+        self, patient: bytes, from_ms: int = 0, to_ms: int = 2**63 - 1
+    ) -> list[tuple[bytes, int, int]]:
+        """(node, height, index) of every access log about ``patient`` in [from_ms, to_ms]."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["audit"])
+            out: list[tuple[bytes, int, int]] = []
+            if not cur.set_range(patient + struct.pack(">Q", from_ms)):
+                return out
+            for k, v in cur:
+                if k[:32] != patient or struct.unpack(">Q", k[32:40])[0] > to_ms:
+                    break
+                out.append(
+                    (
+                        bytes(v[:32]),
+                        struct.unpack(">Q", v[32:40])[0],
+                        struct.unpack(">I", v[40:])[0],
+                    )
+                )
+        return out
+
+    def prune_patient(self, patient: bytes, upto_ms: int) -> int:
+        """Erase: replace every stored reading of ``patient`` that starts at or before
+        ``upto_ms`` by its leaf hash, and drop it from the index.  Returns how many were
+        pruned.  Headers, roots and every other entry stay, so every chain still verifies."""
+        return int(self._write(self._prune, patient, upto_ms))
+
+    def _prune(self, txn: Any, patient: bytes, upto_ms: int) -> int:
+        from meshhealth.wire import Reading
+
+        pid = txn.get(b"p" + patient, db=self.db["names"])
+        if pid is None:
+            return 0
+        pid = bytes(pid)
+        buckets: list[tuple[bytes, list[int]]] = []
+        cur = txn.cursor(db=self.db["readings"])
+        if cur.set_range(pid):
+            for k, v in cur:
+                if k[:4] != pid:
+                    break
+                if struct.unpack(">I", k[5:9])[0] <= upto_ms // HOUR_MS:
+                    buckets.append((bytes(k), unpack(bytes(v), max_len=1 << 20)))
+        bodies: dict[bytes, list[bytes]] = {}
+        n = 0
+        for k, idx in buckets:
+            node = self._name(txn, b"n", k[9:11])
+            if node is None:
+                raise StorageError("the readings index names an unknown chain")
+            key = chain_key(node, struct.unpack(">I", k[11:15])[0])
+            if key not in bodies:
+                bodies[key] = list(decode_body(bytes(txn.get(key, db=self.db["bodies"]))))
+            body, left = bodies[key], []
+            for i in idx:
+                if is_pruned(body[i]):
+                    continue
+                if Reading.decode(body[i]).t_ms <= upto_ms:
+                    body[i] = pruned(body[i])
+                    n += 1
+                else:  # an hour bucket may straddle upto_ms: keep what is after it
+                    left.append(i)
+            if left:
+                txn.put(k, pack(left), db=self.db["readings"])
+            else:
+                txn.delete(k, db=self.db["readings"])
+        for key, body in bodies.items():
+            txn.put(key, encode_body(body), db=self.db["bodies"])
+        return n
 
     def disk_bytes(self) -> int:
         """Bytes of the store actually in use (pages up to the high-water mark)."""

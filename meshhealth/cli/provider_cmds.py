@@ -1,0 +1,208 @@
+"""``meshhealth provider keygen | fetch`` and ``meshhealth patient audit``.
+
+``provider fetch`` asks the ``--node``s in order for a patient's stream,
+verifies every reading against a signed block header, decrypts it with the
+keys of the grants the patient made to the provider (or, with a patient's
+key file, with the patient's own seeds) and writes a table, CSV or an HL7
+FHIR R4 Bundle of Observations plus the Consent(s) that allowed the read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from meshhealth.cli.patient_cmds import _iso, load_patient, parse_time
+from meshhealth.config import Genesis
+from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
+from meshhealth.sharing import export
+from meshhealth.sharing.grants import GrantKeys
+from meshhealth.sharing.provider import (
+    PARALLEL_FROM,
+    Fetcher,
+    FetchResult,
+    NodeClient,
+    VerificationError,
+    chain_keys,
+    grant_keys,
+    make_pool,
+    my_grants,
+    network_genesis,
+)
+from meshhealth.wire import AccessLog, decode_entry
+from meshhealth.wire.codec import unpack
+
+TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    ident = Identity.generate("provider")
+    save_identity(ident, Path(a.out), passphrase=a.passphrase)
+    print(f"provider {ident.public.hex()} -> {a.out}")
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+    else:
+        with open(path, "w", newline="") as f:
+            yield f
+
+
+def rows_of(res: FetchResult, subject: str) -> list[export.Row]:
+    return [
+        export.Row(subject, o.reading.stream, t, o.unit, v, o.reading.device.hex())
+        for o in res.readings
+        for t, v in o.samples
+    ]
+
+
+async def fetch(a: argparse.Namespace) -> int:
+    me = load_identity(Path(a.key), passphrase=a.passphrase)
+    patient = parse_public(a.patient)
+    start, end = parse_time(a.start), parse_time(a.end)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        genesis = (
+            Genesis.load(Path(a.genesis)) if a.genesis else await network_genesis(session, a.node)
+        )
+        consents: list[dict[str, Any]] = []
+        subject = patient.hex()
+        if me.public == patient:
+            _, chains = load_patient(a.key, a.passphrase)
+            keys_for = chain_keys(chains.values())
+        else:
+            mine = await my_grants(session, a.node, me, patient)
+            if not mine:
+                print(f"error: patient {patient.hex()[:8]} has granted us nothing", file=sys.stderr)
+                return 3
+            keys_for = grant_keys(GrantKeys.open(g, me) for _, g, _ in mine)
+            pseudonymous = [gid for gid, g, revoked in mine if g.pseudonymous and not revoked]
+            if pseudonymous:  # a research grant: the export names a pseudonym, not the patient
+                subject = export.pseudonym(pseudonymous[-1], patient)
+            consents = [
+                export.consent(g, gid, revoked=revoked, subject=subject) for gid, g, revoked in mine
+            ]
+        pool = make_pool() if a.workers != 0 else None
+        try:
+            fetcher = Fetcher(
+                NodeClient(session, a.node, me), genesis, keys_for=keys_for, pool=pool
+            )
+            res = await fetcher.fetch(patient, a.stream, start, end)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+    rows = [r for r in rows_of(res, subject) if start <= r.t_ms <= end]
+    with _output(a.out) as out:
+        if a.format == "csv":
+            export.write_csv(rows, out)
+        elif a.format == "fhir":
+            bundle = export.observations_bundle(rows)
+            bundle.setdefault("entry", []).extend(
+                {"fullUrl": f"urn:meshhealth:grant:{c['id']}", "resource": c} for c in consents
+            )
+            json.dump(bundle, out, indent=1)
+            out.write("\n")
+        else:
+            export.write_table(rows, out)
+    print(
+        f"{len(rows)} samples in {len(res.readings)} verified readings from {res.node_url} "
+        f"({res.blocks} blocks, {res.bytes_transferred:,} bytes"
+        + (f"; {res.undecryptable} readings we hold no key for" if res.undecryptable else "")
+        + ")",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def audit(a: argparse.Namespace) -> int:
+    """The patient's audit trail: every read of their data, and every refusal, as logged on
+    chain by the node that answered (each log's node signature is checked here)."""
+    me = load_identity(Path(a.key), passphrase=a.passphrase)
+    path = f"/v1/patients/{me.public.hex()}/audit"
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        _, body = await NodeClient(session, a.node, me).first(path)
+    tag, items = unpack(body, max_len=64 << 20)
+    if tag != "AU1":
+        raise VerificationError("not an audit answer")
+    logs = []
+    for raw, node, _height, _index in items:
+        log = decode_entry(raw)
+        if not isinstance(log, AccessLog) or log.patient != me.public or log.node != node:
+            raise VerificationError("the audit trail holds an entry that is not ours")
+        logs.append(log.verify())
+    logs.sort(key=lambda entry: entry.ts_ms)
+    if a.format == "fhir":
+        json.dump(export.audit_bundle(logs), sys.stdout, indent=1)
+        print()
+    elif a.format == "json":
+        json.dump([_log_doc(x) for x in logs], sys.stdout, indent=1)
+        print()
+    else:
+        print(f"{'when':<20} {'reader':<10} {'stream':<7} {'window':<43} {'outcome':<8} n   node")
+        for x in logs:
+            outcome = x.outcome if x.outcome == "read" else f"DENIED ({x.reason.decode()})"
+            window = f"{_iso(x.from_ms)[:19]}..{_iso(x.to_ms)[:19]}"
+            print(
+                f"{_iso(x.ts_ms)[:19]:<20} {x.reader.hex()[:8]:<10} {x.stream:<7} "
+                f"{window:<43} {outcome:<8} {x.readings:<3} {x.node.hex()[:8]}"
+            )
+    return 0
+
+
+def _log_doc(x: AccessLog) -> dict[str, Any]:
+    return {
+        "ts_ms": x.ts_ms,
+        "reader": x.reader.hex(),
+        "stream": x.stream,
+        "from_ms": x.from_ms,
+        "to_ms": x.to_ms,
+        "outcome": x.outcome,
+        "reason": x.reason.decode(errors="replace"),
+        "grant": x.grant.hex() or None,
+        "readings": x.readings,
+        "node": x.node.hex(),
+    }
+
+
+def add_parsers(sub: Any, pat: Any, sync: Any) -> None:
+    prov = sub.add_parser("provider", help="fetch, verify and export shared data").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    s = prov.add_parser("keygen", help="create a provider (or researcher) key")
+    s.add_argument("--out", required=True)
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=cmd_keygen)
+    s = prov.add_parser("fetch", help="a patient's stream: verify, decrypt, export")
+    s.add_argument("--key", required=True, help="the provider's key file (or the patient's)")
+    s.add_argument("--patient", required=True, help="the patient's public key (64 hex)")
+    s.add_argument("--stream", required=True, help="hr, spo2, temp, bp, rr, steps, ...")
+    s.add_argument("--from", dest="start", required=True, help="Unix ms or ISO 8601")
+    s.add_argument("--to", dest="end", required=True, help="Unix ms or ISO 8601")
+    s.add_argument("--node", action="append", required=True, help="node API URL (failover order)")
+    s.add_argument("--format", choices=("table", "csv", "fhir"), default="table")
+    s.add_argument("--out", help="write here instead of stdout")
+    s.add_argument("--genesis", help="the network file to trust (default: the first node's)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"verifier processes (default: one per core; 0: none; used from {PARALLEL_FROM} "
+        "readings on)",
+    )
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=sync(fetch))
+    s = pat.add_parser("audit", help="who read what of my data, when, from which node")
+    s.add_argument("--key", required=True)
+    s.add_argument("--node", action="append", required=True)
+    s.add_argument("--format", choices=("table", "json", "fhir"), default="table")
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=sync(audit))

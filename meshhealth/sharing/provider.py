@@ -1,0 +1,410 @@
+"""The reader's side of a fetch: ask any node, trust none of them.
+
+:class:`NodeClient` signs each request for the node it goes to and fails
+over, in the order given, past nodes that are down, erroring or refusing
+(a node that has not yet received a grant refuses what another allows).
+:class:`Fetcher` pages through a node's answer and checks everything
+before it believes any of it:
+
+* each block header: a genesis authority's signature, our network;
+* each block's entries: one Merkle multiproof against the header's root;
+* the enrolments the node sent: the patient's signatures; every reading
+  must come from a device the patient enrolled for that stream and key
+  chain;
+* each reading: its device's Ed25519 signature, patient and stream;
+
+then decrypts the samples with the reader's own keys.  Signatures and
+decryption run in worker processes (they are ~all the cost), a page at a
+time while the next page downloads.  Anything that fails a check raises
+:class:`VerificationError`: a lying node is caught, not believed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from meshhealth.chain import merkle
+from meshhealth.chain.acl import AccessState
+from meshhealth.config import Genesis
+from meshhealth.crypto.hashing import h
+from meshhealth.crypto.keys import Identity
+from meshhealth.errors import AccessDenied, NetworkError, RemoteError
+from meshhealth.ingest.verify import check_one
+from meshhealth.net.signed_request import sign_request
+from meshhealth.sharing.grants import GrantKeys
+from meshhealth.sharing.keychain import KeyChain, decode_samples, decrypt, message_key
+from meshhealth.wire import BlockHeader, EnrollDevice, Grant, Reading, decode_control
+from meshhealth.wire.codec import unpack
+
+MAX_ANSWER = 64 * 1024 * 1024
+PARALLEL_FROM = 2_000  # fewer readings than this are checked in-process
+Keys = dict[tuple[bytes, int], bytes]  # (chain id, epoch) -> message key M(epoch)
+Sample = tuple[int, tuple[float, ...]]
+
+
+class VerificationError(RemoteError):
+    """A node's answer failed a check: a forged, altered or misplaced entry or header."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class NodeClient:
+    """Signed GETs to the first node, in order, that answers them."""
+
+    def __init__(self, session: aiohttp.ClientSession, urls: list[str], me: Identity):
+        if not urls:
+            raise NetworkError("no node URL given")
+        self.session, self.urls, self.me = session, [u.rstrip("/") for u in urls], me
+        self._ids: dict[str, bytes] = {}
+        self.bytes_in = 0
+        self.tried: list[str] = []  # "url: what went wrong", for error messages
+
+    async def node_id(self, url: str) -> bytes:
+        if url not in self._ids:
+            async with self.session.get(f"{url}/v1/status") as r:
+                r.raise_for_status()
+                self._ids[url] = bytes.fromhex((await r.json())["node"])
+        return self._ids[url]
+
+    async def get_from(self, url: str, path: str) -> tuple[int, bytes]:
+        """One signed GET of ``path`` (with its query) to one node: (status, body)."""
+        headers = sign_request(
+            self.me.signing, "GET", path, b"", audience=await self.node_id(url), t_ms=now_ms()
+        )
+        async with self.session.get(f"{url}{path}", headers=headers) as r:
+            parts, size = [], 0
+            async for chunk in r.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise NetworkError(f"{url}: answer over {MAX_ANSWER} bytes")
+                parts.append(chunk)
+            self.bytes_in += size
+            return r.status, b"".join(parts)
+
+    async def each_node(self, path: str) -> Any:
+        """Yield (url, body) from each node that answers ``path`` with 200, in order;
+        the caller stops at the first it is happy with.  Raises :class:`AccessDenied`
+        if every node that answered refused, :class:`NetworkError` if none answered."""
+        denied = ""
+        for url in self.urls:
+            try:
+                status, body = await self.get_from(url, path)
+            except (aiohttp.ClientError, TimeoutError, NetworkError, KeyError, ValueError) as exc:
+                self.tried.append(f"{url}: {exc or type(exc).__name__}")
+                continue
+            if status == 200:
+                yield url, body
+                continue
+            reason = _reason(body)
+            self.tried.append(f"{url}: {status} {reason}")
+            if status in (401, 403):
+                denied = reason
+        if denied:
+            raise AccessDenied(f"refused: {denied} ({'; '.join(self.tried)})")
+        raise NetworkError(f"no node answered ({'; '.join(self.tried)})")
+
+    async def first(self, path: str) -> tuple[str, bytes]:
+        """(url, body) of the first node that answers ``path`` with 200."""
+        async for url, body in self.each_node(path):
+            return url, body
+        raise NetworkError("no node answered")  # each_node raises first; kept for the checker
+
+
+def _reason(body: bytes) -> str:
+    """What a node said when it refused (its JSON error), for the error message."""
+    try:
+        doc = json.loads(body)
+        return str(doc.get("reason") or doc.get("error"))
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace")
+
+
+# --- checks that run in worker processes ------------------------------------
+
+
+def open_readings(entries: list[bytes], keys: Keys) -> list[tuple[Any, ...]]:
+    """Per raw reading: ``(reason,)``, or ``(None, *reading fields, unit, samples)`` once
+    its device signature checks and it decrypts under ``keys``."""
+    out: list[tuple[Any, ...]] = []
+    for raw in entries:
+        res = check_one(raw)
+        if res[0] is not None:
+            out.append(res)
+            continue
+        r = Reading(*res[1:])
+        key = keys.get((r.chain_id, r.epoch))
+        if key is None:
+            out.append(("no_key",))
+            continue
+        try:
+            unit, samples = decode_samples(
+                decrypt(key, r.nonce, r.ciphertext, r.associated_data()), r.t_ms
+            )
+        except (RemoteError, ValueError) as exc:
+            out.append((f"undecryptable: {exc}",))
+            continue
+        out.append((*res, unit, samples))
+    return out
+
+
+@dataclass
+class Opened:
+    """One verified, decrypted reading."""
+
+    reading: Reading
+    unit: str
+    samples: list[Sample]
+    node: bytes  # the chain (authority) whose block holds it
+    height: int
+
+
+@dataclass
+class FetchResult:
+    readings: list[Opened] = field(default_factory=list)
+    node_url: str = ""
+    blocks: int = 0
+    pages: int = 0
+    bytes_transferred: int = 0
+    undecryptable: int = 0  # verified, but the reader holds no key for them
+
+    @property
+    def samples(self) -> int:
+        return sum(len(o.samples) for o in self.readings)
+
+
+class Fetcher:
+    """Fetch, verify and open one patient's stream over a time range."""
+
+    def __init__(
+        self,
+        client: NodeClient,
+        genesis: Genesis,
+        *,
+        keys_for: Callable[[Iterable[tuple[bytes, int]]], Keys],
+        pool: Executor | None = None,
+        chunk: int = 2048,
+    ):
+        self.client, self.genesis = client, genesis
+        self.authorities = {a.key for a in genesis.authorities}
+        self.keys_for, self.pool, self.chunk = keys_for, pool, chunk
+
+    async def fetch(self, patient: bytes, stream: str, from_ms: int, to_ms: int) -> FetchResult:
+        base = f"/v1/patients/{patient.hex()}/readings?stream={stream}&from={from_ms}&to={to_ms}"
+        first = self.client.each_node(base)
+        async for url, body in first:
+            try:
+                return await self._pages(url, base, body, patient, stream, from_ms, to_ms)
+            except (aiohttp.ClientError, TimeoutError, NetworkError) as exc:
+                self.client.tried.append(f"{url}: failed mid-fetch: {exc}")  # next node
+        raise NetworkError(f"no node completed the fetch ({'; '.join(self.client.tried)})")
+
+    async def _pages(
+        self,
+        url: str,
+        base: str,
+        body: bytes,
+        patient: bytes,
+        stream: str,
+        from_ms: int,
+        to_ms: int,
+    ) -> FetchResult:
+        res = FetchResult(node_url=url)
+        start_bytes = self.client.bytes_in - len(body)
+        loop = asyncio.get_running_loop()
+        pending: list[tuple[asyncio.Future[list[tuple[Any, ...]]], list[tuple[bytes, int]]]] = []
+        access = AccessState()
+        while True:
+            nxt, enrolments, blocks = _unpack_answer(body)
+            res.pages += 1
+            for raw in enrolments:
+                tx = decode_control(raw)
+                if not isinstance(tx, EnrollDevice) or tx.patient != patient:
+                    raise VerificationError("the node sent an enrolment of someone else")
+                tx.verify()
+                access.apply(tx)
+            entries, where = self._check_blocks(blocks)
+            res.blocks += len(blocks)
+            keys = self.keys_for(_chain_epochs(entries))
+            for i in range(0, len(entries), self.chunk):
+                part = entries[i : i + self.chunk]
+                if self.pool is not None and len(entries) >= PARALLEL_FROM:
+                    fut = loop.run_in_executor(self.pool, open_readings, part, keys)
+                else:
+                    fut = loop.create_future()
+                    fut.set_result(open_readings(part, keys))
+                pending.append((fut, where[i : i + self.chunk]))
+            if nxt is None:
+                break
+            status, body = await self.client.get_from(url, f"{base}&after={int(nxt)}")
+            if status != 200:
+                raise NetworkError(f"{url}: page {res.pages + 1}: {status} {_reason(body)}")
+        seen: set[tuple[bytes, int]] = set()
+        for fut, locs in pending:
+            for out, (node, height) in zip(await fut, locs, strict=True):
+                if out[0] == "no_key":
+                    res.undecryptable += 1
+                    continue
+                if out[0] is not None:
+                    raise VerificationError(f"reading in {node.hex()[:8]}#{height}: {out[0]}")
+                r = Reading(*out[1:-2])
+                if r.patient != patient or r.stream != stream:
+                    raise VerificationError("the node sent a reading of another patient or stream")
+                if not from_ms - 3_600_000 <= r.t_ms <= to_ms:
+                    raise VerificationError("the node sent a reading outside the range asked")
+                try:
+                    access.check_reading(r)
+                except RemoteError as exc:
+                    raise VerificationError(f"reading from a device not enrolled: {exc}") from exc
+                if (r.device, r.seq) in seen:
+                    continue
+                seen.add((r.device, r.seq))
+                res.readings.append(Opened(r, out[-2], out[-1], node, height))
+        res.readings.sort(key=lambda o: (o.reading.t_ms, o.reading.device))
+        res.bytes_transferred = self.client.bytes_in - start_bytes
+        return res
+
+    def _check_blocks(self, blocks: list[Any]) -> tuple[list[bytes], list[tuple[bytes, int]]]:
+        """Headers and Merkle proofs; returns the entries and where each sits."""
+        entries: list[bytes] = []
+        where: list[tuple[bytes, int]] = []
+        for raw_header, picked, proof in blocks:
+            hdr = BlockHeader.decode(raw_header)
+            if hdr.node not in self.authorities or hdr.network != self.genesis.network_id:
+                raise VerificationError("a block header of a node outside our network")
+            hdr.verify()
+            leaves = {int(i): merkle.leaf_hash(e) for i, e in picked}
+            if len(leaves) != len(picked) or not merkle.verify_multiproof(
+                leaves, hdr.count, proof, hdr.root
+            ):
+                raise VerificationError(
+                    f"entries of {hdr.node.hex()[:8]}#{hdr.height} are not in that block"
+                )
+            entries.extend(e for _, e in picked)
+            where.extend([(hdr.node, hdr.height)] * len(picked))
+        return entries, where
+
+
+def _unpack_answer(body: bytes) -> tuple[int | None, list[bytes], list[Any]]:
+    try:
+        tag, nxt, enrolments, blocks = unpack(body, max_len=MAX_ANSWER)
+        if tag != "RS1" or not isinstance(blocks, list) or not isinstance(enrolments, list):
+            raise ValueError(tag)
+        return nxt, enrolments, blocks
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(f"not a readings answer: {exc}") from exc
+
+
+def _chain_epochs(entries: list[bytes]) -> set[tuple[bytes, int]]:
+    """(chain id, epoch) of each raw reading, read in place (checked later, in the workers)."""
+    out = set()
+    for e in entries:
+        f = msgpack.unpackb(e)
+        if (
+            isinstance(f, list)
+            and len(f) == 12
+            and isinstance(f[7], bytes)
+            and isinstance(f[8], int)
+        ):
+            out.add((f[7], f[8]))
+    return out
+
+
+def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """Worker processes for signature checks and decryption, started now."""
+    import multiprocessing
+
+    n = workers or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["meshhealth.sharing.provider"])
+    pool = ProcessPoolExecutor(n, mp_context=ctx)
+    list(pool.map(open_readings, [[]] * n, [{}] * n))
+    return pool
+
+
+# --- whose keys: the patient's own chains, or the grants made to the reader ----
+
+
+def chain_keys(chains: Iterable[KeyChain]) -> Callable[[Iterable[tuple[bytes, int]]], Keys]:
+    """The patient reading their own data: every message key comes from their seeds."""
+    by_id = {c.chain_id: c for c in chains}
+
+    def keys_for(wanted: Iterable[tuple[bytes, int]]) -> Keys:
+        out: Keys = {}
+        for chain_id, epoch in sorted(wanted):
+            c = by_id.get(chain_id)
+            if c is not None and epoch >= c.start_epoch:
+                out[(chain_id, epoch)] = message_key(c.key(epoch))
+        return out
+
+    return keys_for
+
+
+def grant_keys(grants: Iterable[GrantKeys]) -> Callable[[Iterable[tuple[bytes, int]]], Keys]:
+    """A grantee: the keys its grants from this patient reach, and no others."""
+    held = list(grants)
+
+    def keys_for(wanted: Iterable[tuple[bytes, int]]) -> Keys:
+        out: Keys = {}
+        for chain_id, epoch in sorted(wanted):
+            for g in held:
+                key = g.message_key(chain_id, epoch)
+                if key is not None:
+                    out[(chain_id, epoch)] = key
+                    break
+        return out
+
+    return keys_for
+
+
+async def my_grants(
+    session: aiohttp.ClientSession, urls: list[str], me: Identity, patient: bytes
+) -> list[tuple[bytes, Grant, bool]]:
+    """(grant id, grant, revoked) of each grant ``patient`` made to ``me``, from the first
+    node that lists them; each checked against the patient's signature."""
+    last = ""
+    for url in urls:
+        try:
+            async with session.get(f"{url.rstrip('/')}/v1/grantees/{me.public.hex()}/grants") as r:
+                r.raise_for_status()
+                doc = await r.json()
+            break
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = f"{url}: {exc}"
+    else:
+        raise NetworkError(f"no node listed our grants ({last})")
+    out = []
+    for g in doc["grants"]:
+        raw = bytes.fromhex(g["tx"])
+        tx = decode_control(raw)
+        if not isinstance(tx, Grant) or tx.grantee != me.public:
+            raise VerificationError("a node listed a grant that is not ours")
+        tx.verify()
+        if tx.patient == patient:
+            out.append((h(raw), tx, bool(g["revoked"])))
+    return out
+
+
+async def network_genesis(session: aiohttp.ClientSession, urls: list[str]) -> Genesis:
+    """The network's genesis as the first node that answers serves it (trust on first use:
+    pass ``--genesis`` to pin it instead)."""
+    last = ""
+    for url in urls:
+        try:
+            async with session.get(f"{url.rstrip('/')}/v1/network") as r:
+                r.raise_for_status()
+                return Genesis.load_text(await r.text())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = f"{url}: {exc}"
+    raise NetworkError(f"no node served the network's genesis ({last})")
