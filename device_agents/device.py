@@ -18,7 +18,7 @@ import nacl.signing
 from device_agents.sensors import STREAMS
 from meshhealth.crypto.keys import Identity
 from meshhealth.sharing.keychain import ChainCursor, encode_samples, encrypt, unseal
-from meshhealth.wire import EnrollDevice, Reading
+from meshhealth.wire import EnrollDevice, Reading, Rechain
 from meshhealth.wire.types import MAX_SPAN_MS
 
 Sample = tuple[int, tuple[float, ...]]
@@ -31,6 +31,9 @@ class Device:
     patient: bytes
     cursors: dict[str, ChainCursor] = field(default_factory=dict)
     next_seq: int = 1
+    # a stream's chain before its latest rechain: samples older than the new chain's start
+    previous: dict[str, ChainCursor] = field(default_factory=dict)
+    rechains: set[bytes] = field(default_factory=set)  # chain ids taken up
 
     @property
     def id(self) -> bytes:
@@ -45,11 +48,41 @@ class Device:
             key = unseal(sk.sealed, self.identity.box_private)
             self.cursors[sk.stream] = ChainCursor(sk.chain_id, sk.epoch_ms, sk.key_epoch, key)
 
+    def accept_rechain(self, tx: Rechain) -> bool:
+        """Switch a stream to the patient's new key chain; False if this rechain is not for
+        this device or was taken up already."""
+        current = self.cursors.get(tx.stream)
+        if tx.patient != self.patient or current is None or current.chain_id == tx.chain_id:
+            return False
+        if tx.chain_id in self.rechains:
+            return False
+        mine = [k for k in tx.devices if k.to == self.id]
+        if not mine:
+            return False
+        tx.verify()
+        key = unseal(mine[0].sealed, self.identity.box_private)
+        self.previous[tx.stream] = self.cursors[tx.stream]
+        self.cursors[tx.stream] = ChainCursor(tx.chain_id, tx.epoch_ms, mine[0].epoch, key)
+        self.rechains.add(tx.chain_id)
+        return True
+
     def readings(
         self, stream: str, samples: Sequence[Sample], *, max_samples: int = MAX_SAMPLES
     ) -> list[tuple[int, bytes]]:
         """Encrypt and sign ``samples`` (time-ordered) into readings; returns (seq, bytes)."""
         cur = self.cursors[stream]
+        old = self.previous.get(stream)
+        start = cur.epoch * cur.epoch_ms
+        if old is not None and samples and samples[0][0] < start:  # from before the rechain
+            before = [s for s in samples if s[0] < start]
+            return self._encrypt(stream, old, before, max_samples) + self._encrypt(
+                stream, cur, samples[len(before) :], max_samples
+            )
+        return self._encrypt(stream, cur, samples, max_samples)
+
+    def _encrypt(
+        self, stream: str, cur: ChainCursor, samples: Sequence[Sample], max_samples: int
+    ) -> list[tuple[int, bytes]]:
         spec = STREAMS[stream]
         out: list[tuple[int, bytes]] = []
         group: list[Sample] = []

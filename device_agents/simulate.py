@@ -27,6 +27,7 @@ import aiohttp
 
 from device_agents.agent import Agent
 from device_agents.device import Device
+from device_agents.keys import follow_rechains
 from device_agents.outbox import Outbox
 from device_agents.sensors import STREAMS, PatientPhysiology, samples
 from meshhealth.crypto.keys import Identity, save_identity
@@ -64,6 +65,7 @@ class Simulation:
         seed: int = 1,
         epoch_ms: int = 3_600_000,
         resend_after: float = 5.0,
+        rekey_poll_s: float = 2.0,
     ) -> None:
         for s in streams:
             if s not in STREAMS:
@@ -74,6 +76,7 @@ class Simulation:
         self.streams, self.interval_ms = streams, int(interval_s * 1000)
         self.samples_per_reading = samples_per_reading
         self.gateway, self.resend_after = gateway, resend_after
+        self.rekey_poll_s = rekey_poll_s
         rng = random.Random(seed)
         now = time.time_ns() // 1_000_000
         self.start_ms = (now - int(backfill_s * 1000)) // self.interval_ms * self.interval_ms
@@ -98,6 +101,7 @@ class Simulation:
         else:
             self.agents = [self._agent([d], f"mh-dev-{d.identity.short}") for d in devices]
         self.produced = 0
+        self.rechained = 0  # device streams moved to a new key chain
         self.sim_ms = self.start_ms
 
     def _agent(self, devices: list[Device], cid: str) -> Agent:
@@ -172,6 +176,7 @@ class Simulation:
         async with asyncio.TaskGroup() as tg:
             for a in self.agents:
                 tg.create_task(a.run(agents_stop))
+            rekey = tg.create_task(self._follow_rechains(agents_stop))
             t = self.start_ms
             while t + self.interval_ms <= end_ms and not stop.is_set():
                 now = time.time_ns() // 1_000_000
@@ -188,7 +193,17 @@ class Simulation:
                 await self.agents[0].wait_drained(drain_timeout) if not stop.is_set() else False
             )
             agents_stop.set()
+            rekey.cancel()
         return drained
+
+    async def _follow_rechains(self, stop: asyncio.Event) -> None:
+        """Every ``rekey_poll_s``, let each device take up its patient's new key chains."""
+        devices = [d for p in self.patients for d in p.devices]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while not stop.is_set():
+                self.rechained += await follow_rechains(session, self.node_urls, devices)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.rekey_poll_s)
 
     async def _record(self, items: list[tuple[Device, int, bytes]]) -> None:
         if self.gateway:
@@ -206,7 +221,9 @@ class Simulation:
         for a in self.agents:
             for k, v in a.stats.items():
                 agg[k] = agg.get(k, 0) + v
-        return dict(agg, produced=self.produced, outbox=self.outbox.count())
+        return dict(
+            agg, produced=self.produced, outbox=self.outbox.count(), rechained=self.rechained
+        )
 
     def close(self) -> None:
         self.outbox.close()

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from test_cli import mh
@@ -27,13 +28,15 @@ from test_network import converged, hr_sim, start_nodes
 
 from meshhealth.chain.block import decode_body
 from meshhealth.chain.merkle import is_pruned
+from meshhealth.cli.chain_cmds import verify_stores
 from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity, load_identity, save_identity
 from meshhealth.net.signed_request import sign_request
 from meshhealth.sharing.grants import GrantKeys
+from meshhealth.sharing.provider import my_grants
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import Grant, Reading
-from meshhealth.wire.codec import peek_tag
+from meshhealth.wire import Grant, Reading, Rechain, decode_control
+from meshhealth.wire.codec import peek_tag, unpack
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port
@@ -236,3 +239,105 @@ def grant_in_store(data_dir: Path, grant_id: bytes) -> Grant:
     finally:
         store.close()
     raise AssertionError("the grant is not in the store")
+
+
+def rechains_of(url: str, patient: bytes) -> list[Rechain]:
+    with urllib.request.urlopen(f"{url}/v1/patients/{patient.hex()}/enrollments") as r:
+        txs = [decode_control(raw) for raw in unpack(r.read(), max_len=1 << 24)]
+    return [tx for tx in txs if isinstance(tx, Rechain)]
+
+
+def grant_keys_of(url: str, who: Identity, patient: bytes) -> GrantKeys:
+    """The grantee's keys exactly as ``provider fetch`` assembles them (rechains followed)."""
+
+    async def go() -> GrantKeys:
+        async with aiohttp.ClientSession() as session:
+            ((keys, _),) = await my_grants(session, [url], who, patient)
+            return keys
+
+    return asyncio.run(go())
+
+
+@pytest.mark.timeout(400)
+async def test_revoke_rechain_and_erase_across_the_network(mosquitto, tmp_path):
+    nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
+    urls = [n.url for n in nodes]
+    try:
+        sim = hr_sim(cfgs, nodes, mosquitto.url, tmp_path / "sim", backfill_s=60, epoch_ms=EPOCH)
+        try:
+            await sim.enroll()
+            live = asyncio.create_task(
+                sim.run(asyncio.Event(), duration_s=40, drain_timeout=30)
+            )  # the devices keep publishing in real time for 40 s
+            pkey = next((tmp_path / "sim" / "patients").glob("*.key"))
+            patient = load_identity(pkey).public
+            other = next(p.identity.public for p in sim.patients if p.identity.public != patient)
+            doctor, nurse = Identity.generate("provider"), Identity.generate("provider")
+            ids = {}
+            for who in (doctor, nurse):
+                save_identity(who, tmp_path / f"{who.short}.key")
+                r = mh(
+                    "patient", "grant", "--key", str(pkey), "--to", who.public.hex(),
+                    "--streams", "hr", "--from", str(sim.start_ms), "--open",
+                    *nodes_args(urls[0]),
+                )  # fmt: skip
+                assert r.returncode == 0, r.stderr
+                ids[who.public] = r.stdout.split()[1].rstrip(":")
+            await asyncio.sleep(8)
+            r = mh(
+                "patient", "revoke", "--key", str(pkey), "--grant", ids[doctor.public],
+                "--switch-after", "5", *nodes_args(DEAD, urls[1]),
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert "sealed to 1 device(s) and 1 open grant(s)" in r.stdout, r.stdout
+            await asyncio.wait_for(live, 120)
+        finally:
+            sim.close()
+        assert sim.rechained == 1, sim.statistics()  # the device took up the new chain
+        assert await converged(nodes, 3, 60)
+        (rc,) = rechains_of(urls[2], patient)
+        switch = rc.ts_ms
+
+        doctor_keys = await asyncio.to_thread(grant_keys_of, urls[0], doctor, patient)
+        nurse_keys = await asyncio.to_thread(grant_keys_of, urls[0], nurse, patient)
+        assert rc.chain_id in nurse_keys.cursors and rc.chain_id not in doctor_keys.cursors
+        for c in cfgs:
+            stored = raw_readings(c.data_path, patient)
+            before = [r for r in stored if r.t_ms < switch]
+            after = [r for r in stored if r.t_ms >= switch]
+            assert len(after) >= 10 and before, (len(before), len(after))
+            assert all(r.chain_id == rc.chain_id for r in after)  # no node took the old chain
+            assert all(doctor_keys.decrypt(r) is None for r in after)  # revoked: nothing new
+            assert all(
+                doctor_keys.decrypt(r) is not None for r in before if r.chain_id != rc.chain_id
+            )
+            assert all(nurse_keys.decrypt(r) is not None for r in stored)  # still granted
+        late = mh(
+            "provider", "fetch", "--key", str(tmp_path / f"{doctor.short}.key"),
+            "--patient", patient.hex(), "--stream", "hr", "--from", str(sim.start_ms),
+            "--to", str(sim.sim_ms), *nodes_args(urls[2]),
+        )  # fmt: skip
+        assert late.returncode != 0 and "revoked" in late.stderr, late.stderr
+
+        # erasure: the payloads go from every store; the chains still verify
+        r = mh("patient", "erase", "--key", str(pkey), "--yes", *nodes_args(urls[0]))
+        assert r.returncode == 0, r.stderr
+
+        def erased_everywhere() -> bool:
+            return all(not raw_readings(c.data_path, patient) for c in cfgs)
+
+        assert await eventually(erased_everywhere, 40)
+        assert all(raw_readings(c.data_path, other) for c in cfgs)  # nobody else's
+        for who, key in ((nurse, tmp_path / f"{nurse.short}.key"), (None, pkey)):
+            r = mh(
+                "provider", "fetch", "--key", str(key), "--patient", patient.hex(),
+                "--stream", "hr", "--from", str(sim.start_ms), "--to", str(sim.sim_ms),
+                *nodes_args(urls[1]),
+            )  # fmt: skip
+            assert r.returncode != 0 and "erased" in r.stderr, (who, r.stderr)
+        assert all(n.status()["ingest"]["erased_readings"] > 0 for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
+    for c in cfgs:
+        assert verify_stores(c.data_path) == 0

@@ -10,7 +10,11 @@ any order agree — a CRDT, with no consensus round:
   the same patient is present, and t is inside its window — a revocation
   may arrive before the grant it revokes, and still wins;
 * an erasure covers everything of its patient up to its time; several
-  erasures cover up to the latest.
+  erasures cover up to the latest;
+* a rechain adds its chain to each device it names; a key chain of a
+  (patient, stream) is *retired* from the time of the first rechain of that
+  stream to another chain that is later than the rechain that created it
+  (enrolments create chains at time 0).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected
-from meshhealth.wire import Control, EnrollDevice, Erase, Grant, Reading, Revoke
+from meshhealth.wire import Control, EnrollDevice, Erase, Grant, Reading, Rechain, Revoke
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,9 @@ class AccessState:
     grants: dict[bytes, Grant] = field(default_factory=dict)  # tx hash -> grant
     revoked: set[tuple[bytes, bytes]] = field(default_factory=set)  # (patient, grant hash)
     erased: dict[bytes, int] = field(default_factory=dict)  # patient -> latest erasure ts
+    rechains: dict[bytes, Rechain] = field(default_factory=dict)  # tx hash -> tx
+    # (patient, stream) -> {(rechain ts, the chain it starts)}
+    _moves: dict[tuple[bytes, str], set[tuple[int, bytes]]] = field(default_factory=dict)
 
     def apply(self, tx: Control) -> bool:
         """Add a (verified) transaction; False if it was already known."""
@@ -58,7 +65,23 @@ class AccessState:
             self.revoked.add((tx.patient, tx.grant))
         elif isinstance(tx, Erase):
             self.erased[tx.patient] = max(tx.ts_ms, self.erased.get(tx.patient, 0))
+        elif isinstance(tx, Rechain):
+            self.rechains[tid] = tx
+            self._moves.setdefault((tx.patient, tx.stream), set()).add((tx.ts_ms, tx.chain_id))
+            info = ChainInfo(tx.chain_id, tx.start_epoch, tx.epoch_ms)
+            for k in tx.devices:
+                self.known_devices.add(k.to)
+                self.streams.setdefault((k.to, tx.patient, tx.stream), {})[tx.chain_id] = info
         return True
+
+    def retired_at(self, patient: bytes, stream: str, chain_id: bytes) -> int | None:
+        """From when a key chain must no longer encrypt new readings (None: in use)."""
+        moves = self._moves.get((patient, stream))
+        if not moves:
+            return None
+        born = max((ts for ts, c in moves if c == chain_id), default=-1)
+        later = [ts for ts, c in moves if c != chain_id and ts > born]
+        return min(later) if later else None
 
     def is_revoked(self, grant_id: bytes) -> bool:
         g = self.grants.get(grant_id)
@@ -96,6 +119,7 @@ class AccessState:
             *sorted(b"g" + gid for gid in self.grants),
             *sorted(b"r" + p + g for p, g in self.revoked),
             *sorted(b"x" + p + t.to_bytes(8, "big") for p, t in self.erased.items()),
+            *sorted(b"k" + k for k in self.rechains),
         ]
         return h(b"\0".join(parts))
 
@@ -105,10 +129,15 @@ class AccessState:
         ``ingest``: also refuse what a node must not *take in* from a device, but may
         find in another node's block, which was sealed before that node saw the
         transaction making it so (a block's validity must not depend on arrival
-        order): a reading of an erased patient from before the erasure.
+        order): a reading of an erased patient from before the erasure, and one on
+        a key chain the patient has since replaced (a revoked grantee may hold it).
         """
         if ingest and self.erased.get(r.patient, -1) >= r.t_ms:
             raise Rejected("erased", "the patient erased their data up to this time")
+        if ingest:
+            retired = self.retired_at(r.patient, r.stream, r.chain_id)
+            if retired is not None and r.t_ms >= retired:
+                raise Rejected("retired_key_chain", "the patient moved this stream to a new chain")
         chains = self.streams.get((r.device, r.patient, r.stream))
         if chains is None:
             if r.device not in self.known_devices:

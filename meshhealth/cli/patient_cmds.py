@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import os
 import sys
 import time
 import tomllib
@@ -18,12 +20,13 @@ from typing import Any
 import aiohttp
 
 from meshhealth.crypto.hashing import h
-from meshhealth.crypto.keys import Identity, load_identity, parse_public
-from meshhealth.errors import ConfigError
+from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
+from meshhealth.errors import ConfigError, NetworkError
 from meshhealth.net.client import post_tx
-from meshhealth.sharing.grants import make_grant
+from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain
-from meshhealth.wire import Erase, Revoke
+from meshhealth.wire import EnrollDevice, Erase, Grant, Rechain, Revoke, decode_control
+from meshhealth.wire.codec import unpack
 
 DAY_MS = 86_400_000
 
@@ -35,6 +38,21 @@ def load_patient(path: str, passphrase: str | None) -> tuple[Identity, dict[str,
     if not chains:
         raise ConfigError(f"{path} holds no key chains: create it with `meshhealth patient new`")
     return patient, chains
+
+
+def all_chains(path: str) -> list[KeyChain]:
+    """Every key chain the key file holds, old ones too (they still open older readings)."""
+    doc = tomllib.loads(Path(path).read_text())
+    return [KeyChain.from_doc(c) for c in doc.get("keychains", [])]
+
+
+def add_chains(path: str, patient: Identity, passphrase: str | None, new: list[KeyChain]) -> None:
+    """Append new key chains to the patient's key file (the last per stream is current)."""
+    docs = [c.to_doc() for c in all_chains(path)] + [c.to_doc() for c in new]
+    tmp = Path(path).with_name(Path(path).name + ".new")
+    tmp.unlink(missing_ok=True)
+    save_identity(patient, tmp, passphrase=passphrase, extra={"keychains": docs})
+    os.replace(tmp, path)  # atomic: the old file or the new one, never half of one
 
 
 def parse_time(text: str) -> int:
@@ -90,7 +108,10 @@ async def grant(a: argparse.Namespace) -> int:
 
 
 async def revoke(a: argparse.Namespace) -> int:
-    patient, _ = load_patient(a.key, a.passphrase)
+    """Revoke a grant; if the grantee holds keys for data not yet written (an open grant,
+    or a window reaching into the future), also move each of its streams to a new key
+    chain, sealed to the patient's devices and remaining open grantees only."""
+    patient, chains = load_patient(a.key, a.passphrase)
     try:
         grant_id = bytes.fromhex(a.grant)
     except ValueError:
@@ -98,10 +119,81 @@ async def revoke(a: argparse.Namespace) -> int:
     if len(grant_id) != 32:
         print("error: --grant takes the 64-hex grant id `patient grant` printed", file=sys.stderr)
         return 2
-    tx = Revoke.create(patient.signing, grant=grant_id, ts_ms=time.time_ns() // 1_000_000)
-    await _submit(a.node, tx.encode())
-    print(f"revoked grant {a.grant[:16]}")
+    now = time.time_ns() // 1_000_000
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        doc = await get_json(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
+        grants = {
+            bytes.fromhex(g["id"]): (Grant.decode(bytes.fromhex(g["tx"])).verify(), g["revoked"])
+            for g in doc["grants"]
+        }
+        if grant_id not in grants:
+            print(f"error: no node knows grant {a.grant[:16]} of this patient", file=sys.stderr)
+            return 2
+        target, _ = grants[grant_id]
+        tx = Revoke.create(patient.signing, grant=grant_id, ts_ms=now)
+        await post_tx(session, a.node, tx.encode())
+        print(f"revoked grant {a.grant[:16]}")
+        if a.no_rechain or not (target.open or target.until_ms > now):
+            return 0
+        raw = await get_bytes(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
+        devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
+        keep = [
+            (gid, g)
+            for gid, (g, revoked) in grants.items()
+            if gid != grant_id and not revoked and g.open
+        ]
+        switch = now + int(a.switch_after * 1000)
+        moves = [
+            make_rechain(
+                patient, chains[s.stream], devices[s.stream], keep, now_ms=now, switch_ms=switch
+            )
+            for s in target.streams
+            if s.stream in chains and devices.get(s.stream)
+        ]
+        # the new seeds go to the key file before any device can start using them
+        add_chains(a.key, patient, a.passphrase, [chain for _, chain in moves])
+        for rc, chain in moves:
+            await post_tx(session, a.node, rc.encode())
+            print(
+                f"stream {rc.stream}: new key chain {chain.chain_id.hex()} from {_iso(switch)}, "
+                f"sealed to {len(rc.devices)} device(s) and {len(rc.grants)} open grant(s)"
+            )
     return 0
+
+
+def devices_by_stream(patient: bytes, raws: list[bytes]) -> dict[str, set[bytes]]:
+    """Which devices publish which of the patient's streams, from their signed enrolments
+    and rechains (a node could only leave some out, never add one)."""
+    out: dict[str, set[bytes]] = {}
+    for raw in raws:
+        tx = decode_control(raw)
+        if tx.patient != patient:
+            continue
+        tx.verify()
+        if isinstance(tx, EnrollDevice):
+            for sk in tx.streams:
+                out.setdefault(sk.stream, set()).add(tx.device)
+        elif isinstance(tx, Rechain):
+            out.setdefault(tx.stream, set()).update(k.to for k in tx.devices)
+    return out
+
+
+async def get_json(session: aiohttp.ClientSession, nodes: list[str], path: str) -> Any:
+    return json.loads(await get_bytes(session, nodes, path))
+
+
+async def get_bytes(session: aiohttp.ClientSession, nodes: list[str], path: str) -> bytes:
+    """GET ``path`` from the first node that answers 200."""
+    last = ""
+    for url in nodes:
+        try:
+            async with session.get(f"{url.rstrip('/')}{path}") as r:
+                if r.status == 200:
+                    return await r.read()
+                last = f"{url}: {r.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = f"{url}: {exc}"
+    raise NetworkError(f"no node answered {path} ({last})")
 
 
 async def erase(a: argparse.Namespace) -> int:
@@ -168,6 +260,18 @@ def add_parsers(pat: Any, sync: Any) -> None:
     s.add_argument("--key", required=True)
     s.add_argument("--grant", required=True, help="the grant id `patient grant` printed")
     s.add_argument("--node", action="append", required=True)
+    s.add_argument(
+        "--no-rechain",
+        action="store_true",
+        help="only revoke: keep the key chains (the grantee keeps keys it already holds)",
+    )
+    s.add_argument(
+        "--switch-after",
+        type=float,
+        default=10.0,
+        help="seconds until the new key chains take over (devices need that long to pick "
+        "them up; default 10)",
+    )
     s.add_argument("--passphrase")
     s.set_defaults(fn=sync(revoke))
     s = pat.add_parser("grants", help="list this patient's grants and whether each is active")

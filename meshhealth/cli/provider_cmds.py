@@ -19,11 +19,10 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from meshhealth.cli.patient_cmds import _iso, load_patient, parse_time
+from meshhealth.cli.patient_cmds import _iso, all_chains, parse_time
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.sharing import export
-from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.provider import (
     PARALLEL_FROM,
     Fetcher,
@@ -77,19 +76,19 @@ async def fetch(a: argparse.Namespace) -> int:
         consents: list[dict[str, Any]] = []
         subject = patient.hex()
         if me.public == patient:
-            _, chains = load_patient(a.key, a.passphrase)
-            keys_for = chain_keys(chains.values())
+            keys_for = chain_keys(all_chains(a.key))
         else:
             mine = await my_grants(session, a.node, me, patient)
             if not mine:
                 print(f"error: patient {patient.hex()[:8]} has granted us nothing", file=sys.stderr)
                 return 3
-            keys_for = grant_keys(GrantKeys.open(g, me) for _, g, _ in mine)
-            pseudonymous = [gid for gid, g, revoked in mine if g.pseudonymous and not revoked]
+            keys_for = grant_keys(k for k, _ in mine)
+            pseudonymous = [k.id for k, revoked in mine if k.grant.pseudonymous and not revoked]
             if pseudonymous:  # a research grant: the export names a pseudonym, not the patient
                 subject = export.pseudonym(pseudonymous[-1], patient)
             consents = [
-                export.consent(g, gid, revoked=revoked, subject=subject) for gid, g, revoked in mine
+                export.consent(k.grant, k.id, revoked=revoked, subject=subject)
+                for k, revoked in mine
             ]
         pool = make_pool() if a.workers != 0 else None
         try:

@@ -26,7 +26,7 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, Rejected
 from meshhealth.net.signed_request import RequestAuthError
 from meshhealth.sharing.serve import collect, decide
-from meshhealth.wire import BlockHeader, EnrollDevice, Grant, decode_entry
+from meshhealth.wire import BlockHeader, Grant
 from meshhealth.wire.codec import name_str, pack
 from meshhealth.wire.types import MAX_CONTROL
 
@@ -120,14 +120,32 @@ async def block(request: web.Request) -> web.Response:
 
 
 async def enrollments(request: web.Request) -> web.Response:
-    """The enrolment transactions naming a device (it unseals its stream keys from them)."""
+    """The enrolments and rechains naming a device (it unseals its stream keys from them)."""
     device = _key(request.match_info["device"])
-    out = [
-        raw
-        for raw in request.app[NODE].store.control_entries()
-        if isinstance(tx := decode_entry(raw), EnrollDevice) and tx.device == device
+    access = request.app[NODE].batcher.access
+    out = [tx.encode() for tx in access.enrolments.values() if tx.device == device]
+    out += [
+        tx.encode() for tx in access.rechains.values() if any(k.to == device for k in tx.devices)
     ]
     return web.Response(body=pack(out), content_type=MSGPACK)
+
+
+def key_txs(access: Any, patient: bytes) -> list[bytes]:
+    """A patient's enrolments and rechains: which device may write which key chain."""
+    return [
+        tx.encode()
+        for txs in (access.enrolments.values(), access.rechains.values())
+        for tx in txs
+        if tx.patient == patient
+    ]
+
+
+async def patient_enrollments(request: web.Request) -> web.Response:
+    """``/v1/patients/{key}/enrollments``: the patient's enrolments and rechains (msgpack)."""
+    patient = _key(request.match_info["key"])
+    return web.Response(
+        body=pack(key_txs(request.app[NODE].batcher.access, patient)), content_type=MSGPACK
+    )
 
 
 def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
@@ -143,6 +161,12 @@ def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
         "ts_ms": g.ts_ms,
         "revoked": access.is_revoked(gid),
         "tx": g.encode().hex(),  # the signed grant: its grantee opens its keys from it
+        # rechains that sealed a new chain's key to this grant (an open grant follows them)
+        "rechains": [
+            tx.encode().hex()
+            for tx in access.rechains.values()
+            if any(k.to == gid for k in tx.grants)
+        ],
     }
 
 
@@ -211,7 +235,7 @@ async def readings(request: web.Request) -> web.Response:
     if not d.allowed:
         node.log_access(reader, patient, stream, lo, hi, "denied", d.reason, b"", 0, rid)
         return _err(403, d.reason, f"{reader.hex()[:8]} may not read this ({d.reason})")
-    enrolments = [tx.encode() for tx in access.enrolments.values() if tx.patient == patient]
+    enrolments = key_txs(access, patient)
     body, n = await asyncio.to_thread(
         collect, node.store, enrolments, patient, stream, d, after=after
     )
@@ -290,6 +314,7 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/devices/{device}/enrollments", enrollments)
     app.router.add_get("/v1/patients/{key}/grants", grants)
+    app.router.add_get("/v1/patients/{key}/enrollments", patient_enrollments)
     app.router.add_get("/v1/grantees/{key}/grants", grants)
     app.router.add_get("/v1/gossip", node.gossip.handle)
     app.router.add_get("/v1/gossip/latency", latency)

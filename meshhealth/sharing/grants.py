@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import nacl.exceptions
 import nacl.public
 
+from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity, box_public_of
 from meshhealth.sharing.keychain import (
     ChainCursor,
@@ -26,7 +27,7 @@ from meshhealth.sharing.keychain import (
     seal,
 )
 from meshhealth.sharing.keychain import message_key as derive_message_key
-from meshhealth.wire import Grant, GrantStream, Reading
+from meshhealth.wire import Grant, GrantStream, Reading, Rechain, SealedKey
 from meshhealth.wire.types import MAX_GRANT, OPEN
 
 KEY_LEN = 32
@@ -87,6 +88,7 @@ class GrantKeys:
     """What a grantee can decrypt under one grant (opened with its own key)."""
 
     grant: Grant
+    id: bytes
     bounded: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (chain, epoch) -> M
     cursors: dict[bytes, ChainCursor] = field(default_factory=dict)  # chain -> open cursor
 
@@ -94,7 +96,7 @@ class GrantKeys:
     def open(cls, grant: Grant, grantee: Identity) -> GrantKeys:
         if grant.grantee != grantee.public:
             raise ValueError("this grant is for someone else")
-        keys = cls(grant)
+        keys = cls(grant, h(grant.encode()))
         box = nacl.public.SealedBox(grantee.box_private)
         for s in grant.streams:
             try:
@@ -107,6 +109,16 @@ class GrantKeys:
                 for i, e in enumerate(range(s.first_epoch, s.last_epoch + 1)):
                     keys.bounded[(s.chain_id, e)] = plain[i * KEY_LEN : (i + 1) * KEY_LEN]
         return keys
+
+    def follow(self, tx: Rechain, grantee: Identity) -> bool:
+        """Take up the new key chain a rechain sealed to this grant; False if it sealed
+        none to it (the grant was revoked, or it is not for this stream)."""
+        for k in tx.grants:
+            if k.to == self.id and tx.patient == self.grant.patient:
+                key = nacl.public.SealedBox(grantee.box_private).decrypt(k.sealed)
+                self.cursors[tx.chain_id] = ChainCursor(tx.chain_id, tx.epoch_ms, k.epoch, key)
+                return True
+        return False
 
     def message_key(self, chain_id: bytes, epoch: int) -> bytes | None:
         """M(epoch) of that key chain, if this grant reaches it; None if it does not."""
@@ -128,4 +140,42 @@ class GrantKeys:
         return decode_samples(decrypt(key, r.nonce, r.ciphertext, r.associated_data()), r.t_ms)
 
 
-__all__ = ["GrantKeys", "make_grant"]
+def make_rechain(
+    patient: Identity,
+    old: KeyChain,
+    devices: Iterable[bytes],
+    open_grants: Iterable[tuple[bytes, Grant]],
+    *,
+    now_ms: int,
+    switch_ms: int,
+) -> tuple[Rechain, KeyChain]:
+    """Move ``old``'s stream to a fresh chain from ``switch_ms`` on: its key sealed to every
+    device and to the grantee of every open grant given (a revoked one must not be among
+    them).  Returns the signed transaction and the new chain, for the patient's key file."""
+    start = epoch_of(switch_ms, old.epoch_ms)
+    new = KeyChain.new(old.stream, start, old.epoch_ms)
+    to_devices = tuple(
+        SealedKey(d, start, seal(new.key(start), box_public_of(d))) for d in sorted(set(devices))
+    )
+    to_grants = []
+    for gid, g in open_grants:
+        if not g.open or all(s.stream != old.stream for s in g.streams):
+            continue
+        first = max(start, epoch_of(g.from_ms, old.epoch_ms))
+        to_grants.append(SealedKey(gid, first, seal(new.key(first), box_public_of(g.grantee))))
+    tx = Rechain.create(
+        patient.signing,
+        ts_ms=switch_ms,
+        stream=old.stream,
+        chain_id=new.chain_id,
+        start_epoch=start,
+        epoch_ms=new.epoch_ms,
+        devices=to_devices,
+        grants=tuple(to_grants),
+    )
+    if tx.ts_ms < now_ms:
+        raise ValueError("a rechain cannot take effect in the past")
+    return tx, new
+
+
+__all__ = ["GrantKeys", "make_grant", "make_rechain"]

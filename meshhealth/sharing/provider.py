@@ -36,14 +36,13 @@ import msgpack
 from meshhealth.chain import merkle
 from meshhealth.chain.acl import AccessState
 from meshhealth.config import Genesis
-from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import AccessDenied, NetworkError, RemoteError
 from meshhealth.ingest.verify import check_one
 from meshhealth.net.signed_request import sign_request
 from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.keychain import KeyChain, decode_samples, decrypt, message_key
-from meshhealth.wire import BlockHeader, EnrollDevice, Grant, Reading, decode_control
+from meshhealth.wire import BlockHeader, EnrollDevice, Grant, Reading, Rechain, decode_control
 from meshhealth.wire.codec import unpack
 
 MAX_ANSWER = 64 * 1024 * 1024
@@ -230,7 +229,7 @@ class Fetcher:
             res.pages += 1
             for raw in enrolments:
                 tx = decode_control(raw)
-                if not isinstance(tx, EnrollDevice) or tx.patient != patient:
+                if not isinstance(tx, EnrollDevice | Rechain) or tx.patient != patient:
                     raise VerificationError("the node sent an enrolment of someone else")
                 tx.verify()
                 access.apply(tx)
@@ -370,9 +369,10 @@ def grant_keys(grants: Iterable[GrantKeys]) -> Callable[[Iterable[tuple[bytes, i
 
 async def my_grants(
     session: aiohttp.ClientSession, urls: list[str], me: Identity, patient: bytes
-) -> list[tuple[bytes, Grant, bool]]:
-    """(grant id, grant, revoked) of each grant ``patient`` made to ``me``, from the first
-    node that lists them; each checked against the patient's signature."""
+) -> list[tuple[GrantKeys, bool]]:
+    """The keys of each grant ``patient`` made to ``me`` (following the rechains that
+    carried an open grant to new key chains), and whether it is revoked; from the first
+    node that lists them, each transaction checked against the patient's signature."""
     last = ""
     for url in urls:
         try:
@@ -391,8 +391,15 @@ async def my_grants(
         if not isinstance(tx, Grant) or tx.grantee != me.public:
             raise VerificationError("a node listed a grant that is not ours")
         tx.verify()
-        if tx.patient == patient:
-            out.append((h(raw), tx, bool(g["revoked"])))
+        if tx.patient != patient:
+            continue
+        keys = GrantKeys.open(tx, me)
+        for hx in g.get("rechains", []):
+            rc = decode_control(bytes.fromhex(hx))
+            if not isinstance(rc, Rechain) or rc.patient != patient:
+                raise VerificationError("a node listed a rechain that is not the patient's")
+            keys.follow(rc.verify(), me)
+        out.append((keys, bool(g["revoked"])))
     return out
 
 

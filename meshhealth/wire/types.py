@@ -412,6 +412,57 @@ class Erase(Signed):
 
 
 @dataclass(frozen=True, slots=True)
+class SealedKey(Record):
+    """``K(epoch)`` of a key chain sealed to one recipient: a device (by its key) or the
+    grantee of an open grant (by the grant's id)."""
+
+    to: bytes
+    epoch: int
+    sealed: bytes
+
+    FIELDS: ClassVar[Fields] = (("to", KEY), ("epoch", u_int(0, MAX_U32)), ("sealed", b_exact(80)))
+
+
+@dataclass(frozen=True, slots=True)
+class Rechain(Signed):
+    """Patient-signed: ``stream`` moves to a fresh key chain from ``ts_ms`` on.
+
+    The new chain's key is sealed to each device that keeps publishing the
+    stream and to the grantee of each open grant that stays in force; whoever
+    is left out (a revoked grantee) holds no key for anything the new chain
+    encrypts.  Nodes stop taking in readings on the old chain from ``ts_ms``.
+    """
+
+    TAG: ClassVar[str] = "K1"
+    MAX_LEN: ClassVar[int] = MAX_TX
+    SIGNER: ClassVar[str] = "patient"
+    FIELDS: ClassVar[Fields] = (
+        ("patient", KEY),
+        ("ts_ms", u_int()),
+        *KEY_CHAIN_FIELDS,
+        ("devices", array(record(SealedKey.FIELDS, SealedKey), 64)),
+        ("grants", array(record(SealedKey.FIELDS, SealedKey), 64)),
+    )
+
+    patient: bytes
+    ts_ms: int
+    stream: str
+    chain_id: bytes
+    start_epoch: int
+    epoch_ms: int
+    devices: tuple[SealedKey, ...]
+    grants: tuple[SealedKey, ...]
+    sig: bytes
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise MalformedMessage("a rechain hands the new key to at least one device")
+        for k in (*self.devices, *self.grants):
+            if k.epoch < self.start_epoch:
+                raise MalformedMessage("a sealed key precedes its chain's start")
+
+
+@dataclass(frozen=True, slots=True)
 class EquivocationProof:
     """Two different headers one node signed for one height of its chain.
 
@@ -513,8 +564,8 @@ class AccessLog(Signed):
             raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
 
 
-Control = EnrollDevice | Grant | Revoke | Erase
-CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase)
+Control = EnrollDevice | Grant | Revoke | Erase | Rechain
+CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain)
 CONTROL_TYPES: dict[str, Any] = {c.TAG: c for c in CONTROL_CLASSES}
 MAX_CONTROL = max(c.MAX_LEN for c in CONTROL_TYPES.values())
 Entry = Reading | Control | EquivocationProof | AccessLog
