@@ -528,13 +528,28 @@ def _paths() -> dict[str, Doc]:
                 "getEnrollments",
                 "sharing",
                 "Enrolments of a device",
-                "The EnrollDevice transactions naming the device: it unseals its stream "
-                "keys from them.",
+                "The EnrollDevice and Rechain transactions naming the device: it unseals "
+                "its stream keys from them, and switches to a patient's new key chain.",
                 {
-                    "200": _msgpack("msgpack array of the encoded `E1` transactions."),
+                    "200": _msgpack("msgpack array of the encoded `E1` and `K1` transactions."),
                     "400": _bad_request("The key is not 64 hex."),
                 },
                 [_key_path("device", "The device's public key.")],
+            )
+        },
+        "/v1/patients/{key}/enrollments": {
+            "get": _operation(
+                "getPatientEnrollments",
+                "sharing",
+                "A patient's enrolments and rechains",
+                "Every EnrollDevice and Rechain transaction of the patient: which device may "
+                "write which key chain (the patient's client reads it to re-seal a new chain "
+                "to the right devices).",
+                {
+                    "200": _msgpack("msgpack array of the encoded `E1` and `K1` transactions."),
+                    "400": _bad_request("The key is not 64 hex."),
+                },
+                [_key_path("key", "The patient's public key.")],
             )
         },
         "/v1/network": {
