@@ -97,7 +97,7 @@ class AccessState:
             return None
         if reader == patient:
             return b"self"
-        for gid, g in self.grants.items():
+        for gid, g in sorted(self.grants.items()):  # by id: the same answer on every replica
             if (
                 g.grantee == reader
                 and g.patient == patient

@@ -37,6 +37,17 @@ def _gossip(a: argparse.Namespace) -> int:
     return 0
 
 
+def _query(a: argparse.Namespace) -> int:
+    from meshhealth.bench.query import run
+
+    run(
+        quick=a.quick,
+        json_path=Path(a.json) if a.json else None,
+        keep=Path(a.keep) if a.keep else None,
+    )
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmarks (table on stdout, --json for machines)")
     bs = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -60,3 +71,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--sim-only", action="store_true", help="skip the real-process part")
     s.add_argument("--keep", help="real part: keep node data and logs in this directory")
     s.set_defaults(fn=_gossip)
+    s = bs.add_parser(
+        "query", help="a provider fetches, verifies and decrypts a day of 1 Hz heart rate"
+    )
+    s.add_argument("--json", help="write the results here")
+    s.add_argument("--quick", action="store_true", help="two hours of data instead of 24")
+    s.add_argument("--keep", help="keep the node's data and log in this directory")
+    s.set_defaults(fn=_query)

@@ -59,7 +59,7 @@ def _output(path: str | None) -> Iterator[TextIO]:
 
 def rows_of(res: FetchResult, subject: str) -> list[export.Row]:
     return [
-        export.Row(subject, o.reading.stream, t, o.unit, v, o.reading.device.hex())
+        export.Row(subject, o.stream, t, o.unit, v, o.device.hex())
         for o in res.readings
         for t, v in o.samples
     ]

@@ -28,10 +28,10 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
-import msgpack
+import nacl.exceptions
 
 from meshhealth.chain import merkle
 from meshhealth.chain.acl import AccessState
@@ -44,6 +44,7 @@ from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.keychain import KeyChain, decode_samples, decrypt, message_key
 from meshhealth.wire import BlockHeader, EnrollDevice, Grant, Reading, Rechain, decode_control
 from meshhealth.wire.codec import unpack
+from meshhealth.wire.types import MAX_SPAN_MS
 
 MAX_ANSWER = 64 * 1024 * 1024
 PARALLEL_FROM = 2_000  # fewer readings than this are checked in-process
@@ -133,43 +134,95 @@ def _reason(body: bytes) -> str:
 # --- checks that run in worker processes ------------------------------------
 
 
-def open_readings(entries: list[bytes], keys: Keys) -> list[tuple[Any, ...]]:
-    """Per raw reading: ``(reason,)``, or ``(None, *reading fields, unit, samples)`` once
-    its device signature checks and it decrypts under ``keys``."""
-    out: list[tuple[Any, ...]] = []
-    for raw in entries:
+@dataclass(frozen=True)
+class Scope:
+    """What every reading of one fetch must satisfy; handed to the worker processes."""
+
+    patient: bytes
+    stream: str
+    from_ms: int
+    to_ms: int
+    network: bytes
+    authorities: frozenset[bytes]
+    key_txs: tuple[bytes, ...]  # the patient's enrolments and rechains, checked already
+    keys: Keys
+
+
+_access: dict[tuple[bytes, ...], AccessState] = {}  # per worker: key_txs -> their state
+
+
+def _access_of(key_txs: tuple[bytes, ...]) -> AccessState:
+    if key_txs not in _access:
+        _access.clear()
+        state = AccessState()
+        for raw in key_txs:
+            state.apply(decode_control(raw))
+        _access[key_txs] = state
+    return _access[key_txs]
+
+
+def check_part(
+    scope: Scope, raw_header: bytes, picked: list[Any], proof: list[bytes], whole: bool
+) -> tuple[bytes, int, list[Opened], int]:
+    """Check one block's header and (``whole``: for all the entries the node sent from it)
+    its Merkle proof, and every reading in ``picked``: device signature, patient, stream,
+    time, enrolment; then decrypt.  Returns (node, height, opened, how many we hold no key
+    for).  Raises :class:`VerificationError` on the first thing that fails."""
+    hdr = BlockHeader.decode(raw_header)
+    if hdr.node not in scope.authorities or hdr.network != scope.network:
+        raise VerificationError("a block header of a node outside our network")
+    hdr.verify()
+    where = f"{hdr.node.hex()[:8]}#{hdr.height}"
+    if whole:
+        leaves = {int(i): merkle.leaf_hash(e) for i, e in picked}
+        if len(leaves) != len(picked) or not merkle.verify_multiproof(
+            leaves, hdr.count, proof, hdr.root
+        ):
+            raise VerificationError(f"entries said to be in {where} are not in it")
+        return hdr.node, hdr.height, [], 0
+    access = _access_of(scope.key_txs)
+    out: list[Opened] = []
+    missing = 0
+    for _, raw in picked:
         res = check_one(raw)
         if res[0] is not None:
-            out.append(res)
-            continue
+            raise VerificationError(f"a reading in {where}: {res[0]}")
         r = Reading(*res[1:])
-        key = keys.get((r.chain_id, r.epoch))
+        if r.patient != scope.patient or r.stream != scope.stream:
+            raise VerificationError(f"{where}: a reading of another patient or stream")
+        if not scope.from_ms - MAX_SPAN_MS <= r.t_ms <= scope.to_ms:
+            raise VerificationError(f"{where}: a reading outside the range asked for")
+        try:
+            access.check_reading(r)
+        except RemoteError as exc:
+            raise VerificationError(f"{where}: a reading of a device not enrolled: {exc}") from exc
+        key = scope.keys.get((r.chain_id, r.epoch))
         if key is None:
-            out.append(("no_key",))
+            missing += 1
             continue
         try:
-            unit, samples = decode_samples(
-                decrypt(key, r.nonce, r.ciphertext, r.associated_data()), r.t_ms
-            )
-        except (RemoteError, ValueError) as exc:
-            out.append((f"undecryptable: {exc}",))
-            continue
-        out.append((*res, unit, samples))
-    return out
+            plain = decrypt(key, r.nonce, r.ciphertext, r.associated_data())
+        except nacl.exceptions.CryptoError as exc:
+            raise VerificationError(f"{where}: a reading does not decrypt") from exc
+        unit, samples = decode_samples(plain, r.t_ms)
+        out.append(Opened(r.device, r.seq, r.t_ms, r.stream, unit, samples, hdr.node, hdr.height))
+    return hdr.node, hdr.height, out, missing
 
 
-@dataclass
-class Opened:
-    """One verified, decrypted reading."""
+class Opened(NamedTuple):
+    """One verified, decrypted reading (a tuple: cheap to send back from a worker)."""
 
-    reading: Reading
+    device: bytes
+    seq: int
+    t_ms: int
+    stream: str
     unit: str
     samples: list[Sample]
     node: bytes  # the chain (authority) whose block holds it
     height: int
 
 
-@dataclass
+@dataclass(repr=False)
 class FetchResult:
     readings: list[Opened] = field(default_factory=list)
     node_url: str = ""
@@ -181,6 +234,15 @@ class FetchResult:
     @property
     def samples(self) -> int:
         return sum(len(o.samples) for o in self.readings)
+
+    def __repr__(self) -> str:  # the readings can be a day of samples: summarise them
+        return (
+            f"FetchResult({len(self.readings)} readings, {self.samples} samples from "
+            f"{self.node_url}, {self.blocks} blocks, {self.bytes_transferred} bytes)"
+        )
+
+
+Job = tuple[bytes, list[Any], list[bytes], bool]
 
 
 class Fetcher:
@@ -196,7 +258,7 @@ class Fetcher:
         chunk: int = 2048,
     ):
         self.client, self.genesis = client, genesis
-        self.authorities = {a.key for a in genesis.authorities}
+        self.authorities = frozenset(a.key for a in genesis.authorities)
         self.keys_for, self.pool, self.chunk = keys_for, pool, chunk
 
     async def fetch(self, patient: bytes, stream: str, from_ms: int, to_ms: int) -> FetchResult:
@@ -208,6 +270,42 @@ class Fetcher:
             except (aiohttp.ClientError, TimeoutError, NetworkError) as exc:
                 self.client.tried.append(f"{url}: failed mid-fetch: {exc}")  # next node
         raise NetworkError(f"no node completed the fetch ({'; '.join(self.client.tried)})")
+
+    def _scope(
+        self, key_txs: list[bytes], patient: bytes, stream: str, from_ms: int, to_ms: int
+    ) -> Scope:
+        """Check the patient's signature on each enrolment and rechain the node sent, and
+        collect the message keys of every chain they name, over the range asked for."""
+        epochs: set[tuple[bytes, int]] = set()
+        for raw in key_txs:
+            tx = decode_control(raw)
+            if not isinstance(tx, EnrollDevice | Rechain) or tx.patient != patient:
+                raise VerificationError("the node sent an enrolment of someone else")
+            tx.verify()
+            chains = [tx] if isinstance(tx, Rechain) else tx.streams
+            for c in chains:
+                if c.stream == stream:
+                    lo = max(c.start_epoch, (from_ms - MAX_SPAN_MS) // c.epoch_ms)
+                    epochs.update((c.chain_id, e) for e in range(lo, to_ms // c.epoch_ms + 1))
+        return Scope(
+            patient,
+            stream,
+            from_ms,
+            to_ms,
+            self.genesis.network_id,
+            self.authorities,
+            tuple(key_txs),
+            self.keys_for(epochs),
+        )
+
+    def _jobs(self, blocks: list[Any]) -> list[Job]:
+        """Per block: its proof, then its readings in slices the workers share."""
+        jobs: list[Job] = []
+        for raw_header, picked, proof in blocks:
+            jobs.append((raw_header, picked, proof, True))
+            for i in range(0, len(picked), self.chunk):
+                jobs.append((raw_header, picked[i : i + self.chunk], [], False))
+        return jobs
 
     async def _pages(
         self,
@@ -222,77 +320,38 @@ class Fetcher:
         res = FetchResult(node_url=url)
         start_bytes = self.client.bytes_in - len(body)
         loop = asyncio.get_running_loop()
-        pending: list[tuple[asyncio.Future[list[tuple[Any, ...]]], list[tuple[bytes, int]]]] = []
-        access = AccessState()
+        pending: list[asyncio.Future[tuple[bytes, int, list[Opened], int]]] = []
+        scope: Scope | None = None
         while True:
-            nxt, enrolments, blocks = _unpack_answer(body)
+            nxt, key_txs, blocks = _unpack_answer(body)
             res.pages += 1
-            for raw in enrolments:
-                tx = decode_control(raw)
-                if not isinstance(tx, EnrollDevice | Rechain) or tx.patient != patient:
-                    raise VerificationError("the node sent an enrolment of someone else")
-                tx.verify()
-                access.apply(tx)
-            entries, where = self._check_blocks(blocks)
+            if scope is None or tuple(key_txs) != scope.key_txs:
+                scope = self._scope(key_txs, patient, stream, from_ms, to_ms)
             res.blocks += len(blocks)
-            keys = self.keys_for(_chain_epochs(entries))
-            for i in range(0, len(entries), self.chunk):
-                part = entries[i : i + self.chunk]
-                if self.pool is not None and len(entries) >= PARALLEL_FROM:
-                    fut = loop.run_in_executor(self.pool, open_readings, part, keys)
+            parallel = self.pool is not None and sum(len(b[1]) for b in blocks) >= PARALLEL_FROM
+            for job in self._jobs(blocks):
+                if parallel:
+                    pending.append(loop.run_in_executor(self.pool, check_part, scope, *job))
                 else:
                     fut = loop.create_future()
-                    fut.set_result(open_readings(part, keys))
-                pending.append((fut, where[i : i + self.chunk]))
+                    fut.set_result(check_part(scope, *job))
+                    pending.append(fut)
             if nxt is None:
                 break
             status, body = await self.client.get_from(url, f"{base}&after={int(nxt)}")
             if status != 200:
                 raise NetworkError(f"{url}: page {res.pages + 1}: {status} {_reason(body)}")
         seen: set[tuple[bytes, int]] = set()
-        for fut, locs in pending:
-            for out, (node, height) in zip(await fut, locs, strict=True):
-                if out[0] == "no_key":
-                    res.undecryptable += 1
-                    continue
-                if out[0] is not None:
-                    raise VerificationError(f"reading in {node.hex()[:8]}#{height}: {out[0]}")
-                r = Reading(*out[1:-2])
-                if r.patient != patient or r.stream != stream:
-                    raise VerificationError("the node sent a reading of another patient or stream")
-                if not from_ms - 3_600_000 <= r.t_ms <= to_ms:
-                    raise VerificationError("the node sent a reading outside the range asked")
-                try:
-                    access.check_reading(r)
-                except RemoteError as exc:
-                    raise VerificationError(f"reading from a device not enrolled: {exc}") from exc
-                if (r.device, r.seq) in seen:
-                    continue
-                seen.add((r.device, r.seq))
-                res.readings.append(Opened(r, out[-2], out[-1], node, height))
-        res.readings.sort(key=lambda o: (o.reading.t_ms, o.reading.device))
+        for fut in pending:
+            _, _, opened, missing = await fut
+            res.undecryptable += missing
+            for o in opened:
+                if (o.device, o.seq) not in seen:  # a reading two chains carry: keep one
+                    seen.add((o.device, o.seq))
+                    res.readings.append(o)
+        res.readings.sort(key=lambda o: (o.t_ms, o.device))
         res.bytes_transferred = self.client.bytes_in - start_bytes
         return res
-
-    def _check_blocks(self, blocks: list[Any]) -> tuple[list[bytes], list[tuple[bytes, int]]]:
-        """Headers and Merkle proofs; returns the entries and where each sits."""
-        entries: list[bytes] = []
-        where: list[tuple[bytes, int]] = []
-        for raw_header, picked, proof in blocks:
-            hdr = BlockHeader.decode(raw_header)
-            if hdr.node not in self.authorities or hdr.network != self.genesis.network_id:
-                raise VerificationError("a block header of a node outside our network")
-            hdr.verify()
-            leaves = {int(i): merkle.leaf_hash(e) for i, e in picked}
-            if len(leaves) != len(picked) or not merkle.verify_multiproof(
-                leaves, hdr.count, proof, hdr.root
-            ):
-                raise VerificationError(
-                    f"entries of {hdr.node.hex()[:8]}#{hdr.height} are not in that block"
-                )
-            entries.extend(e for _, e in picked)
-            where.extend([(hdr.node, hdr.height)] * len(picked))
-        return entries, where
 
 
 def _unpack_answer(body: bytes) -> tuple[int | None, list[bytes], list[Any]]:
@@ -305,21 +364,6 @@ def _unpack_answer(body: bytes) -> tuple[int | None, list[bytes], list[Any]]:
         raise VerificationError(f"not a readings answer: {exc}") from exc
 
 
-def _chain_epochs(entries: list[bytes]) -> set[tuple[bytes, int]]:
-    """(chain id, epoch) of each raw reading, read in place (checked later, in the workers)."""
-    out = set()
-    for e in entries:
-        f = msgpack.unpackb(e)
-        if (
-            isinstance(f, list)
-            and len(f) == 12
-            and isinstance(f[7], bytes)
-            and isinstance(f[8], int)
-        ):
-            out.add((f[7], f[8]))
-    return out
-
-
 def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """Worker processes for signature checks and decryption, started now."""
     import multiprocessing
@@ -328,7 +372,7 @@ def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["meshhealth.sharing.provider"])
     pool = ProcessPoolExecutor(n, mp_context=ctx)
-    list(pool.map(open_readings, [[]] * n, [{}] * n))
+    list(pool.map(abs, range(n)))  # start every worker now, not on the first fetch
     return pool
 
 

@@ -72,7 +72,7 @@ def decide(
     if not active:
         return Decision((), b"", "revoked")
     windows, first = [], b""
-    for gid, g in sorted(active, key=lambda kv: kv[1].from_ms):
+    for gid, g in sorted(active, key=lambda kv: (kv[1].from_ms, kv[0])):  # a total order
         lo = max(lo_floor, g.from_ms)
         hi = to_ms if g.open else min(to_ms, g.until_ms)
         if lo <= hi:
