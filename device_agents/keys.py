@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import aiohttp
 
 from device_agents.device import Device
-from meshhealth.errors import RemoteError
+from meshhealth.errors import NetworkError, RemoteError
+from meshhealth.net.client import get_first
 from meshhealth.wire import Rechain, decode_control
 from meshhealth.wire.codec import unpack
 
@@ -29,15 +30,11 @@ async def follow_rechains(
     many devices switched a stream."""
     switched = 0
     for d in devices:
-        for url in node_urls:
-            try:
-                async with session.get(f"{url}/v1/devices/{d.id.hex()}/enrollments") as r:
-                    r.raise_for_status()
-                    txs = unpack(await r.read(), max_len=1 << 22)
-                break
-            except (aiohttp.ClientError, TimeoutError, RemoteError) as exc:
-                log.debug("device %s: %s: %s", d.id.hex()[:8], url, exc)
-        else:
+        try:
+            body = await get_first(session, node_urls, f"/v1/devices/{d.id.hex()}/enrollments")
+            txs = unpack(body, max_len=1 << 22)
+        except (NetworkError, RemoteError) as exc:
+            log.debug("device %s: %s", d.id.hex()[:8], exc)
             continue
         for raw in txs:
             try:

@@ -22,7 +22,7 @@ import aiohttp
 from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.errors import ConfigError, NetworkError
-from meshhealth.net.client import post_tx
+from meshhealth.net.client import get_first, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.wire import EnrollDevice, Erase, Grant, Rechain, Revoke, decode_control
@@ -121,7 +121,9 @@ async def revoke(a: argparse.Namespace) -> int:
         return 2
     now = time.time_ns() // 1_000_000
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        doc = await get_json(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
+        doc = json.loads(
+            await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
+        )
         grants = {
             bytes.fromhex(g["id"]): (Grant.decode(bytes.fromhex(g["tx"])).verify(), g["revoked"])
             for g in doc["grants"]
@@ -135,7 +137,7 @@ async def revoke(a: argparse.Namespace) -> int:
         print(f"revoked grant {a.grant[:16]}")
         if a.no_rechain or not (target.open or target.until_ms > now):
             return 0
-        raw = await get_bytes(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
+        raw = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
         devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
         keep = [
             (gid, g)
@@ -178,24 +180,6 @@ def devices_by_stream(patient: bytes, raws: list[bytes]) -> dict[str, set[bytes]
     return out
 
 
-async def get_json(session: aiohttp.ClientSession, nodes: list[str], path: str) -> Any:
-    return json.loads(await get_bytes(session, nodes, path))
-
-
-async def get_bytes(session: aiohttp.ClientSession, nodes: list[str], path: str) -> bytes:
-    """GET ``path`` from the first node that answers 200."""
-    last = ""
-    for url in nodes:
-        try:
-            async with session.get(f"{url.rstrip('/')}{path}") as r:
-                if r.status == 200:
-                    return await r.read()
-                last = f"{url}: {r.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            last = f"{url}: {exc}"
-    raise NetworkError(f"no node answered {path} ({last})")
-
-
 async def erase(a: argparse.Namespace) -> int:
     patient, _ = load_patient(a.key, a.passphrase)
     if not a.yes:
@@ -207,25 +191,16 @@ async def erase(a: argparse.Namespace) -> int:
     return 0
 
 
-def grants(a: argparse.Namespace) -> int:
+async def grants(a: argparse.Namespace) -> int:
     """List the patient's grants as the first reachable node knows them."""
-    import json
-    import urllib.request
-
     patient = load_identity(Path(a.key), passphrase=a.passphrase)
-    last = ""
-    for url in a.node:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         try:
-            with urllib.request.urlopen(
-                f"{url.rstrip('/')}/v1/patients/{patient.public.hex()}/grants", timeout=10
-            ) as r:
-                doc = json.loads(r.read())
-            break
-        except OSError as exc:
-            last = f"{url}: {exc}"
-    else:
-        print(f"error: no node answered ({last})", file=sys.stderr)
-        return 1
+            body = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
+        except NetworkError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    doc = json.loads(body)
     print(f"{'grant':<16} {'grantee':<10} {'streams':<20} {'from':<25} {'until':<25} state")
     for g in doc["grants"]:
         until = "open" if g["open"] else _iso(g["until_ms"])
@@ -278,7 +253,7 @@ def add_parsers(pat: Any, sync: Any) -> None:
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)
     s.add_argument("--passphrase")
-    s.set_defaults(fn=grants)
+    s.set_defaults(fn=sync(grants))
     s = pat.add_parser("erase", help="delete every payload of this patient (irreversible)")
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)

@@ -22,3 +22,17 @@ async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: byt
         except (aiohttp.ClientError, TimeoutError) as exc:
             last = f"{url}: {exc}"
     raise NetworkError(f"no node accepted the transaction ({last})")
+
+
+async def get_first(session: aiohttp.ClientSession, node_urls: list[str], path: str) -> bytes:
+    """The body of the first node, in order, that answers ``GET path`` with 200."""
+    last = ""
+    for url in node_urls:
+        try:
+            async with session.get(f"{url.rstrip('/')}{path}") as resp:
+                if resp.status == 200:
+                    return await resp.read()
+                last = f"{url}: {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            last = f"{url}: {exc}"
+    raise NetworkError(f"no node answered {path} ({last})")

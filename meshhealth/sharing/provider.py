@@ -39,6 +39,7 @@ from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import AccessDenied, NetworkError, RemoteError
 from meshhealth.ingest.verify import check_one
+from meshhealth.net.client import get_first
 from meshhealth.net.signed_request import sign_request
 from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.keychain import KeyChain, decode_samples, decrypt, message_key
@@ -417,17 +418,7 @@ async def my_grants(
     """The keys of each grant ``patient`` made to ``me`` (following the rechains that
     carried an open grant to new key chains), and whether it is revoked; from the first
     node that lists them, each transaction checked against the patient's signature."""
-    last = ""
-    for url in urls:
-        try:
-            async with session.get(f"{url.rstrip('/')}/v1/grantees/{me.public.hex()}/grants") as r:
-                r.raise_for_status()
-                doc = await r.json()
-            break
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            last = f"{url}: {exc}"
-    else:
-        raise NetworkError(f"no node listed our grants ({last})")
+    doc = json.loads(await get_first(session, urls, f"/v1/grantees/{me.public.hex()}/grants"))
     out = []
     for g in doc["grants"]:
         raw = bytes.fromhex(g["tx"])
@@ -450,12 +441,4 @@ async def my_grants(
 async def network_genesis(session: aiohttp.ClientSession, urls: list[str]) -> Genesis:
     """The network's genesis as the first node that answers serves it (trust on first use:
     pass ``--genesis`` to pin it instead)."""
-    last = ""
-    for url in urls:
-        try:
-            async with session.get(f"{url.rstrip('/')}/v1/network") as r:
-                r.raise_for_status()
-                return Genesis.load_text(await r.text())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            last = f"{url}: {exc}"
-    raise NetworkError(f"no node served the network's genesis ({last})")
+    return Genesis.load_text((await get_first(session, urls, "/v1/network")).decode())
