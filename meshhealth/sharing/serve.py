@@ -111,19 +111,22 @@ def collect(
     seen: set[tuple[bytes, int]] = set()
     size = count = 0
     nxt: int | None = None
-    trees: dict[tuple[bytes, int], tuple[tuple[bytes, ...], list[list[bytes]]]] = {}
+    # the block last read: consecutive buckets (hours) often share one
+    at: tuple[bytes, int] | None = None
+    header: bytes = b""
+    body: tuple[bytes, ...] = ()
+    tree: list[list[bytes]] = []
     for b in range(after, len(buckets)):
         if size >= page_bytes:
             nxt = b
             break
         node, height, indexes = buckets[b]
-        raw = store.raw_block(node, height)
-        if raw is None:
-            continue
-        if (node, height) not in trees:
-            body = decode_body(raw[1])
-            trees = {(node, height): (body, merkle.levels([merkle.leaf_of(e) for e in body]))}
-        body, tree = trees[(node, height)]
+        if at != (node, height):
+            raw = store.raw_block(node, height)
+            if raw is None:
+                continue
+            at, header, body = (node, height), raw[0], decode_body(raw[1])
+            tree = merkle.levels([merkle.leaf_of(e) for e in body])
         picked: list[tuple[int, bytes]] = []
         for i in indexes:
             e = body[i]
@@ -138,7 +141,7 @@ def collect(
             size += len(e) + ENTRY_OVERHEAD
         if picked:
             proof = merkle.multiproof(tree, [i for i, _ in picked])
-            blocks.append([raw[0], picked, proof])
-            size += len(raw[0]) + 32 * len(proof)
+            blocks.append([header, picked, proof])
+            size += len(header) + 32 * len(proof)
             count += len(picked)
     return pack(["RS1", nxt, enrolments, blocks]), count
