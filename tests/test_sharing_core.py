@@ -650,12 +650,12 @@ def test_prune_patient_erases_exactly_up_to_its_time(built: Built) -> None:
     assert store.prune_patient(Identity.generate("patient").public, UPTO) == 0
 
     # the audit trail survives the erasure
-    node, height, index = store.audit_locations(bt.p1.public)[0]
-    assert store.audit_locations(bt.p1.public) == [(bt.node, *bt.log_at)]
+    ((entry, node, height, index),) = store.audit_trail(bt.p1.public)
+    assert (node, height, index) == (bt.node, *bt.log_at)
     raw = store.raw_block(node, height)
-    assert raw is not None and merkle_body(raw[1])[index] == bt.log.encode()
-    assert store.audit_locations(bt.p2.public) == []
-    assert store.audit_locations(bt.p1.public, T0 + 59 * M) == []
+    assert raw is not None and merkle_body(raw[1])[index] == entry == bt.log.encode()
+    assert store.audit_trail(bt.p2.public) == []
+    assert store.audit_trail(bt.p1.public, T0 + 59 * M) == []
 
 
 def answer_readings(bt: Built, data: bytes) -> tuple[int | None, list[Reading]]:

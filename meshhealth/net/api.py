@@ -13,7 +13,6 @@ status; nothing a client sends can stop the node.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +51,9 @@ async def errors_middleware(
         raise
     except MalformedMessage as exc:
         return _err(400, "malformed", str(exc))
+    except RequestAuthError as exc:
+        request.app[NODE].auth_failures += 1
+        return _err(401, "unauthenticated", str(exc))
     except Rejected as exc:
         return _err(409 if exc.reason.startswith("duplicate") else 422, exc.reason, str(exc))
 
@@ -79,19 +81,13 @@ async def latency(request: web.Request) -> web.Response:
     return web.json_response({"samples": [[c.hex(), h, round(ms, 2)] for c, h, ms in samples]})
 
 
-def _bad(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(
-        text=json.dumps({"error": message, "reason": "malformed"}), content_type="application/json"
-    )
-
-
 def _key(text: str) -> bytes:
     try:
         k = bytes.fromhex(text)
     except ValueError:
         k = b""
     if len(k) != 32:
-        raise _bad("expected a 64-hex key")
+        raise MalformedMessage("expected a 64-hex key")
     return k
 
 
@@ -189,19 +185,12 @@ async def grants(request: web.Request) -> web.Response:
 
 
 async def _signed_by(request: web.Request) -> tuple[bytes, bytes]:
-    """The reader's key and the request's digest, or 401."""
-    node = request.app[NODE]
+    """The reader's key and the request's digest (a bad signature raises
+    :class:`RequestAuthError`, which the middleware answers with 401)."""
     body = await request.read()
-    try:
-        reader = node.guard.verify(
-            request.method, request.raw_path, body, request.headers, int(time.time() * 1000)
-        )
-    except RequestAuthError as exc:
-        node.auth_failures += 1
-        raise web.HTTPUnauthorized(
-            text=json.dumps({"error": str(exc), "reason": "unauthenticated"}),
-            content_type="application/json",
-        ) from exc
+    reader = request.app[NODE].guard.verify(
+        request.method, request.raw_path, body, request.headers, int(time.time() * 1000)
+    )
     return reader, h(request.headers["X-MH-Signature"].encode())
 
 
@@ -212,9 +201,9 @@ def _ms(request: web.Request, name: str, default: int | None = None) -> int:
     try:
         v = int(text or "")
     except ValueError:
-        raise _bad(f"query parameter {name!r}: Unix ms expected") from None
+        raise MalformedMessage(f"query parameter {name!r}: Unix ms expected") from None
     if not 0 <= v < 1 << 63:
-        raise _bad(f"query parameter {name!r} out of range")
+        raise MalformedMessage(f"query parameter {name!r} out of range")
     return v
 
 
@@ -253,12 +242,8 @@ async def audit(request: web.Request) -> web.Response:
     if reader != patient:
         node.log_access(reader, patient, "audit", lo, hi, "denied", "not_patient", b"", 0, rid)
         return _err(403, "not_patient", "only the patient may read their audit trail")
-    out = []
-    for loc_node, height, index in node.store.audit_locations(patient, lo, hi):
-        raw = node.store.raw_block(loc_node, height)
-        if raw is not None:
-            out.append([decode_body(raw[1])[index], loc_node, height, index])
-    return web.Response(body=pack(["AU1", out]), content_type=MSGPACK)
+    trail = await asyncio.to_thread(node.store.audit_trail, patient, lo, hi)
+    return web.Response(body=pack(["AU1", trail]), content_type=MSGPACK)
 
 
 async def proof(request: web.Request) -> web.Response:

@@ -44,7 +44,7 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import StorageError
 from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import BlockHeader
+from meshhealth.wire import BlockHeader, Reading
 from meshhealth.wire.codec import pack, unpack
 
 HOUR_MS = 3_600_000
@@ -255,14 +255,24 @@ class Store:
 
     def control_entries(self) -> list[bytes]:
         """Every control transaction and proof in the replica, read back from the blocks."""
-        out: list[bytes] = []
         with self.env.begin() as txn:
             locs = [bytes(v) for _, v in txn.cursor(db=self.db["acl"])]
+        return self.entries_at(locs)
+
+    def entries_at(self, locs: list[bytes]) -> list[bytes]:
+        """The entries at these locations (node(32) + height(8) + index(4)), as stored;
+        each block is read and decoded once however many of its entries are asked for."""
+        out: list[bytes] = []
+        bodies: dict[bytes, tuple[bytes, ...]] = {}
+        with self.env.begin() as txn:
             for loc in locs:
-                body = txn.get(loc[:40], db=self.db["bodies"])
-                if body is None:
-                    raise StorageError("acl index points at a missing block")
-                out.append(decode_body(bytes(body))[struct.unpack(">I", loc[40:])[0]])
+                key = loc[:40]
+                if key not in bodies:
+                    body = txn.get(key, db=self.db["bodies"])
+                    if body is None:
+                        raise StorageError("an index points at a missing block")
+                    bodies[key] = decode_body(bytes(body))
+                out.append(bodies[key][struct.unpack(">I", loc[40:])[0]])
         return out
 
     # --- the sharing read path ----------------------------------------------
@@ -305,26 +315,23 @@ class Store:
                 )
         return out
 
-    def audit_locations(
+    def audit_trail(
         self, patient: bytes, from_ms: int = 0, to_ms: int = 2**63 - 1
-    ) -> list[tuple[bytes, int, int]]:
-        """(node, height, index) of every access log about ``patient`` in [from_ms, to_ms]."""
+    ) -> list[tuple[bytes, bytes, int, int]]:
+        """(entry, node, height, index) of every access log about ``patient`` logged in
+        [from_ms, to_ms], from every chain, in time order."""
         with self.env.begin() as txn:
             cur = txn.cursor(db=self.db["audit"])
-            out: list[tuple[bytes, int, int]] = []
-            if not cur.set_range(patient + struct.pack(">Q", from_ms)):
-                return out
-            for k, v in cur:
-                if k[:32] != patient or struct.unpack(">Q", k[32:40])[0] > to_ms:
-                    break
-                out.append(
-                    (
-                        bytes(v[:32]),
-                        struct.unpack(">Q", v[32:40])[0],
-                        struct.unpack(">I", v[40:])[0],
-                    )
-                )
-        return out
+            locs: list[bytes] = []
+            if cur.set_range(patient + struct.pack(">Q", from_ms)):
+                for k, v in cur:
+                    if k[:32] != patient or struct.unpack(">Q", k[32:40])[0] > to_ms:
+                        break
+                    locs.append(bytes(v))
+        return [
+            (e, loc[:32], struct.unpack(">Q", loc[32:40])[0], struct.unpack(">I", loc[40:])[0])
+            for e, loc in zip(self.entries_at(locs), locs, strict=True)
+        ]
 
     def prune_patient(self, patient: bytes, upto_ms: int) -> int:
         """Erase: replace every stored reading of ``patient`` that starts at or before
@@ -333,8 +340,6 @@ class Store:
         return int(self._write(self._prune, patient, upto_ms))
 
     def _prune(self, txn: Any, patient: bytes, upto_ms: int) -> int:
-        from meshhealth.wire import Reading
-
         pid = txn.get(b"p" + patient, db=self.db["names"])
         if pid is None:
             return 0
@@ -348,6 +353,7 @@ class Store:
                 if struct.unpack(">I", k[5:9])[0] <= upto_ms // HOUR_MS:
                     buckets.append((bytes(k), unpack(bytes(v), max_len=1 << 20)))
         bodies: dict[bytes, list[bytes]] = {}
+        changed: set[bytes] = set()
         n = 0
         for k, idx in buckets:
             node = self._name(txn, b"n", k[9:11])
@@ -362,6 +368,7 @@ class Store:
                     continue
                 if Reading.decode(body[i]).t_ms <= upto_ms:
                     body[i] = pruned(body[i])
+                    changed.add(key)
                     n += 1
                 else:  # an hour bucket may straddle upto_ms: keep what is after it
                     left.append(i)
@@ -369,8 +376,8 @@ class Store:
                 txn.put(k, pack(left), db=self.db["readings"])
             else:
                 txn.delete(k, db=self.db["readings"])
-        for key, body in bodies.items():
-            txn.put(key, encode_body(body), db=self.db["bodies"])
+        for key in changed:
+            txn.put(key, encode_body(bodies[key]), db=self.db["bodies"])
         return n
 
     def disk_bytes(self) -> int:
