@@ -90,7 +90,7 @@ async def fetch(a: argparse.Namespace) -> int:
                 export.consent(k.grant, k.id, revoked=revoked, subject=subject)
                 for k, revoked in mine
             ]
-        pool = make_pool() if a.workers != 0 else None
+        pool = make_pool(a.workers) if a.workers != 0 else None
         try:
             fetcher = Fetcher(
                 NodeClient(session, a.node, me), genesis, keys_for=keys_for, pool=pool

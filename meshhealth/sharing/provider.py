@@ -42,7 +42,7 @@ from meshhealth.ingest.verify import check_one
 from meshhealth.net.client import get_first
 from meshhealth.net.signed_request import sign_request
 from meshhealth.sharing.grants import GrantKeys
-from meshhealth.sharing.keychain import KeyChain, decode_samples, decrypt, message_key
+from meshhealth.sharing.keychain import ChainCursor, KeyChain, decode_samples, decrypt
 from meshhealth.wire import BlockHeader, EnrollDevice, Grant, Reading, Rechain, decode_control
 from meshhealth.wire.codec import unpack
 from meshhealth.wire.types import MAX_SPAN_MS
@@ -386,10 +386,14 @@ def chain_keys(chains: Iterable[KeyChain]) -> Callable[[Iterable[tuple[bytes, in
 
     def keys_for(wanted: Iterable[tuple[bytes, int]]) -> Keys:
         out: Keys = {}
+        cursors: dict[bytes, ChainCursor] = {}  # one forward walk per chain, not one per epoch
         for chain_id, epoch in sorted(wanted):
             c = by_id.get(chain_id)
-            if c is not None and epoch >= c.start_epoch:
-                out[(chain_id, epoch)] = message_key(c.key(epoch))
+            if c is None or epoch < c.start_epoch:
+                continue
+            if chain_id not in cursors:
+                cursors[chain_id] = c.cursor(epoch)
+            out[(chain_id, epoch)] = cursors[chain_id].message_key(epoch)
         return out
 
     return keys_for
