@@ -33,7 +33,6 @@ class Device:
     next_seq: int = 1
     # a stream's chain before its latest rechain: samples older than the new chain's start
     previous: dict[str, ChainCursor] = field(default_factory=dict)
-    rechains: set[bytes] = field(default_factory=set)  # chain ids taken up
 
     @property
     def id(self) -> bytes:
@@ -50,11 +49,10 @@ class Device:
 
     def accept_rechain(self, tx: Rechain) -> bool:
         """Switch a stream to the patient's new key chain; False if this rechain is not for
-        this device or was taken up already."""
+        this device or is the chain it already uses.  Give it only the stream's *latest*
+        rechain (see :func:`device_agents.keys.follow_rechains`)."""
         current = self.cursors.get(tx.stream)
         if tx.patient != self.patient or current is None or current.chain_id == tx.chain_id:
-            return False
-        if tx.chain_id in self.rechains:
             return False
         mine = [k for k in tx.devices if k.to == self.id]
         if not mine:
@@ -63,7 +61,6 @@ class Device:
         key = unseal(mine[0].sealed, self.identity.box_private)
         self.previous[tx.stream] = self.cursors[tx.stream]
         self.cursors[tx.stream] = ChainCursor(tx.chain_id, tx.epoch_ms, mine[0].epoch, key)
-        self.rechains.add(tx.chain_id)
         return True
 
     def readings(

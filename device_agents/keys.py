@@ -23,11 +23,31 @@ from meshhealth.wire.codec import unpack
 log = logging.getLogger(__name__)
 
 
+def latest_rechains(raws: Iterable[bytes], patient: bytes) -> dict[str, Rechain]:
+    """Per stream, the patient's latest validly signed rechain among ``raws`` (an older
+    one names a chain since retired; a forged one must not hide the real latest)."""
+    latest: dict[str, Rechain] = {}
+    for raw in raws:
+        try:
+            tx = decode_control(raw)
+            if not isinstance(tx, Rechain) or tx.patient != patient:
+                continue
+            tx.verify()
+        except RemoteError as exc:
+            log.warning("ignoring a bad transaction: %s", exc)
+            continue
+        best = latest.get(tx.stream)
+        if best is None or (tx.ts_ms, tx.chain_id) > (best.ts_ms, best.chain_id):
+            latest[tx.stream] = tx
+    return latest
+
+
 async def follow_rechains(
     session: aiohttp.ClientSession, node_urls: list[str], devices: Iterable[Device]
 ) -> int:
-    """Take up every rechain the first answering node holds for these devices; returns how
-    many devices switched a stream."""
+    """Take up, per stream, the latest rechain the first answering node holds for each
+    device (after a restart the device sees earlier ones again, which name chains since
+    retired); returns how many device streams switched."""
     switched = 0
     for d in devices:
         try:
@@ -36,14 +56,14 @@ async def follow_rechains(
         except (NetworkError, RemoteError) as exc:
             log.debug("device %s: %s", d.id.hex()[:8], exc)
             continue
-        for raw in txs:
+        latest = latest_rechains(txs, d.patient)
+        for tx in latest.values():
             try:
-                tx = decode_control(raw)
-                if isinstance(tx, Rechain) and d.accept_rechain(tx):
+                if d.accept_rechain(tx):
                     switched += 1
                     log.info(
                         "device %s: stream %s moved to a new key chain", d.id.hex()[:8], tx.stream
                     )
             except RemoteError as exc:
-                log.warning("device %s: ignoring a bad transaction: %s", d.id.hex()[:8], exc)
+                log.warning("device %s: ignoring a bad rechain: %s", d.id.hex()[:8], exc)
     return switched

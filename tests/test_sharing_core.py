@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_agents.device import Device
+from device_agents.keys import latest_rechains
 from meshhealth.chain import merkle
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import decode_body
@@ -742,3 +743,16 @@ def test_collect_paginates_and_the_pages_add_up(built: Built) -> None:
     assert len(pages) > 1
     flat = [r for page in pages for r in page]
     assert keys(flat) == keys(whole)  # same readings, none twice
+
+
+def test_a_device_is_given_only_each_streams_latest_rechain() -> None:
+    """After a restart a device sees every rechain naming it again; the older ones name
+    chains since retired, and a forged later one must not hide the real latest."""
+    n, p1 = U.named, U.patients[0]
+    k0, k1 = n["k_p1_hr_b"], n["k_p1_hr_c"]
+    assert k1.ts_ms > k0.ts_ms
+    forged = replace(k1, ts_ms=k1.ts_ms + 1)  # k1's signature no longer fits
+    raws = [k1.encode(), forged.encode(), k0.encode(), n["k_p2_spo2_b"].encode()]
+    for order in (raws, raws[::-1]):
+        assert latest_rechains(order, p1.public) == {"hr": k1}
+    assert set(latest_rechains(raws, U.patients[1].public)) == {"spo2"}
