@@ -32,9 +32,9 @@ DAY_MS = 86_400_000
 
 
 def load_patient(path: str, passphrase: str | None) -> tuple[Identity, dict[str, KeyChain]]:
+    """The patient's identity and each stream's current key chain (the last in the file)."""
     patient = load_identity(Path(path), passphrase=passphrase)
-    doc = tomllib.loads(Path(path).read_text())
-    chains = {c["stream"]: KeyChain.from_doc(c) for c in doc.get("keychains", [])}
+    chains = {c.stream: c for c in all_chains(path)}
     if not chains:
         raise ConfigError(f"{path} holds no key chains: create it with `meshhealth patient new`")
     return patient, chains
