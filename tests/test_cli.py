@@ -31,7 +31,7 @@ def mh(
 
 def test_help_lists_every_command() -> None:
     out = mh("--help").stdout
-    for cmd in ("init", "network", "patient", "node", "device", "chain", "demo", "bench"):
+    for cmd in ("init", "network", "patient", "node", "device", "chain", "demo", "bench", "doctor"):
         assert cmd in out
     assert "enroll-device" in mh("patient", "--help").stdout
 

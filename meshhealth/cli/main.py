@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshhealth.cli.logs import FORMATS, setup_logging
 from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
@@ -212,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meshhealth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default)")
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line on stderr",
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="create a node directory: key, config, single-node network")
@@ -338,25 +345,44 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
-    from meshhealth.cli import bench, demo
+    from meshhealth.cli import bench, demo, doctor
 
     demo.add_parser(sub)
     bench.add_parser(sub)
+    doctor.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format)
     try:
         return int(args.fn(args) or 0)
     except MeshHealthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, args.log_format)
+    except BaseExceptionGroup as group:  # raised inside a TaskGroup
+        ours, _rest = group.split(MeshHealthError)
+        if ours is None:
+            raise
+        return fail(first_leaf(ours), args.log_format)
     except KeyboardInterrupt:
         return 130
+
+
+def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def fail(exc: BaseException, log_format: str) -> int:
+    """One line on stderr naming the problem and its fix; exit status 2."""
+    if log_format == "json":
+        log.error("%s", exc, extra={"error": exc.__class__.__name__})
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

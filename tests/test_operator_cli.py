@@ -1,0 +1,156 @@
+"""What a node operator sees: one-line errors naming the fix, JSON logs, ``doctor``.
+
+Every case runs the real ``meshhealth`` command line against real files, a
+real Mosquitto and a real node process on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_cli import mh
+
+from meshhealth.cli.demo import setup_network
+from meshhealth.cli.logs import JsonFormatter
+from meshhealth.config import NodeConfig
+from meshhealth.store.lmdb_store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def write(cfg: NodeConfig) -> Path:
+    path = cfg.base / "node.toml"
+    path.write_text(cfg.dumps())
+    return path
+
+
+def one_line_error(args: list[str], *needles: str) -> str:
+    """Run a command that must fail: exit 2, and stderr is one line holding every needle."""
+    r = mh(*args, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # no traceback
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+def test_bad_configuration_gives_one_line_naming_the_fix(tmp_path, mosquitto):
+    cfg = setup_network(tmp_path / "net", 1, broker=mosquitto.url)[0]
+    conf = write(cfg)
+
+    missing = replace(cfg, key_file="nowhere.key")
+    one_line_error(
+        ["node", "run", "--config", str(write(missing))], "nowhere.key", "meshhealth init"
+    )
+    write(cfg)
+
+    unreachable = replace(cfg, mqtt=replace(cfg.mqtt, broker="mqtt://127.0.0.1:9"))
+    one_line_error(
+        ["node", "run", "--config", str(write(unreachable))],
+        "cannot reach the MQTT broker at mqtt://127.0.0.1:9",
+        "start it",
+    )
+    write(cfg)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = replace(cfg, api=replace(cfg.api, port=port))
+        one_line_error(["node", "run", "--config", str(write(busy))], "in use", "set api.port")
+    write(cfg)
+
+    other = setup_network(tmp_path / "other", 1, broker=mosquitto.url)[0]
+    stamped = Store(other.data_path)  # a data dir that belongs to another network
+    stamped.set_meta("genesis", other.genesis_path.read_text().encode())
+    stamped.close()
+    foreign = replace(cfg, data_dir=str(other.data_path))
+    one_line_error(["node", "run", "--config", str(write(foreign))], "another network", "data_dir")
+
+    one_line_error(["node", "run", "--config", str(tmp_path / "none.toml")], "meshhealth init")
+    assert conf.exists()
+
+
+def test_json_log_format_writes_one_object_per_line(tmp_path):
+    cfg = setup_network(tmp_path / "net", 1, broker="mqtt://127.0.0.1:9")[0]
+    r = mh("--log-format", "json", "node", "run", "--config", str(write(cfg)), timeout=60)
+    assert r.returncode == 2
+    docs = [json.loads(line) for line in r.stderr.strip().splitlines()]
+    last = docs[-1]
+    assert last["level"] == "error" and last["error"] == "NetworkError"
+    assert "cannot reach the MQTT broker" in last["msg"]
+    assert {"ts", "logger"} <= set(last)
+
+
+def test_json_formatter_keeps_extra_fields_and_exceptions():
+    import logging
+
+    rec = logging.LogRecord("meshhealth.x", logging.WARNING, __file__, 1, "a %s", ("b",), None)
+    rec.peer = "ab12"
+    doc = json.loads(JsonFormatter().format(rec))
+    assert doc["msg"] == "a b" and doc["peer"] == "ab12" and doc["level"] == "warning"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        rec.exc_info = sys.exc_info()
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(rec))["exc"]
+
+
+def doctor(conf: Path) -> tuple[int, dict[str, dict[str, str]]]:
+    r = mh("doctor", "--config", str(conf), "--json", timeout=60)
+    return r.returncode, {c["name"]: c for c in json.loads(r.stdout)}
+
+
+@pytest.mark.timeout(180)
+def test_doctor_passes_a_running_node_and_names_each_broken_part(tmp_path, mosquitto):
+    from test_network import launch
+
+    cfgs = setup_network(tmp_path / "net", 2, broker=mosquitto.url)
+    nodes = launch(cfgs[:1], tmp_path / "net")  # node 2 stays down
+    try:
+        rc, checks = doctor(cfgs[0].base / "node.toml")
+        assert checks["api"]["status"] == "ok" and "running" in checks["api"]["detail"]
+        assert checks["broker"]["status"] == "ok"
+        assert checks["key"]["status"] == "ok" and checks["network"]["status"] == "ok"
+        assert checks["disk"]["status"] == "ok" and "LMDB map" in checks["disk"]["detail"]
+        assert checks["peers"]["status"] == "warn"  # its one peer is down
+        assert "unreachable" in checks["peers"]["detail"]
+        assert rc == 0, checks
+
+        human = mh("doctor", "--config", str(cfgs[0].base / "node.toml"), timeout=60)
+        assert human.returncode == 0
+        assert any(line.startswith("warn  peers") for line in human.stdout.splitlines())
+        assert "fix: " in human.stdout
+    finally:
+        for n in nodes:
+            n.stop()
+
+    cfg = cfgs[1]
+    broken = replace(cfg, mqtt=replace(cfg.mqtt, broker="mqtt://127.0.0.1:9"))
+    rc, checks = doctor(write(broken))
+    assert rc == 1
+    assert checks["broker"]["status"] == "fail" and checks["broker"]["fix"]
+    assert checks["peers"]["status"] == "warn"  # node 1 is down now
+
+    stranger = setup_network(tmp_path / "other", 1, broker=mosquitto.url)[0]
+    wrong = replace(cfg, genesis_file=str(stranger.genesis_path))
+    rc, checks = doctor(write(wrong))
+    assert rc == 1
+    assert checks["network"]["status"] == "fail"
+    assert "not one of them" in checks["network"]["detail"]
+
+    (cfg.base / "node.key").chmod(0o644)
+    rc, checks = doctor(write(cfg))
+    assert checks["key"]["status"] == "warn" and "chmod 600" in checks["key"]["fix"]
+
+    rc, checks = doctor(tmp_path / "missing.toml")
+    assert rc == 1 and checks["config"]["status"] == "fail"
+    assert {c["status"] for n, c in checks.items() if n != "config"} == {"skip"}
