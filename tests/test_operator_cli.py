@@ -154,3 +154,18 @@ def test_doctor_passes_a_running_node_and_names_each_broken_part(tmp_path, mosqu
     rc, checks = doctor(tmp_path / "missing.toml")
     assert rc == 1 and checks["config"]["status"] == "fail"
     assert {c["status"] for n, c in checks.items() if n != "config"} == {"skip"}
+
+
+def test_progress_bar_tracks_work_that_grows(capsys):
+    from meshhealth.cli.progress import Progress
+
+    bar = Progress(10, "catch-up blocks", force=True)
+    bar.update(10)  # the last step is always drawn
+    assert "catch-up blocks [" in capsys.readouterr().err
+    bar.update(20, total=40)
+    bar._drawn = 0.0  # past the redraw interval
+    bar.update(40)
+    err = capsys.readouterr().err
+    assert "40/40" in err and "#" * 30 in err
+    bar.close()
+    assert Progress(5, "quiet").enabled is False  # stderr is not a terminal under pytest

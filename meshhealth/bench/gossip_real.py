@@ -32,6 +32,7 @@ from meshhealth.bench.ingest import Workload, publish, verify_ceiling, write_inp
 from meshhealth.bench.procs import BrokerProcess, NodeProcess
 from meshhealth.bench.stats import pct
 from meshhealth.cli.demo import setup_network
+from meshhealth.cli.progress import Progress
 
 
 def all_cores_verify_ceiling(seconds: float) -> float:
@@ -125,9 +126,12 @@ def run_real(
         t_start = time.monotonic()
         late.start(until="api")
         t_api = time.monotonic()
+        bar = Progress(sum(h + 1 for h in target.values()), "catch-up blocks")
         while True:
             got = late.heads()
+            bar.update(sum(min(got.get(c, -1), h) + 1 for c, h in target.items()))
             if all(got.get(c, -1) >= h for c, h in target.items()):
+                bar.close()
                 break
             if time.monotonic() - t_api > 600:
                 raise TimeoutError(f"catch-up stalled at {got} of {target}")

@@ -35,6 +35,7 @@ from meshhealth.bench.gossip_real import all_cores_verify_ceiling
 from meshhealth.bench.procs import NodeProcess
 from meshhealth.chain.acl import AccessState
 from meshhealth.cli.demo import setup_network
+from meshhealth.cli.progress import Progress
 from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.ingest.batcher import Batcher, BatchLimits
@@ -60,6 +61,7 @@ def fill_store(cfg: NodeConfig, hours: int, provider: bytes) -> dict[str, Any]:
     end = now // 1000 * 1000 - 60_000
     start = end - hours * HOUR_MS
     out: dict[str, Any] = {"from_ms": start, "to_ms": end - 1}
+    bar = Progress(2 * hours, "writing hours")
     for name, per in (("default", DEFAULT_SAMPLES), ("single", 1)):
         patient = Identity.generate("patient")
         chain = KeyChain.new("hr", epoch_of(start, HOUR_MS))
@@ -82,10 +84,12 @@ def fill_store(cfg: NodeConfig, hours: int, provider: bytes) -> dict[str, Any]:
                 n += 1
                 if b.full():
                     store.commit_block(b.seal(now))
+            bar.advance()
         if b.pending:
             store.commit_block(b.seal(now))
         out[name] = {"patient": patient.public, "grant": grant, "readings": n}
     store.close()
+    bar.close()
     return out
 
 

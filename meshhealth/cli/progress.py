@@ -14,7 +14,13 @@ class Progress:
         self._t0 = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
+        self.update(self.done + n)
+
+    def update(self, done: int, total: int | None = None) -> None:
+        """Set how much is done (and, for work that grows while it runs, the total)."""
+        if total is not None:
+            self.total = max(total, 1)
+        self.done = done
         now = time.monotonic()
         if self.enabled and (now - self._drawn > 0.1 or self.done >= self.total):
             self._drawn = now
