@@ -102,6 +102,7 @@ class Pipeline:
         self.received = 0
         self.blocks = 0
         self.committed_readings = store.reading_count()
+        self.sealed_readings = 0  # readings in our own blocks since start (metrics)
         self.commit_seconds = 0.0
         self.pruned = 0  # readings erased from this store since start
         self._pool: Executor | None = None
@@ -327,6 +328,7 @@ class Pipeline:
             self.on_block(c)
         self.blocks += 1
         self.committed_readings += len(c.readings)
+        self.sealed_readings += len(c.readings)
         self.committed.update(c.seqmarks)
         self._send_receipts(set(c.seqmarks))
 

@@ -18,11 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from meshhealth.chain import merkle
 from meshhealth.chain.block import decode_body
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, Rejected
+from meshhealth.net.dashboard import dashboard_doc, static_file
+from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
+from meshhealth.net.metrics import node_registry, render
 from meshhealth.net.signed_request import RequestAuthError
 from meshhealth.sharing.serve import collect, decide
 from meshhealth.wire import BlockHeader, Grant
@@ -30,7 +34,10 @@ from meshhealth.wire.codec import name_str, pack
 from meshhealth.wire.types import MAX_CONTROL
 
 NODE: web.AppKey[Any] = web.AppKey("node", Any)
+REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)  # this node's, not the global one
 MSGPACK = "application/msgpack"
+# request methods counted by name; anything else is counted as "other" (bounded labels)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def _err(status: int, reason: str, message: str) -> web.Response:
@@ -41,14 +48,28 @@ def _err(status: int, reason: str, message: str) -> web.Response:
 async def errors_middleware(
     request: web.Request, handler: Callable[..., Any]
 ) -> web.StreamResponse:
-    request.app[NODE].api_requests[request.method] = (
-        request.app[NODE].api_requests.get(request.method, 0) + 1
-    )
+    """Answers the errors every handler may raise, and counts every request by method and
+    status: answered, raised as an HTTP exception (a 404 from the router too), or a 500."""
+    counts = request.app[NODE].api_requests
+    method = request.method if request.method in METHODS else "other"
+    try:
+        resp = await _answer(request, handler)
+    except web.HTTPException as exc:
+        counts[method, exc.status] += 1
+        raise
+    except asyncio.CancelledError:
+        raise  # the client went away before any answer
+    except Exception:
+        counts[method, 500] += 1  # aiohttp answers a handler's bug with a 500
+        raise
+    counts[method, resp.status] += 1
+    return resp
+
+
+async def _answer(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
     try:
         resp: web.StreamResponse = await handler(request)
         return resp
-    except web.HTTPException:
-        raise
     except MalformedMessage as exc:
         return _err(400, "malformed", str(exc))
     except RequestAuthError as exc:
@@ -285,9 +306,47 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
 
+# --- monitoring: Prometheus metrics and the dashboard -----------------------------------
+
+# the page is never framed by another site (it writes every value as text, not markup)
+PAGE_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
+
+
+async def dashboard_page(request: web.Request) -> web.Response:
+    return _static("dashboard.html")
+
+
+async def static(request: web.Request) -> web.Response:
+    return _static(request.match_info["name"])
+
+
+def _static(name: str) -> web.Response:
+    """A packaged file of the web pages (small: read on each request, so never stale)."""
+    found = static_file(name)
+    if found is None:
+        return _err(404, "not_found", f"no static file {name!r}")
+    body, kind = found
+    return web.Response(body=body, content_type=kind, charset="utf-8", headers=PAGE_HEADERS)
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """The node's view of its network and its recent ingest, for the dashboard page."""
+    return web.json_response(dashboard_doc(request.app[NODE]))
+
+
 def make_app(node: Any) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_CONTROL + 1024)
     app[NODE] = node
+    app[REGISTRY] = node_registry(node)
     app.router.add_post("/v1/tx", submit_tx)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/chains", chains)
@@ -303,4 +362,8 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/grantees/{key}/grants", grants)
     app.router.add_get("/v1/gossip", node.gossip.handle)
     app.router.add_get("/v1/gossip/latency", latency)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", dashboard_page)
+    app.router.add_get("/static/{name}", static)
+    app.router.add_get("/v1/dashboard", dashboard)
     return app

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import meshhealth
+from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
+from meshhealth.net.metrics import FAMILIES
 from meshhealth.net.signed_request import HEADERS, TAG
 from meshhealth.wire.codec import DOMAIN
 from meshhealth.wire.types import MAX_CONTROL
@@ -332,6 +334,7 @@ def _schemas() -> dict[str, Doc]:
             }
         ),
         "Grants": _object({"grants": {"type": "array", "items": _schema("Grant")}}),
+        "Dashboard": _dashboard_schema(),
         "Latency": _object(
             {
                 "samples": {
@@ -347,6 +350,89 @@ def _schemas() -> dict[str, Doc]:
             }
         ),
     }
+
+
+def _dashboard_schema() -> Doc:
+    hex32, ms, count = _schema("Hex32"), _schema("UnixMs"), {"type": "integer", "minimum": 0}
+    number, name = {"type": "number", "minimum": 0}, {"type": "string"}
+    rates = {"type": "array", "items": number}
+    confirmed = {"type": "integer", "minimum": -1}
+    return _object(
+        {
+            "node": _described(hex32, "This node's public key."),
+            "name": _described(name, "This node's authority name in the genesis."),
+            "network": _object({"id": hex32, "name": name}),
+            "now_ms": ms,
+            "uptime_s": number,
+            "mqtt_connected": {"type": "boolean"},
+            "ingest": _counts("received", "readings", "rejected", "backlog", "pending"),
+            "store": _counts("used_bytes", "map_size", "readings"),
+            "chains": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "node": hex32,
+                        "name": name,
+                        "mine": _described({"type": "boolean"}, "This node's own chain."),
+                        "height": count,
+                        "confirmed": _described(confirmed, "-1: none yet."),
+                        "unconfirmed": _described(count, "Blocks above the confirmed height."),
+                        "confirmation_lag_s": _described(
+                            number, "Age of the oldest unconfirmed block."
+                        ),
+                        "missing": _described(count, "Blocks a catch-up still has to bring."),
+                        "faulty": {"type": "boolean"},
+                    }
+                ),
+            },
+            "peers": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "node": hex32,
+                        "name": name,
+                        "state": {"enum": ["connected", "disconnected", "faulty", "observer"]},
+                        "liveness": {"enum": ["alive", "suspect", "dead", "unknown"]},
+                    }
+                ),
+            },
+            "history": _object(
+                {
+                    "interval_s": number,
+                    "window_s": number,
+                    "t_ms": {
+                        "type": "array",
+                        "items": ms,
+                        "description": "The end of each sampling interval.",
+                    },
+                    "accepted_per_s": _described(rates, "Readings committed per second."),
+                    "rejected_per_s": {
+                        "type": "object",
+                        "additionalProperties": rates,
+                        "description": "Rejections per second, by reason (reasons with "
+                        "rejections in the window).",
+                    },
+                },
+                "Ingest rates over the last minutes, one value per sampling interval.",
+            ),
+            "recent_blocks": {
+                "type": "array",
+                "description": "The newest blocks over every chain, newest first.",
+                "items": _object(
+                    {
+                        "node": hex32,
+                        "name": name,
+                        "height": count,
+                        "ts_ms": ms,
+                        "count": _described(count, "Entries."),
+                        "links": _described(count, "Links to other chains' heads."),
+                        "confirmed": {"type": "boolean"},
+                    }
+                ),
+            },
+        },
+        "The node dashboard's data: only what /v1/status and /v1/chains show publicly.",
+    )
 
 
 def _signing_headers() -> dict[str, Doc]:
@@ -604,6 +690,86 @@ def _paths() -> dict[str, Doc]:
                 {"200": _json("The samples, oldest first.", _schema("Latency"))},
             )
         },
+        **_monitoring_paths(),
+    }
+
+
+def _metrics_description() -> str:
+    rows = "\n".join(
+        f"| `{f.name}` | {f.kind} | {', '.join(f'`{x}`' for x in f.labels)} | {f.help} |"
+        for f in FAMILIES
+    )
+    return (
+        "Prometheus text exposition of this node's metrics, read from its state when "
+        "scraped, and the usual `process_*` metrics of its process. Counters restart at "
+        "zero with the process. Per-chain families are labelled with the chain's node "
+        "key (`node`, 64 hex) and its authority name (`name`). The number of samples "
+        "inside readings is not counted: it is inside the ciphertext.\n\n"
+        "| family | type | labels | meaning |\n|---|---|---|---|\n" + rows
+    )
+
+
+def _monitoring_paths() -> dict[str, Doc]:
+    def text(kind: str, description: str) -> Doc:
+        return {"description": description, "content": {kind: {"schema": {"type": "string"}}}}
+
+    return {
+        "/metrics": {
+            "get": _operation(
+                "getMetrics",
+                "monitoring",
+                "Prometheus metrics",
+                _metrics_description(),
+                {"200": text(METRICS_TYPE, "The metrics, in the Prometheus text format.")},
+            )
+        },
+        "/": {
+            "get": _operation(
+                "getDashboardPage",
+                "monitoring",
+                "The node dashboard (a web page)",
+                "The network as this node sees it (every chain's height, confirmation and "
+                "faults, the peers), its ingest and rejection rates over the last ten "
+                "minutes, and the newest blocks with their confirmation. It polls "
+                "`GET /v1/dashboard` and shows no vital value and no ciphertext.",
+                {"200": text("text/html", "The page.")},
+            )
+        },
+        "/static/{name}": {
+            "get": _operation(
+                "getStaticFile",
+                "monitoring",
+                "A file of the web pages",
+                "The scripts and style sheets the pages load, packaged with the node.",
+                {
+                    "200": {
+                        "description": "The file.",
+                        "content": {
+                            k: {"schema": {"type": "string"}}
+                            for k in ("text/javascript", "text/css", "text/html")
+                        },
+                    },
+                    "404": _error("No such file (reason `not_found`)."),
+                },
+                [
+                    _path(
+                        "name",
+                        {"type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"},
+                        "A file name such as `chart.js`.",
+                    )
+                ],
+            )
+        },
+        "/v1/dashboard": {
+            "get": _operation(
+                "getDashboard",
+                "monitoring",
+                "What the dashboard shows",
+                "This node's view of the network, its recent ingest rates (sampled every "
+                "2 s, ten minutes back) and the newest blocks over every chain.",
+                {"200": _json("The dashboard's data.", _schema("Dashboard"))},
+            )
+        },
     }
 
 
@@ -638,6 +804,7 @@ def document() -> dict[str, Any]:
             {"name": "chains", "description": "Blocks and proofs of the replicated chains."},
             {"name": "sharing", "description": "Readings, audit trails, grants, enrolments."},
             {"name": "gossip", "description": "Node-to-node replication."},
+            {"name": "monitoring", "description": "Prometheus metrics and the node dashboard."},
         ],
         "paths": _paths(),
         "components": {
