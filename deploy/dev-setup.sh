@@ -10,6 +10,8 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     missing+=(mosquitto mosquitto-clients)
 fi
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)                # deploy/certs.sh
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)        # checks deploy/systemd
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq

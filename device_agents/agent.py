@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import aiomqtt
 
 from device_agents.device import Device
 from device_agents.outbox import Outbox
-from meshhealth.errors import MeshHealthError
+from meshhealth.errors import ConfigError, MeshHealthError
 from meshhealth.ingest.mqtt import parse_broker_url
 from meshhealth.wire import Receipt
 
@@ -59,10 +60,15 @@ class Agent:
         window: int = 2000,
         username: str = "",
         password: str = "",
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.outbox = outbox
         self.devices = {d.id: d for d in devices}
         self.host, self.port, self.tls = parse_broker_url(broker_url)
+        if tls_context is not None and not self.tls:
+            raise ConfigError(f"broker URL {broker_url!r}: TLS settings need an mqtts:// URL")
+        # mqtts://: our CA and client certificate, or by default the system roots
+        self.tls_context = tls_context or (ssl.create_default_context() if self.tls else None)
         self.network, self.authorities = network, authorities
         self.client_id = client_id
         self.resend_after, self.window = resend_after, window
@@ -127,7 +133,7 @@ class Agent:
             identifier=self.client_id or None,
             username=self.username or None,
             password=self.password or None,
-            tls_params=aiomqtt.TLSParameters() if self.tls else None,
+            tls_context=self.tls_context,
             max_queued_outgoing_messages=0,
             keepalive=30,
         ) as client:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,8 @@ class Simulation:
         epoch_ms: int = 3_600_000,
         resend_after: float = 5.0,
         rekey_poll_s: float = 2.0,
+        mqtt_tls: ssl.SSLContext | None = None,
+        http_tls: ssl.SSLContext | None = None,
     ) -> None:
         for s in streams:
             if s not in STREAMS:
@@ -77,6 +81,8 @@ class Simulation:
         self.samples_per_reading = samples_per_reading
         self.gateway, self.resend_after = gateway, resend_after
         self.rekey_poll_s = rekey_poll_s
+        self.mqtt_tls = mqtt_tls  # CA and client certificate for an mqtts:// broker
+        self.http_tls = http_tls  # CA for https:// node URLs (None: the system roots)
         rng = random.Random(seed)
         now = time.time_ns() // 1_000_000
         self.start_ms = (now - int(backfill_s * 1000)) // self.interval_ms * self.interval_ms
@@ -97,7 +103,8 @@ class Simulation:
         self.outbox = Outbox(state_dir / "outbox")
         devices = [d for p in self.patients for d in p.devices]
         if gateway:
-            self.agents = [self._agent(devices, "mh-gw")]
+            # a client id of its own: two gateways on one broker must not evict each other
+            self.agents = [self._agent(devices, f"mh-gw-{devices[0].identity.short}")]
         else:
             self.agents = [self._agent([d], f"mh-dev-{d.identity.short}") for d in devices]
         self.produced = 0
@@ -113,6 +120,7 @@ class Simulation:
             authorities=self.authorities,
             client_id=cid,
             resend_after=self.resend_after,
+            tls_context=self.mqtt_tls,
         )
 
     @property
@@ -129,8 +137,12 @@ class Simulation:
                     p.identity, path, extra={"keychains": [c.to_doc() for c in p.chains.values()]}
                 )
 
+    def _http(self, timeout: float) -> aiohttp.ClientSession:
+        tls = None if self.http_tls is None else aiohttp.TCPConnector(ssl=self.http_tls)
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=tls)
+
     async def enroll(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with self._http(10) as session:
             for p in self.patients:
                 for d in p.devices:
                     tx = enrollment(
@@ -169,9 +181,11 @@ class Simulation:
     ) -> bool:
         """Produce until ``duration_s`` past now (or ``stop``); then wait for receipts.
 
-        Returns True when every produced reading was receipted.
+        Returns True when every produced reading was receipted.  ``duration_s=math.inf``
+        produces until ``stop`` (a gateway service).
         """
-        end_ms = time.time_ns() // 1_000_000 + int(duration_s * 1000)
+        live_ms = 2**62 if math.isinf(duration_s) else int(duration_s * 1000)
+        end_ms = time.time_ns() // 1_000_000 + live_ms
         agents_stop = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             for a in self.agents:
@@ -199,7 +213,7 @@ class Simulation:
     async def _follow_rechains(self, stop: asyncio.Event) -> None:
         """Every ``rekey_poll_s``, let each device take up its patient's new key chains."""
         devices = [d for p in self.patients for d in p.devices]
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with self._http(5) as session:
             while not stop.is_set():
                 self.rechained += await follow_rechains(session, self.node_urls, devices)
                 with contextlib.suppress(TimeoutError):

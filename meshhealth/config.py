@@ -99,6 +99,12 @@ class MqttConfig:
     readings_topic: str = "mh/v1/readings/+"
     receipts_topic: str = "mh/v1/receipts/{device}"
     shared_group: str = ""  # MQTT 5 shared subscription group
+    # TLS to the broker (an mqtts:// URL): the CA that issued the broker's certificate
+    # (default: the system roots), and our client certificate and key, if the broker
+    # wants one (deploy/certs.sh node NAME issues it)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,18 @@ class GossipConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """HTTPS/WSS for the API and gossip listener, and the CA peers are checked against."""
+
+    cert_file: str = ""  # this node's certificate (PEM); set, the listener serves TLS
+    key_file: str = ""  # its private key
+    # the site CA: peers' server certificates (we dial https:// peers) and their client
+    # certificates on /v1/gossip are checked against it (default: the system roots, and
+    # no client certificates)
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     map_size_mb: int = 64
 
@@ -146,6 +164,7 @@ class NodeConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def path(self, name: str) -> Path:
         p = Path(name)
@@ -163,6 +182,13 @@ class NodeConfig:
     def data_path(self) -> Path:
         return self.path(self.data_dir)
 
+    def optional_path(self, name: str) -> Path | None:
+        return self.path(name) if name else None
+
+    @property
+    def api_scheme(self) -> str:
+        return "https" if self.tls.cert_file else "http"
+
     def dumps(self) -> str:
         def section(obj: Any) -> dict[str, Any]:
             return {f.name: getattr(obj, f.name) for f in fields(obj)}
@@ -179,6 +205,7 @@ class NodeConfig:
                 "api": section(self.api),
                 "storage": section(self.storage),
                 "gossip": section(self.gossip),
+                "tls": section(self.tls),
             }
         )
 
@@ -189,7 +216,7 @@ class NodeConfig:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], *, base: Path, source: str = "config") -> NodeConfig:
-        known = {"node", "mqtt", "ingest", "api", "storage", "gossip"}
+        known = {"node", "mqtt", "ingest", "api", "storage", "gossip", "tls"}
         for k in doc:
             if k not in known:
                 raise ConfigError(f"{source}: unknown section [{k}] (known: {sorted(known)})")
@@ -220,6 +247,7 @@ class NodeConfig:
             api=build(ApiConfig, "api"),
             storage=build(StorageConfig, "storage"),
             gossip=build(GossipConfig, "gossip"),
+            tls=build(TlsConfig, "tls"),
         )
         ing = cfg.ingest
         if not 0.01 <= ing.block_interval_s <= 3600:
@@ -240,4 +268,30 @@ class NodeConfig:
         for url in [*g.peers, *([g.advertise_url] if g.advertise_url else [])]:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{source}: gossip URL {url!r} must start with http(s)://")
+        _check_tls(cfg, source)
         return cfg
+
+
+def _check_tls(cfg: NodeConfig, source: str) -> None:
+    """Certificates come with their keys, and TLS settings with a URL that uses TLS."""
+    t, m = cfg.tls, cfg.mqtt
+    if bool(t.cert_file) != bool(t.key_file):
+        raise ConfigError(
+            f"{source}: set both tls.cert_file and tls.key_file (the node certificate and its "
+            "key; deploy/certs.sh node NAME HOST issues them) or neither"
+        )
+    if t.cert_file and cfg.gossip.advertise_url.startswith("http://"):
+        raise ConfigError(
+            f"{source}: gossip.advertise_url must be https:// when tls.cert_file is set "
+            "(peers dial it), or leave it empty"
+        )
+    if bool(m.cert_file) != bool(m.key_file):
+        raise ConfigError(
+            f"{source}: set both mqtt.cert_file and mqtt.key_file (the client certificate the "
+            "broker checks, and its key) or neither"
+        )
+    if (m.ca_file or m.cert_file) and not m.broker.startswith(("mqtts://", "ssl://")):
+        raise ConfigError(
+            f"{source}: mqtt.ca_file/cert_file need a TLS broker: set mqtt.broker to "
+            "mqtts://host:8883"
+        )

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import time
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +25,9 @@ from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.mqtt import MqttIngest
 from meshhealth.ingest.pipeline import Pipeline, now_ms
 from meshhealth.net.api import make_app
+from meshhealth.net.dashboard import History, sample_history
 from meshhealth.net.signed_request import ReplayGuard
+from meshhealth.net.tls import node_tls
 from meshhealth.store.lattice_view import confirmed_heights, replay_control
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import AccessLog
@@ -54,6 +57,7 @@ class Node:
                 f"{self.genesis.name!r}; add its key to {cfg.genesis_path}"
             )
         self.network = self.genesis.network_id
+        self.tls = node_tls(cfg)  # TLS contexts (a bad certificate is a ConfigError here)
         self.authorities = frozenset(a.key for a in self.genesis.authorities)
         self.store = open_store(cfg, self.genesis)
         access, faulty = replay_control(self.store)
@@ -83,6 +87,7 @@ class Node:
             self._on_payload,
             username=m.username,
             password=m.password,
+            tls=self.tls.mqtt,
         )
         self.pipeline = Pipeline(
             self.batcher,
@@ -102,10 +107,12 @@ class Node:
             gc.peers,
             GossipParams(fanout=gc.fanout, tick_s=gc.tick_s),
             observers=gc.observers,
-            advertise_url=gc.advertise_url or f"http://{cfg.api.host}:{cfg.api.port}",
+            advertise_url=gc.advertise_url or f"{cfg.api_scheme}://{cfg.api.host}:{cfg.api.port}",
             peer_exchange=gc.peer_exchange,
+            client_ssl=self.tls.peers,
         )
-        self.api_requests: dict[str, int] = {}
+        self.api_requests: Counter[tuple[str, int]] = Counter()  # (method, status) -> count
+        self.history = History()  # the dashboard's recent ingest rates
         self.guard = ReplayGuard(self.identity.public)
         self.auth_failures = 0
         self.access_logs = 0
@@ -201,7 +208,9 @@ class Node:
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, self.cfg.api.host, self.cfg.api.port)
+            site = web.TCPSite(
+                runner, self.cfg.api.host, self.cfg.api.port, ssl_context=self.tls.server
+            )
             try:
                 await site.start()
             except OSError as exc:
@@ -209,10 +218,11 @@ class Node:
                     f"API port {self.cfg.api.host}:{self.cfg.api.port} is in use "
                     f"({exc}); set api.port"
                 ) from exc
-            self.api_url = f"http://{self.cfg.api.host}:{self.cfg.api.port}"
+            self.api_url = f"{self.cfg.api_scheme}://{self.cfg.api.host}:{self.cfg.api.port}"
             async with asyncio.TaskGroup() as tg:
                 pipe = tg.create_task(self.pipeline.run())
                 gossip = tg.create_task(self.gossip.run())
+                sampler = tg.create_task(sample_history(self))
                 if ready is not None:
                     ready.set()  # the API answers; ingest starts once our own head is known
                 if not await self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s):
@@ -234,4 +244,5 @@ class Node:
                 await stop.wait()
                 pipe.cancel()
                 gossip.cancel()
+                sampler.cancel()
             await self.pipeline.flush()

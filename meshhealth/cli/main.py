@@ -177,9 +177,24 @@ async def _node_run(a: argparse.Namespace) -> int:
 
 
 async def _simulate(a: argparse.Namespace) -> int:
+    import os
+
     from device_agents.simulate import Simulation
+    from meshhealth.errors import ConfigError
+    from meshhealth.net.tls import CA_ENV, cli_context, client_context
 
     g = Genesis.load(Path(a.genesis))
+    ca = a.ca or os.environ.get(CA_ENV, "")
+    if a.cert and not a.broker.startswith("mqtts://"):
+        raise ConfigError("--cert needs an mqtts:// --broker (TLS to the broker)")
+    mqtt_tls = None
+    if a.broker.startswith("mqtts://") and (ca or a.cert):
+        mqtt_tls = client_context(
+            Path(ca) if ca else None,
+            Path(a.cert) if a.cert else None,
+            Path(a.key) if a.key else None,
+            what="--ca/--cert/--key",
+        )
     sim = Simulation(
         broker_url=a.broker,
         node_urls=a.node,
@@ -194,6 +209,8 @@ async def _simulate(a: argparse.Namespace) -> int:
         backfill_s=a.backfill,
         gateway=a.gateway,
         seed=a.seed,
+        mqtt_tls=mqtt_tls,
+        http_tls=cli_context(ca),
     )
     try:
         await sim.enroll()
@@ -310,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="start this many seconds in the past and catch up (an offline sync)",
     )
-    s.add_argument("--duration", type=float, default=60.0, help="seconds of live data after now")
+    s.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds of live data after now (inf: until SIGINT/SIGTERM)",
+    )
     s.add_argument(
         "--gateway",
         action=argparse.BooleanOptionalAction,
@@ -318,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one MQTT connection for all devices (default) or one per device",
     )
     s.add_argument("--state-dir", default="sim-state", help="outbox and patient keys")
+    s.add_argument(
+        "--ca",
+        help="CA file the broker (mqtts://) and https:// nodes are checked against "
+        "(default: $MESHHEALTH_CA, else the system roots)",
+    )
+    s.add_argument("--cert", help="client certificate for the mqtts:// broker (deploy/certs.sh)")
+    s.add_argument("--key", help="the client certificate's private key")
     s.add_argument("--drain-timeout", type=float, default=60.0)
     s.add_argument("--seed", type=int, default=1)
     s.set_defaults(fn=_sync(_simulate))

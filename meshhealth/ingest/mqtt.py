@@ -6,6 +6,10 @@ gmqtt is here for speed: measured on these 2-core machines it consumes
 pipeline; every check happens later.  gmqtt acknowledges a message when the
 callback returns, before the commit: durability comes from the devices'
 outboxes and our receipts, never from broker acks.
+
+Over ``mqtts://`` it checks the broker against ``mqtt.ca_file`` and shows the
+node's client certificate (``mqtt.cert_file``), whose CN the broker's ACL
+knows (``deploy/mosquitto``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,8 +51,10 @@ class MqttIngest:
         *,
         username: str = "",
         password: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.topic = topic
+        self.tls = tls  # for mqtts:// (None: verify against the system roots)
         self.on_payload = on_payload
         self.connected = asyncio.Event()
         self.connects = 0
@@ -76,11 +83,20 @@ class MqttIngest:
         return 0  # PUBACK: success
 
     async def start(self, url: str, *, timeout: float = 10.0) -> None:
-        host, port, tls = parse_broker_url(url)
+        host, port, use_tls = parse_broker_url(url)
+        if self.tls is not None and not use_tls:
+            raise ConfigError(f"broker URL {url!r}: TLS settings need an mqtts:// URL")
+        ssl_arg: ssl.SSLContext | bool = (self.tls or True) if use_tls else False
         try:
             await asyncio.wait_for(
-                self._client.connect(host, port, ssl=tls, version=MQTTv311, keepalive=30), timeout
+                self._client.connect(host, port, ssl=ssl_arg, version=MQTTv311, keepalive=30),
+                timeout,
             )
+        except ssl.SSLError as exc:
+            raise NetworkError(
+                f"TLS to the MQTT broker at {url} failed ({exc}); check mqtt.ca_file (the CA of "
+                "the broker's certificate) and mqtt.cert_file/key_file (ours, from the same CA)"
+            ) from exc
         except (OSError, TimeoutError) as exc:
             raise NetworkError(
                 f"cannot reach the MQTT broker at {url} ({exc or 'timeout'}); start it, or leave "

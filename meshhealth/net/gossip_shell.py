@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 import statistics
 import time
 from collections import Counter, deque
@@ -56,6 +57,7 @@ from meshhealth.gossip.messages import Blocks, FullHeads, PeerList, Pull, Push, 
 from meshhealth.gossip.protocol import Gossip, GossipParams
 from meshhealth.ingest import verify
 from meshhealth.ingest.replica import MissingLinks, admit_remote
+from meshhealth.net.tls import peer_is_node
 from meshhealth.wire import BlockHeader
 
 if TYPE_CHECKING:
@@ -102,8 +104,10 @@ class GossipShell:
         observers: bool = False,
         advertise_url: str = "",
         peer_exchange: bool = True,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.node, self.peer_urls, self.observers = node, peer_urls, observers
+        self.client_ssl = client_ssl  # dialing https:// peers: our CA, our certificate
         self.advertise_url, self.peer_exchange = advertise_url, peer_exchange
         self.me = node.identity.public
         self.authorities = {a.key for a in node.genesis.authorities}
@@ -173,7 +177,8 @@ class GossipShell:
     # --- connections ------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
+        tls = None if self.client_ssl is None else aiohttp.TCPConnector(ssl=self.client_ssl)
+        async with aiohttp.ClientSession(connector=tls) as session, asyncio.TaskGroup() as tg:
             self._session, self._tasks = session, tg
             for url in self.peer_urls:
                 self._dial(url)
@@ -248,7 +253,11 @@ class GossipShell:
                 RemoteError,
             ) as exc:
                 # a peer that is down, refuses us or breaks the protocol: back off, retry
-                log.info("gossip: %s: %s", url, exc)
+                if isinstance(exc, aiohttp.ClientSSLError):
+                    self.counters["tls_refused"] += 1  # its certificate failed our CA check
+                    log.warning("gossip: %s: TLS: %s", url, exc)
+                else:
+                    log.info("gossip: %s: %s", url, exc)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, MAX_DIAL_BACKOFF_S)
 
@@ -281,6 +290,9 @@ class GossipShell:
         return Connection(peer.id, peer.authority, ws)
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        if not peer_is_node(request.transport):
+            self.counters["tls_refused"] += 1
+            raise web.HTTPForbidden(text="gossip over TLS needs a node certificate of our CA")
         ws = web.WebSocketResponse(max_msg_size=wire.MAX_GOSSIP, heartbeat=10)
         await ws.prepare(request)
         try:
@@ -547,6 +559,15 @@ class GossipShell:
             return {}
         q = statistics.quantiles(recent, n=100)
         return {"p50_ms": round(q[49], 1), "p99_ms": round(q[98], 1), "samples": len(recent)}
+
+    def missing(self) -> dict[bytes, int]:
+        """The catch-up backlog: per chain, how many blocks above our head we know exist
+        (a pull is heading for them, or a later one waits in the buffer) and still lack."""
+        tops = {chain: upto for chain, (upto, _) in self.core._want.items()}
+        for chain, held in self.buffer.items():
+            tops[chain] = max(tops.get(chain, -1), *held)
+        gaps = {chain: top - self.core.head(chain) for chain, top in tops.items()}
+        return {chain: n for chain, n in gaps.items() if n > 0}
 
     def statistics(self) -> dict[str, Any]:
         return {
