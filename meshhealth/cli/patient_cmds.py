@@ -1,4 +1,4 @@
-"""``meshhealth patient grant | revoke | erase``: the patient's control transactions.
+"""``meshhealth patient grant | revoke | grants | erase | serve``: the patient's side.
 
 Each builds and signs the transaction locally with the patient's key file
 (which holds the key chains), then submits it to the first ``--node`` that
@@ -25,6 +25,7 @@ from meshhealth.errors import ConfigError, NetworkError
 from meshhealth.net.client import get_first, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain
+from meshhealth.sharing.provider import PARALLEL_FROM
 from meshhealth.wire import EnrollDevice, Erase, Grant, Rechain, Revoke, decode_control
 from meshhealth.wire.codec import unpack
 
@@ -212,8 +213,36 @@ async def grants(a: argparse.Namespace) -> int:
     return 0
 
 
+async def serve(a: argparse.Namespace) -> int:
+    """The patient's local web page: audit trail, grants, and their own streams."""
+    from meshhealth.viewer import patient_view
+    from meshhealth.viewer.server import Reader
+    from meshhealth.viewer.server import serve as listen
+
+    patient, _ = load_patient(a.key, a.passphrase)  # says so if the file holds no key chain
+    genesis = Path(a.genesis) if a.genesis else None
+    reader = Reader(patient, a.node, genesis=genesis, workers=a.workers)
+    return await listen(patient_view.app(reader, all_chains(a.key)), a.host, a.port, "patient")
+
+
 def _iso(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+def add_serve_args(s: Any) -> None:
+    """The flags ``provider serve`` and ``patient serve`` share."""
+    s.add_argument("--node", action="append", required=True, help="node API URL (failover order)")
+    s.add_argument("--host", default="127.0.0.1", help="listen here (default: loopback only)")
+    s.add_argument("--port", type=int, default=0, help="listen port (default 0: a free one)")
+    s.add_argument("--genesis", help="the network file to trust (default: the first node's)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"verifier processes (default: one per core; 0: none; used from {PARALLEL_FROM} "
+        "readings on)",
+    )
+    s.add_argument("--passphrase")
 
 
 def add_parsers(pat: Any, sync: Any) -> None:
@@ -260,3 +289,9 @@ def add_parsers(pat: Any, sync: Any) -> None:
     s.add_argument("--yes", action="store_true", help="confirm")
     s.add_argument("--passphrase")
     s.set_defaults(fn=sync(erase))
+    s = pat.add_parser(
+        "serve", help="a local web page: who read my data, my grants, my streams (verified here)"
+    )
+    s.add_argument("--key", required=True, help="the patient's key file")
+    add_serve_args(s)
+    s.set_defaults(fn=sync(serve))

@@ -1,10 +1,11 @@
-"""``meshhealth provider keygen | fetch`` and ``meshhealth patient audit``.
+"""``meshhealth provider keygen | fetch | serve`` and ``meshhealth patient audit``.
 
 ``provider fetch`` asks the ``--node``s in order for a patient's stream,
 verifies every reading against a signed block header, decrypts it with the
 keys of the grants the patient made to the provider (or, with a patient's
 key file, with the patient's own seeds) and writes a table, CSV or an HL7
 FHIR R4 Bundle of Observations plus the Consent(s) that allowed the read.
+``provider serve`` does the same behind a local web page (``meshhealth/viewer``).
 """
 
 from __future__ import annotations
@@ -19,24 +20,22 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from meshhealth.cli.patient_cmds import _iso, all_chains, parse_time
+from meshhealth.cli.patient_cmds import _iso, add_serve_args, all_chains, parse_time
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.sharing import export
 from meshhealth.sharing.provider import (
     PARALLEL_FROM,
     Fetcher,
-    FetchResult,
     NodeClient,
-    VerificationError,
-    chain_keys,
-    grant_keys,
+    Refused,
+    access_of,
+    audit_trail,
     make_pool,
     my_grants,
     network_genesis,
+    own_access,
 )
-from meshhealth.wire import AccessLog, decode_entry
-from meshhealth.wire.codec import unpack
 
 TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)
 
@@ -57,14 +56,6 @@ def _output(path: str | None) -> Iterator[TextIO]:
             yield f
 
 
-def rows_of(res: FetchResult, subject: str) -> list[export.Row]:
-    return [
-        export.Row(subject, o.stream, t, o.unit, v, o.device.hex())
-        for o in res.readings
-        for t, v in o.samples
-    ]
-
-
 async def fetch(a: argparse.Namespace) -> int:
     me = load_identity(Path(a.key), passphrase=a.passphrase)
     patient = parse_public(a.patient)
@@ -73,33 +64,28 @@ async def fetch(a: argparse.Namespace) -> int:
         genesis = (
             Genesis.load(Path(a.genesis)) if a.genesis else await network_genesis(session, a.node)
         )
-        consents: list[dict[str, Any]] = []
-        subject = patient.hex()
         if me.public == patient:
-            keys_for = chain_keys(all_chains(a.key))
+            access = own_access(patient, all_chains(a.key))
         else:
-            mine = await my_grants(session, a.node, me, patient)
-            if not mine:
-                print(f"error: patient {patient.hex()[:8]} has granted us nothing", file=sys.stderr)
+            try:
+                access = access_of(patient, await my_grants(session, a.node, me, patient))
+            except Refused as exc:
+                print(f"error: {exc}", file=sys.stderr)
                 return 3
-            keys_for = grant_keys(k for k, _ in mine)
-            pseudonymous = [k.id for k, revoked in mine if k.grant.pseudonymous and not revoked]
-            if pseudonymous:  # a research grant: the export names a pseudonym, not the patient
-                subject = export.pseudonym(pseudonymous[-1], patient)
-            consents = [
-                export.consent(k.grant, k.id, revoked=revoked, subject=subject)
-                for k, revoked in mine
-            ]
+        consents = [
+            export.consent(k.grant, k.id, revoked=revoked, subject=access.subject)
+            for k, revoked in access.grants
+        ]
         pool = make_pool(a.workers) if a.workers != 0 else None
         try:
             fetcher = Fetcher(
-                NodeClient(session, a.node, me), genesis, keys_for=keys_for, pool=pool
+                NodeClient(session, a.node, me), genesis, keys_for=access.keys_for, pool=pool
             )
             res = await fetcher.fetch(patient, a.stream, start, end)
         finally:
             if pool is not None:
                 pool.shutdown()
-    rows = [r for r in rows_of(res, subject) if start <= r.t_ms <= end]
+    rows = res.rows(access.subject, start, end)
     with _output(a.out) as out:
         if a.format == "csv":
             export.write_csv(rows, out)
@@ -126,24 +112,13 @@ async def audit(a: argparse.Namespace) -> int:
     """The patient's audit trail: every read of their data, and every refusal, as logged on
     chain by the node that answered (each log's node signature is checked here)."""
     me = load_identity(Path(a.key), passphrase=a.passphrase)
-    path = f"/v1/patients/{me.public.hex()}/audit"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        _, body = await NodeClient(session, a.node, me).first(path)
-    tag, items = unpack(body, max_len=64 << 20)
-    if tag != "AU1":
-        raise VerificationError("not an audit answer")
-    logs = []
-    for raw, node, _height, _index in items:
-        log = decode_entry(raw)
-        if not isinstance(log, AccessLog) or log.patient != me.public or log.node != node:
-            raise VerificationError("the audit trail holds an entry that is not ours")
-        logs.append(log.verify())
-    logs.sort(key=lambda entry: entry.ts_ms)
+        _, logs = await audit_trail(NodeClient(session, a.node, me))
     if a.format == "fhir":
         json.dump(export.audit_bundle(logs), sys.stdout, indent=1)
         print()
     elif a.format == "json":
-        json.dump([_log_doc(x) for x in logs], sys.stdout, indent=1)
+        json.dump([export.access_log_doc(x) for x in logs], sys.stdout, indent=1)
         print()
     else:
         print(f"{'when':<20} {'reader':<10} {'stream':<7} {'window':<43} {'outcome':<8} n   node")
@@ -157,19 +132,16 @@ async def audit(a: argparse.Namespace) -> int:
     return 0
 
 
-def _log_doc(x: AccessLog) -> dict[str, Any]:
-    return {
-        "ts_ms": x.ts_ms,
-        "reader": x.reader.hex(),
-        "stream": x.stream,
-        "from_ms": x.from_ms,
-        "to_ms": x.to_ms,
-        "outcome": x.outcome,
-        "reason": x.reason.decode(errors="replace"),
-        "grant": x.grant.hex() or None,
-        "readings": x.readings,
-        "node": x.node.hex(),
-    }
+async def serve(a: argparse.Namespace) -> int:
+    """The local viewer: fetch, verify and decrypt here; plot in the browser."""
+    from meshhealth.viewer import provider_view
+    from meshhealth.viewer.server import Reader
+    from meshhealth.viewer.server import serve as listen
+
+    me = load_identity(Path(a.key), passphrase=a.passphrase)
+    genesis = Path(a.genesis) if a.genesis else None
+    reader = Reader(me, a.node, genesis=genesis, workers=a.workers)
+    return await listen(provider_view.app(reader), a.host, a.port, "viewer")
 
 
 def add_parsers(sub: Any, pat: Any, sync: Any) -> None:
@@ -199,6 +171,12 @@ def add_parsers(sub: Any, pat: Any, sync: Any) -> None:
     )
     s.add_argument("--passphrase")
     s.set_defaults(fn=sync(fetch))
+    s = prov.add_parser(
+        "serve", help="a local web page plotting the streams patients granted, verified here"
+    )
+    s.add_argument("--key", required=True, help="the provider's key file")
+    add_serve_args(s)
+    s.set_defaults(fn=sync(serve))
     s = pat.add_parser("audit", help="who read what of my data, when, from which node")
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)

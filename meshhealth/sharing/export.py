@@ -338,6 +338,22 @@ def audit_event(log: AccessLog, *, id: str | None = None) -> Json:
     return event
 
 
+def access_log_doc(log: AccessLog) -> Json:
+    """The access log as plain JSON (``patient audit --format json``, the patient view)."""
+    return {
+        "ts_ms": log.ts_ms,
+        "reader": log.reader.hex(),
+        "stream": log.stream,
+        "from_ms": log.from_ms,
+        "to_ms": log.to_ms,
+        "outcome": log.outcome,
+        "reason": log.reason.decode(errors="replace"),
+        "grant": log.grant.hex() or None,
+        "readings": log.readings,
+        "node": log.node.hex(),
+    }
+
+
 def audit_bundle(logs: Iterable[AccessLog], *, now_ms: int | None = None) -> Json:
     """A FHIR ``collection`` Bundle of one AuditEvent per access log, in input order."""
     return _bundle((audit_event(log) for log in logs), now_ms)
@@ -347,6 +363,7 @@ __all__ = [
     "LOINC",
     "Row",
     "StreamCode",
+    "access_log_doc",
     "audit_bundle",
     "audit_event",
     "consent",

@@ -17,6 +17,13 @@ then decrypts the samples with the reader's own keys.  Signatures and
 decryption run in worker processes (they are ~all the cost), a page at a
 time while the next page downloads.  Anything that fails a check raises
 :class:`VerificationError`: a lying node is caught, not believed.
+
+Whose keys: :func:`grants_to` opens every grant made to the reader (each
+checked against its patient's signature), :func:`access_of` turns one
+patient's into an :class:`Access` (keys, and the subject an export names),
+:func:`own_access` is the patient's own.  :func:`audit_trail` fetches and
+checks the patient's audit trail.  ``provider fetch``, ``patient audit`` and
+the local viewers (``meshhealth/viewer``) all go through these.
 """
 
 from __future__ import annotations
@@ -41,15 +48,26 @@ from meshhealth.errors import AccessDenied, NetworkError, RemoteError
 from meshhealth.ingest.verify import check_one
 from meshhealth.net.client import get_first
 from meshhealth.net.signed_request import sign_request
+from meshhealth.sharing.export import Row, pseudonym
 from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.keychain import ChainCursor, KeyChain, decode_samples, decrypt
-from meshhealth.wire import BlockHeader, EnrollDevice, Grant, Reading, Rechain, decode_control
+from meshhealth.wire import (
+    AccessLog,
+    BlockHeader,
+    EnrollDevice,
+    Grant,
+    Reading,
+    Rechain,
+    decode_control,
+    decode_entry,
+)
 from meshhealth.wire.codec import unpack
 from meshhealth.wire.types import MAX_SPAN_MS
 
 MAX_ANSWER = 64 * 1024 * 1024
 PARALLEL_FROM = 2_000  # fewer readings than this are checked in-process
 Keys = dict[tuple[bytes, int], bytes]  # (chain id, epoch) -> message key M(epoch)
+KeysFor = Callable[[Iterable[tuple[bytes, int]]], Keys]
 Sample = tuple[int, tuple[float, ...]]
 
 
@@ -64,11 +82,20 @@ def now_ms() -> int:
 class NodeClient:
     """Signed GETs to the first node, in order, that answers them."""
 
-    def __init__(self, session: aiohttp.ClientSession, urls: list[str], me: Identity):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        urls: list[str],
+        me: Identity,
+        *,
+        ids: dict[str, bytes] | None = None,
+    ):
+        """``ids``: a cache of each URL's node key to share between clients (a long-running
+        viewer makes a client per request, and a node's key never changes)."""
         if not urls:
             raise NetworkError("no node URL given")
         self.session, self.urls, self.me = session, [u.rstrip("/") for u in urls], me
-        self._ids: dict[str, bytes] = {}
+        self._ids: dict[str, bytes] = {} if ids is None else ids
         self.bytes_in = 0
         self.tried: list[str] = []  # "url: what went wrong", for error messages
 
@@ -96,8 +123,9 @@ class NodeClient:
 
     async def each_node(self, path: str) -> Any:
         """Yield (url, body) from each node that answers ``path`` with 200, in order;
-        the caller stops at the first it is happy with.  Raises :class:`AccessDenied`
-        if every node that answered refused, :class:`NetworkError` if none answered."""
+        the caller stops at the first it is happy with.  Raises :class:`Refused` (an
+        :class:`AccessDenied`) if every node that answered refused, :class:`NetworkError`
+        if none answered."""
         denied = ""
         for url in self.urls:
             try:
@@ -113,7 +141,7 @@ class NodeClient:
             if status in (401, 403):
                 denied = reason
         if denied:
-            raise AccessDenied(f"refused: {denied} ({'; '.join(self.tried)})")
+            raise Refused(denied, f"refused: {denied} ({'; '.join(self.tried)})")
         raise NetworkError(f"no node answered ({'; '.join(self.tried)})")
 
     async def first(self, path: str) -> tuple[str, bytes]:
@@ -121,6 +149,15 @@ class NodeClient:
         async for url, body in self.each_node(path):
             return url, body
         raise NetworkError("no node answered")  # each_node raises first; kept for the checker
+
+
+class Refused(AccessDenied):
+    """Every node that answered refused the request; ``reason`` is the node's label
+    (``no_grant``, ``revoked``, ``expired``, ``outside_grant``, ``erased``, ...)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _reason(body: bytes) -> str:
@@ -242,6 +279,16 @@ class FetchResult:
             f"{self.node_url}, {self.blocks} blocks, {self.bytes_transferred} bytes)"
         )
 
+    def rows(self, subject: str, from_ms: int, to_ms: int) -> list[Row]:
+        """The samples inside [from_ms, to_ms] as export rows, in time order (a reading that
+        starts before the range can carry samples from before it: those are left out)."""
+        return [
+            Row(subject, o.stream, t, o.unit, v, o.device.hex())
+            for o in self.readings
+            for t, v in o.samples
+            if from_ms <= t <= to_ms
+        ]
+
 
 Job = tuple[bytes, list[Any], list[bytes], bool]
 
@@ -254,7 +301,7 @@ class Fetcher:
         client: NodeClient,
         genesis: Genesis,
         *,
-        keys_for: Callable[[Iterable[tuple[bytes, int]]], Keys],
+        keys_for: KeysFor,
         pool: Executor | None = None,
         chunk: int = 2048,
     ):
@@ -380,7 +427,7 @@ def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
 # --- whose keys: the patient's own chains, or the grants made to the reader ----
 
 
-def chain_keys(chains: Iterable[KeyChain]) -> Callable[[Iterable[tuple[bytes, int]]], Keys]:
+def chain_keys(chains: Iterable[KeyChain]) -> KeysFor:
     """The patient reading their own data: every message key comes from their seeds."""
     by_id = {c.chain_id: c for c in chains}
 
@@ -399,7 +446,7 @@ def chain_keys(chains: Iterable[KeyChain]) -> Callable[[Iterable[tuple[bytes, in
     return keys_for
 
 
-def grant_keys(grants: Iterable[GrantKeys]) -> Callable[[Iterable[tuple[bytes, int]]], Keys]:
+def grant_keys(grants: Iterable[GrantKeys]) -> KeysFor:
     """A grantee: the keys its grants from this patient reach, and no others."""
     held = list(grants)
 
@@ -416,30 +463,88 @@ def grant_keys(grants: Iterable[GrantKeys]) -> Callable[[Iterable[tuple[bytes, i
     return keys_for
 
 
-async def my_grants(
-    session: aiohttp.ClientSession, urls: list[str], me: Identity, patient: bytes
+async def grants_to(
+    session: aiohttp.ClientSession, urls: list[str], me: Identity
 ) -> list[tuple[GrantKeys, bool]]:
-    """The keys of each grant ``patient`` made to ``me`` (following the rechains that
+    """The keys of every grant any patient made to ``me`` (following the rechains that
     carried an open grant to new key chains), and whether it is revoked; from the first
-    node that lists them, each transaction checked against the patient's signature."""
+    node that lists them, each transaction checked against its patient's signature."""
     doc = json.loads(await get_first(session, urls, f"/v1/grantees/{me.public.hex()}/grants"))
     out = []
     for g in doc["grants"]:
-        raw = bytes.fromhex(g["tx"])
-        tx = decode_control(raw)
+        tx = decode_control(bytes.fromhex(g["tx"]))
         if not isinstance(tx, Grant) or tx.grantee != me.public:
             raise VerificationError("a node listed a grant that is not ours")
         tx.verify()
-        if tx.patient != patient:
-            continue
         keys = GrantKeys.open(tx, me)
         for hx in g.get("rechains", []):
             rc = decode_control(bytes.fromhex(hx))
-            if not isinstance(rc, Rechain) or rc.patient != patient:
+            if not isinstance(rc, Rechain) or rc.patient != tx.patient:
                 raise VerificationError("a node listed a rechain that is not the patient's")
             keys.follow(rc.verify(), me)
         out.append((keys, bool(g["revoked"])))
     return out
+
+
+async def my_grants(
+    session: aiohttp.ClientSession, urls: list[str], me: Identity, patient: bytes
+) -> list[tuple[GrantKeys, bool]]:
+    """:func:`grants_to`, of one patient only."""
+    return [(k, r) for k, r in await grants_to(session, urls, me) if k.grant.patient == patient]
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a reader opens one patient's data with, and what its exports call the patient."""
+
+    keys_for: KeysFor
+    subject: str  # the patient's key (hex) or, under a research grant, a pseudonym
+    grants: list[tuple[GrantKeys, bool]]  # (keys, revoked); empty for the patient
+
+
+def access_of(patient: bytes, mine: list[tuple[GrantKeys, bool]]) -> Access:
+    """A grantee's access from its grants of ``patient`` (:class:`Refused` ``no_grant`` if
+    there are none): a pseudonymous grant that is not revoked names a pseudonym."""
+    if not mine:
+        raise Refused("no_grant", f"patient {patient.hex()[:8]} has granted us nothing")
+    subject = patient.hex()
+    pseudonymous = [k.id for k, revoked in mine if k.grant.pseudonymous and not revoked]
+    if pseudonymous:
+        subject = pseudonym(pseudonymous[-1], patient)
+    return Access(grant_keys(k for k, _ in mine), subject, mine)
+
+
+def own_access(patient: bytes, chains: Iterable[KeyChain]) -> Access:
+    """The patient reading their own data: every key comes from their key chains."""
+    return Access(chain_keys(chains), patient.hex(), [])
+
+
+async def audit_trail(
+    client: NodeClient, *, from_ms: int | None = None, to_ms: int | None = None
+) -> tuple[str, list[AccessLog]]:
+    """The client's own audit trail (it must be the patient) from the first node that
+    serves it: (that node's URL, every access log in time order, each checked to be about
+    this patient and signed by the node it names)."""
+    me = client.me.public
+    path = f"/v1/patients/{me.hex()}/audit"
+    query = [f"{k}={v}" for k, v in (("from", from_ms), ("to", to_ms)) if v is not None]
+    if query:
+        path += "?" + "&".join(query)
+    url, body = await client.first(path)
+    try:
+        tag, items = unpack(body, max_len=MAX_ANSWER)
+        if tag != "AU1" or not isinstance(items, list):
+            raise ValueError(tag)
+        logs = []
+        for raw, node, _height, _index in items:
+            log = decode_entry(raw)
+            if not isinstance(log, AccessLog) or log.patient != me or log.node != node:
+                raise VerificationError("the audit trail holds an entry that is not ours")
+            logs.append(log.verify())
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(f"not an audit answer: {exc}") from exc
+    logs.sort(key=lambda entry: entry.ts_ms)
+    return url, logs
 
 
 async def network_genesis(session: aiohttp.ClientSession, urls: list[str]) -> Genesis:
