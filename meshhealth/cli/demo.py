@@ -81,7 +81,7 @@ async def run_demo(a: argparse.Namespace) -> int:
             tg.create_task(nd.run(node_stop, ready))
             await ready.wait()
             print(
-                f"node {nd.identity.short}  api {nd.api_url}  broker {nd.broker_url}  "
+                f"node {nd.identity.short}  dashboard {nd.api_url}/  broker {nd.broker_url}  "
                 f"data {nd.cfg.data_path}"
             )
         authorities = {nd.identity.public for nd in nodes}
@@ -105,6 +105,7 @@ async def run_demo(a: argparse.Namespace) -> int:
             )
         for sim in sims:
             await sim.enroll()
+        await share_with_demo_provider(root, sims[0], a.backfill)
         sim_stop = asyncio.Event()
         sim_tasks = [
             tg.create_task(sim.run(sim_stop, duration_s=10**9, drain_timeout=5)) for sim in sims
@@ -153,6 +154,38 @@ async def run_demo(a: argparse.Namespace) -> int:
         node_stop.set()
     print(f"stopped; verify with: meshhealth chain verify --data-dir {root}")
     return 0
+
+
+async def share_with_demo_provider(root: Path, sim: Any, backfill_s: float) -> None:
+    """Give a demo clinician an open grant to the first patient, and say how to look."""
+    import aiohttp
+
+    from meshhealth.net.client import post_tx
+    from meshhealth.sharing.grants import make_grant
+
+    patient = sim.patients[0]
+    provider = Identity.generate("provider")
+    save_identity(provider, root / "provider.key")
+    now = time.time_ns() // 1_000_000
+    grant = make_grant(
+        patient.identity,
+        patient.chains,
+        provider.public,
+        streams=list(patient.chains),
+        from_ms=now - int(backfill_s * 1000),
+        until_ms=None,
+        now_ms=now,
+    )
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        await post_tx(session, sim.node_urls, grant.encode())
+    node = sim.node_urls[0]
+    key = sim.state_dir / "patients" / f"{patient.identity.short}.key"
+    print(
+        f"patient {patient.identity.short} shares every stream with a demo clinician; "
+        f"in another terminal:\n"
+        f"  meshhealth provider serve --key {root / 'provider.key'} --node {node}\n"
+        f"  meshhealth patient serve --key {key} --node {node}"
+    )
 
 
 def add_parser(sub: Any) -> None:
