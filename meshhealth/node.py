@@ -25,6 +25,7 @@ from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.mqtt import MqttIngest
 from meshhealth.ingest.pipeline import Pipeline, now_ms
 from meshhealth.net.api import make_app
+from meshhealth.net.catchup import report_catchup
 from meshhealth.net.dashboard import History, sample_history
 from meshhealth.net.signed_request import ReplayGuard
 from meshhealth.net.tls import node_tls
@@ -223,6 +224,7 @@ class Node:
                 pipe = tg.create_task(self.pipeline.run())
                 gossip = tg.create_task(self.gossip.run())
                 sampler = tg.create_task(sample_history(self))
+                catchup = tg.create_task(report_catchup(self))
                 if ready is not None:
                     ready.set()  # the API answers; ingest starts once our own head is known
                 if not await self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s):
@@ -245,4 +247,5 @@ class Node:
                 pipe.cancel()
                 gossip.cancel()
                 sampler.cancel()
+                catchup.cancel()
             await self.pipeline.flush()

@@ -480,6 +480,7 @@ async def test_tls_nodes_ingest_gossip_and_refuse_a_peer_of_another_ca(
         assert all(s.get("handshake_refused", 0) == 0 for s in gossip[:2]), gossip
         assert "certificate" in (tmp_path / "node0.log").read_text()
         await check_https_api(good[0], pki)
+        await check_cli_over_https(good[0], pki, next((tmp_path / "sim" / "patients").glob("*")))
         assert impostor.proc is not None and impostor.proc.poll() is None
     finally:
         for n in nodes:
@@ -512,6 +513,36 @@ async def check_https_api(node: TlsNode, pki: Pki) -> None:
         env=env,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def check_cli_over_https(node: TlsNode, pki: Pki, patient_key: Path) -> None:
+    """``meshhealth --ca`` reaches a TLS node; ``doctor`` sees its TLS, API and broker."""
+
+    def mh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshhealth.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"},
+        )
+
+    for args in (
+        ["network", "status", "--node", node.url],
+        ["patient", "grants", "--key", str(patient_key), "--node", node.url],
+    ):
+        without = await asyncio.to_thread(mh, *args)
+        assert without.returncode != 0  # the system roots do not know our CA
+        out = await asyncio.to_thread(mh, "--ca", str(pki.ca), *args)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    conf = node.cfg.base / "node.toml"
+    out = await asyncio.to_thread(mh, "doctor", "--config", str(conf), "--json")
+    checks = {c["name"]: c for c in json.loads(out.stdout)}
+    assert checks["tls"]["status"] == "ok" and "HTTPS" in checks["tls"]["detail"], checks
+    assert "client certificate" in checks["tls"]["detail"]
+    assert checks["api"]["status"] == "ok" and "running" in checks["api"]["detail"], checks
+    assert checks["broker"]["status"] == "ok", checks
 
 
 # --- configuration ---------------------------------------------------------------------

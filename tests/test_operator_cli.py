@@ -120,6 +120,7 @@ def test_doctor_passes_a_running_node_and_names_each_broken_part(tmp_path, mosqu
         assert checks["api"]["status"] == "ok" and "running" in checks["api"]["detail"]
         assert checks["broker"]["status"] == "ok"
         assert checks["key"]["status"] == "ok" and checks["network"]["status"] == "ok"
+        assert checks["tls"]["status"] == "ok" and checks["tls"]["detail"].startswith("off")
         assert checks["disk"]["status"] == "ok" and "LMDB map" in checks["disk"]["detail"]
         assert checks["peers"]["status"] == "warn"  # its one peer is down
         assert "unreachable" in checks["peers"]["detail"]
@@ -147,6 +148,10 @@ def test_doctor_passes_a_running_node_and_names_each_broken_part(tmp_path, mosqu
     assert checks["network"]["status"] == "fail"
     assert "not one of them" in checks["network"]["detail"]
 
+    no_cert = replace(cfg, tls=replace(cfg.tls, cert_file="no.crt", key_file="no.key"))
+    rc, checks = doctor(write(no_cert))
+    assert rc == 1 and checks["tls"]["status"] == "fail" and "no.crt" in checks["tls"]["detail"]
+
     (cfg.base / "node.key").chmod(0o644)
     rc, checks = doctor(write(cfg))
     assert checks["key"]["status"] == "warn" and "chmod 600" in checks["key"]["fix"]
@@ -169,3 +174,36 @@ def test_progress_bar_tracks_work_that_grows(capsys):
     assert "40/40" in err and "#" * 30 in err
     bar.close()
     assert Progress(5, "quiet").enabled is False  # stderr is not a terminal under pytest
+
+
+class FakeBar:
+    """Records what a catch-up report draws (the real bar is tested above)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.calls: list[tuple[int, int]] = [(0, total)]
+        self.closed = False
+
+    def update(self, done: int, total: int | None = None) -> None:
+        self.calls.append((done, total or 0))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_catchup_report_logs_the_backlog_then_once_that_it_caught_up():
+    from meshhealth.net.catchup import CatchupReport
+
+    r = CatchupReport()
+    assert r.observe(0, 7, now=0.0) is None  # nothing to catch up: silent
+    assert r.observe(50, 7, now=1.0) == "catching up: 50 blocks behind, 0 pulled so far"
+    assert r.observe(20, 37, now=2.0) == "catching up: 20 blocks behind, 30 pulled so far"
+    assert r.observe(0, 57, now=4.5) == "caught up: 50 blocks pulled from peers in 3.5 s"
+    assert r.observe(0, 57, now=5.0) is None  # said once
+
+    bars: list[FakeBar] = []
+    r = CatchupReport(lambda total, label: bars.append(FakeBar(total, label)) or bars[-1])
+    assert r.observe(10, 0, now=0.0) is None
+    assert r.observe(30, 5, now=1.0) is None  # peers announced more: the total grows
+    assert bars[0].calls[-1] == (5, 35)
+    assert r.observe(0, 40, now=2.0) == "caught up: 40 blocks pulled from peers in 2.0 s"
+    assert bars[0].calls[-1] == (40, 40) and bars[0].closed

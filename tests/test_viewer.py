@@ -1,6 +1,6 @@
 """The local viewers (``provider serve``, ``patient serve``) against a real network.
 
-One network serves this file and ``test_browser_viewer.py`` (``viewer_net``,
+One network serves this file and ``test_viewer_browser.py`` (``viewer_net``,
 session-scoped, started once however many modules ask for it): three real
 node processes sharing a real Mosquitto, two simulated patients whose one
 device publishes heart rate, SpO2 and blood pressure at 1 Hz for four

@@ -158,9 +158,7 @@ async def run_demo(a: argparse.Namespace) -> int:
 
 async def share_with_demo_provider(root: Path, sim: Any, backfill_s: float) -> None:
     """Give a demo clinician an open grant to the first patient, and say how to look."""
-    import aiohttp
-
-    from meshhealth.net.client import post_tx
+    from meshhealth.net.client import client_session, post_tx
     from meshhealth.sharing.grants import make_grant
 
     patient = sim.patients[0]
@@ -176,7 +174,7 @@ async def share_with_demo_provider(root: Path, sim: Any, backfill_s: float) -> N
         until_ms=None,
         now_ms=now,
     )
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with client_session(10) as session:
         await post_tx(session, sim.node_urls, grant.encode())
     node = sim.node_urls[0]
     key = sim.state_dir / "patients" / f"{patient.identity.short}.key"

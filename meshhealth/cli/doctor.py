@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import stat
 import sys
 import uuid
@@ -28,6 +29,7 @@ import aiohttp
 from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.errors import MeshHealthError
+from meshhealth.net.tls import node_tls
 
 MIB = 1024 * 1024
 MAP_WARN, MAP_FAIL = 0.80, 0.95  # fraction of the LMDB map in use
@@ -59,15 +61,21 @@ class Doctor:
     async def run(self) -> list[Check]:
         self.check_config()
         if self.cfg is None:
-            for name in ("key", "network", "data", "disk", "api", "broker", "peers"):
+            for name in ("key", "network", "tls", "data", "disk", "api", "broker", "peers"):
                 self.add(name, "skip", "needs a readable config")
             return self.checks
         self.check_key()
         self.check_network()
+        self.check_tls()
         self.check_data()
         self.check_disk()
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:  # dial https:// peers as the node does: against its CA, with its certificate
+            peers_tls = node_tls(self.cfg).peers
+        except MeshHealthError:
+            peers_tls = None  # the tls check above already failed and said why
+        connector = None if peers_tls is None else aiohttp.TCPConnector(ssl=peers_tls)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             await self.check_api(session)
             await self.check_broker()
             await self.check_peers(session)
@@ -134,6 +142,26 @@ class Doctor:
             name = next(a.name for a in g.authorities if a.key == self.ident.public)
             self.add("network", "ok", f"{about}; this node is {name!r}")
 
+    def check_tls(self) -> None:
+        assert self.cfg is not None
+        t, m = self.cfg.tls, self.cfg.mqtt
+        if not (t.cert_file or t.ca_file or m.ca_file or m.cert_file):
+            self.add("tls", "ok", "off: plain HTTP and MQTT (fine on loopback)")
+            return
+        try:
+            ctx = node_tls(self.cfg)
+        except MeshHealthError as exc:
+            self.add("tls", "fail", str(exc), "issue the files with deploy/certs.sh")
+            return
+        parts = []
+        if ctx.server is not None:
+            parts.append(f"API and gossip serve HTTPS with {t.cert_file}")
+        if t.ca_file:
+            parts.append(f"peers checked against {t.ca_file}")
+        if ctx.mqtt is not None:
+            parts.append("broker over TLS" + (" with a client certificate" if m.cert_file else ""))
+        self.add("tls", "ok", "; ".join(parts))
+
     def check_data(self) -> None:
         assert self.cfg is not None
         path = self.cfg.data_path
@@ -194,7 +222,7 @@ class Doctor:
     async def check_api(self, session: aiohttp.ClientSession) -> None:
         assert self.cfg is not None
         host, port = self.cfg.api.host, self.cfg.api.port
-        scheme = "https" if getattr(self.cfg.api, "tls_cert", "") else "http"
+        scheme = self.cfg.api_scheme
         url = f"{scheme}://{host}:{port}/v1/status"
         try:
             async with session.get(url, ssl=False) as r:
@@ -318,24 +346,12 @@ async def mqtt_connect(cfg: NodeConfig, timeout: float) -> str | None:
         "timeout": timeout,
     }
     if tls:
-        kwargs["tls_context"] = mqtt_tls_context(cfg)
+        kwargs["tls_context"] = node_tls(cfg).mqtt or ssl.create_default_context()
     try:
         async with asyncio.timeout(timeout + 1), aiomqtt.Client(host, port, **kwargs):
             return None
     except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
         return str(exc) or exc.__class__.__name__
-
-
-def mqtt_tls_context(cfg: NodeConfig) -> Any:
-    import ssl
-
-    m = cfg.mqtt
-    ca = getattr(m, "ca_file", "")
-    ctx = ssl.create_default_context(cafile=str(cfg.path(ca)) if ca else None)
-    cert, key = getattr(m, "cert_file", ""), getattr(m, "key_file", "")
-    if cert:
-        ctx.load_cert_chain(str(cfg.path(cert)), str(cfg.path(key)) if key else None)
-    return ctx
 
 
 MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL", "skip": "skip"}

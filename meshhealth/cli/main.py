@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.errors import MeshHealthError
+from meshhealth.net.tls import CA_ENV, cli_context
 
 log = logging.getLogger("meshhealth")
 
@@ -84,10 +86,8 @@ def cmd_keygen(a: argparse.Namespace, kind: str) -> int:
 
 
 async def _enroll(a: argparse.Namespace) -> int:
-    import aiohttp
-
     from meshhealth.cli.patient_cmds import load_patient
-    from meshhealth.net.client import post_tx
+    from meshhealth.net.client import client_session, post_tx
     from meshhealth.sharing.enrollment import enrollment
     from meshhealth.sharing.keychain import epoch_of
 
@@ -102,7 +102,7 @@ async def _enroll(a: argparse.Namespace) -> int:
     sel = {s: chains[s] for s in wanted}
     key_epoch = epoch_of(now, next(iter(sel.values())).epoch_ms)
     tx = enrollment(patient, sel, device, key_epoch, now)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with client_session(10) as session:
         tid = await post_tx(session, a.node, tx.encode())
     if a.out:
         Path(a.out).write_bytes(tx.encode())
@@ -119,7 +119,9 @@ def cmd_network_status(a: argparse.Namespace) -> int:
     chains: set[str] = set()
     for url in a.node:
         try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/v1/status", timeout=5) as r:
+            with urllib.request.urlopen(
+                f"{url.rstrip('/')}/v1/status", timeout=5, context=cli_context()
+            ) as r:
                 st = _json.loads(r.read())
         except OSError as exc:
             rows.append((url, None, str(exc)))
@@ -235,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         default="text",
         help="text (default) or json: one JSON object per line on stderr",
+    )
+    p.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="CA certificate to check https:// node URLs against (sets $MESHHEALTH_CA)",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -385,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    if args.ca:
+        os.environ[CA_ENV] = str(Path(args.ca).resolve())  # read by every client session
     try:
         return int(args.fn(args) or 0)
     except MeshHealthError as exc:

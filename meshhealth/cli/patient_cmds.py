@@ -17,12 +17,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.errors import ConfigError, NetworkError
-from meshhealth.net.client import get_first, post_tx
+from meshhealth.net.client import client_session, get_first, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.sharing.provider import PARALLEL_FROM
@@ -70,7 +68,7 @@ def parse_time(text: str) -> int:
 
 
 async def _submit(nodes: list[str], raw: bytes) -> str:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with client_session(10) as session:
         return await post_tx(session, nodes, raw)
 
 
@@ -121,7 +119,7 @@ async def revoke(a: argparse.Namespace) -> int:
         print("error: --grant takes the 64-hex grant id `patient grant` printed", file=sys.stderr)
         return 2
     now = time.time_ns() // 1_000_000
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with client_session(10) as session:
         doc = json.loads(
             await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
         )
@@ -195,7 +193,7 @@ async def erase(a: argparse.Namespace) -> int:
 async def grants(a: argparse.Namespace) -> int:
     """List the patient's grants as the first reachable node knows them."""
     patient = load_identity(Path(a.key), passphrase=a.passphrase)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with client_session(10) as session:
         try:
             body = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
         except NetworkError as exc:

@@ -23,6 +23,7 @@ import aiohttp
 from meshhealth.cli.patient_cmds import _iso, add_serve_args, all_chains, parse_time
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
+from meshhealth.net.client import client_session
 from meshhealth.sharing import export
 from meshhealth.sharing.provider import (
     PARALLEL_FROM,
@@ -60,7 +61,7 @@ async def fetch(a: argparse.Namespace) -> int:
     me = load_identity(Path(a.key), passphrase=a.passphrase)
     patient = parse_public(a.patient)
     start, end = parse_time(a.start), parse_time(a.end)
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+    async with client_session(TIMEOUT) as session:
         genesis = (
             Genesis.load(Path(a.genesis)) if a.genesis else await network_genesis(session, a.node)
         )
@@ -112,7 +113,7 @@ async def audit(a: argparse.Namespace) -> int:
     """The patient's audit trail: every read of their data, and every refusal, as logged on
     chain by the node that answered (each log's node signature is checked here)."""
     me = load_identity(Path(a.key), passphrase=a.passphrase)
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+    async with client_session(TIMEOUT) as session:
         _, logs = await audit_trail(NodeClient(session, a.node, me))
     if a.format == "fhir":
         json.dump(export.audit_bundle(logs), sys.stdout, indent=1)

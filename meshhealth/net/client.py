@@ -8,12 +8,17 @@ from meshhealth.errors import NetworkError
 from meshhealth.net.tls import cli_context
 
 
-def client_session(timeout: float, *, ca: str | None = None) -> aiohttp.ClientSession:
-    """A session for https:// node URLs too: checked against ``ca``, else ``$MESHHEALTH_CA``,
-    else the system roots (which ``$SSL_CERT_FILE`` replaces).  Call it inside the loop."""
+def client_session(
+    timeout: float | aiohttp.ClientTimeout, *, ca: str | None = None
+) -> aiohttp.ClientSession:
+    """A session for https:// node URLs too: checked against ``ca``, else ``$MESHHEALTH_CA``
+    (``meshhealth --ca FILE`` sets it), else the system roots (which ``$SSL_CERT_FILE``
+    replaces).  Call it inside the event loop."""
     tls = cli_context(ca)
     connector = None if tls is None else aiohttp.TCPConnector(ssl=tls)
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector)
+    if not isinstance(timeout, aiohttp.ClientTimeout):
+        timeout = aiohttp.ClientTimeout(total=timeout)
+    return aiohttp.ClientSession(timeout=timeout, connector=connector)
 
 
 async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: bytes) -> str:

@@ -37,6 +37,7 @@ from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import ConfigError, MalformedMessage, NetworkError, RemoteError
+from meshhealth.net.client import client_session
 from meshhealth.sharing.provider import (
     Access,
     Fetcher,
@@ -87,7 +88,7 @@ class Reader:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """``cleanup_ctx``: the session and the verifier processes live as long as the app."""
-        self._session = aiohttp.ClientSession(timeout=TIMEOUT)
+        self._session = client_session(TIMEOUT)
         try:
             if self.workers != 0:
                 self.pool = await asyncio.to_thread(make_pool, self.workers)

@@ -1,8 +1,9 @@
 """The provider and patient pages in a real headless Chromium, against a real network.
 
-The network and the two viewers are ``test_viewer``'s (one network for both
-files).  Each page must load with no console error and no uncaught exception,
-draw its heart-rate chart from the nodes' data, and leave a screenshot in
+The network and the two viewers are ``test_viewer``'s: one network for both
+files, which sort next to each other so that it is up only while they run.
+Each page must load with no console error and no uncaught exception, draw
+its heart-rate chart from the nodes' data, and leave a screenshot in
 ``$MESHHEALTH_ARTIFACTS`` (``viewer.png``, ``patient.png``).
 """
 
