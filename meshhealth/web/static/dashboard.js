@@ -32,23 +32,8 @@
     return new Date(ms).toLocaleTimeString([], { hour12: false });
   }
 
-  function td(tr, text, cls, title) {
-    const c = document.createElement("td");
-    c.textContent = String(text);
-    if (cls) c.className = cls;
-    if (title) c.title = title;
-    tr.appendChild(c);
-    return c;
-  }
-
-  function fillTable(id, rows, draw) {
-    const body = $(id).tBodies[0];
-    body.replaceChildren(...rows.map((row) => {
-      const tr = document.createElement("tr");
-      draw(tr, row);
-      return tr;
-    }));
-  }
+  const { td } = window.MHDom;
+  const fillTable = (id, rows, draw) => window.MHDom.fillTable($(id), rows, draw);
 
   function card(value, label, cls) {
     const box = document.createElement("div");

@@ -79,22 +79,7 @@
     $("error").textContent = text || "";
   }
 
-  function td(tr, text, cls, tip) {
-    const c = document.createElement("td");
-    c.textContent = String(text);
-    if (cls) c.className = cls;
-    if (tip) c.title = tip;
-    tr.appendChild(c);
-    return c;
-  }
-
-  function fillTable(table, rows, draw) {
-    table.tBodies[0].replaceChildren(...rows.map((row) => {
-      const tr = document.createElement("tr");
-      draw(tr, row);
-      return tr;
-    }));
-  }
+  const { td, fillTable } = window.MHDom;
 
   function stateClass(state) {
     return state === "active" ? "ok" : state === "revoked" ? "bad" : "warn";
