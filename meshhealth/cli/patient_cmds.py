@@ -229,9 +229,14 @@ def _iso(ms: int) -> str:
 
 def add_serve_args(s: Any) -> None:
     """The flags ``provider serve`` and ``patient serve`` share."""
-    s.add_argument("--node", action="append", required=True, help="node API URL (failover order)")
     s.add_argument("--host", default="127.0.0.1", help="listen here (default: loopback only)")
     s.add_argument("--port", type=int, default=0, help="listen port (default 0: a free one)")
+    add_reader_args(s)
+
+
+def add_reader_args(s: Any) -> None:
+    """The flags of every command that fetches and verifies readings from nodes."""
+    s.add_argument("--node", action="append", required=True, help="node API URL (failover order)")
     s.add_argument("--genesis", help="the network file to trust (default: the first node's)")
     s.add_argument(
         "--workers",

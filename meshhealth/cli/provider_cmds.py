@@ -20,13 +20,18 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from meshhealth.cli.patient_cmds import _iso, add_serve_args, all_chains, parse_time
+from meshhealth.cli.patient_cmds import (
+    _iso,
+    add_reader_args,
+    add_serve_args,
+    all_chains,
+    parse_time,
+)
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.net.client import client_session
 from meshhealth.sharing import export
 from meshhealth.sharing.provider import (
-    PARALLEL_FROM,
     Fetcher,
     NodeClient,
     Refused,
@@ -159,18 +164,9 @@ def add_parsers(sub: Any, pat: Any, sync: Any) -> None:
     s.add_argument("--stream", required=True, help="hr, spo2, temp, bp, rr, steps, ...")
     s.add_argument("--from", dest="start", required=True, help="Unix ms or ISO 8601")
     s.add_argument("--to", dest="end", required=True, help="Unix ms or ISO 8601")
-    s.add_argument("--node", action="append", required=True, help="node API URL (failover order)")
     s.add_argument("--format", choices=("table", "csv", "fhir"), default="table")
     s.add_argument("--out", help="write here instead of stdout")
-    s.add_argument("--genesis", help="the network file to trust (default: the first node's)")
-    s.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help=f"verifier processes (default: one per core; 0: none; used from {PARALLEL_FROM} "
-        "readings on)",
-    )
-    s.add_argument("--passphrase")
+    add_reader_args(s)
     s.set_defaults(fn=sync(fetch))
     s = prov.add_parser(
         "serve", help="a local web page plotting the streams patients granted, verified here"
