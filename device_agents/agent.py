@@ -87,11 +87,14 @@ class Agent:
 
     # --- producing ----------------------------------------------------------
 
-    async def record(self, items: list[tuple[Device, int, bytes]]) -> None:
-        """Persist new readings (and the devices' next seq) before anything is sent."""
-        if not items:
+    async def record(
+        self, items: list[tuple[Device, int, bytes]], *, extra: dict[bytes, Any] | None = None
+    ) -> None:
+        """Persist new readings (and the devices' next seq) before anything is sent;
+        ``extra`` states are written in the same transaction (the simulator's clock)."""
+        if not items and not extra:
             return
-        states = {d.id: d.state() for d, _, _ in items}
+        states = {d.id: d.state() for d, _, _ in items} | (extra or {})
         await asyncio.to_thread(self.outbox.put_many, [(d.id, s, r) for d, s, r in items], states)
         self._wake.set()
 

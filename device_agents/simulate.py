@@ -10,17 +10,27 @@ then catch up as fast as they can, like a wearable syncing after a day
 offline — and from the present on it follows the wall clock.  A reading
 carries one ``interval_s`` window of one stream (default 10 s); with
 ``samples_per_reading=1`` every sample is its own reading.
+
+Restarts: ``state_dir`` keeps the patients' keys, the devices' state and
+the outbox.  A simulation started again on the same ``state_dir`` resumes
+the same patients and devices where the clock stopped: it re-sends what the
+outbox still holds and produces the time it was down as a backfill, so a
+gateway service that is stopped or crashes loses nothing.  The clock moves
+in the same LMDB transaction as the readings it produced, so no window is
+produced twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
 import ssl
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +42,16 @@ from device_agents.device import Device
 from device_agents.keys import follow_rechains
 from device_agents.outbox import Outbox
 from device_agents.sensors import STREAMS, PatientPhysiology, samples
-from meshhealth.crypto.keys import Identity, save_identity
+from meshhealth.crypto.keys import Identity, load_identity, save_identity
+from meshhealth.errors import ConfigError
 from meshhealth.net.client import post_tx
 from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.keychain import KeyChain, epoch_of
 
 log = logging.getLogger(__name__)
+
+PLAN = "simulation.json"  # in state_dir: who the patients and devices are
+CLOCK = b"\x00sim-clock"  # the outbox state key of the simulated clock (no device id)
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Patient:
     chains: dict[str, KeyChain]
     phys: PatientPhysiology
     devices: list[Device] = field(default_factory=list)
+    seed: int = 0  # of its physiology
 
 
 class Simulation:
@@ -87,20 +102,27 @@ class Simulation:
         now = time.time_ns() // 1_000_000
         self.start_ms = (now - int(backfill_s * 1000)) // self.interval_ms * self.interval_ms
         start_epoch = epoch_of(self.start_ms, epoch_ms)
-        self.patients = [
-            Patient(
-                Identity.generate("patient"),
-                {s: KeyChain.new(s, start_epoch, epoch_ms) for s in streams},
-                PatientPhysiology(rng.randrange(1 << 30)),
-            )
-            for _ in range(patients)
-        ]
-        for p in self.patients:
-            p.devices = [
-                Device(Identity.generate("device"), p.identity.public)
-                for _ in range(devices_per_patient)
-            ]
         self.outbox = Outbox(state_dir / "outbox")
+        resumed = self._resume()
+        self.resumed = resumed is not None
+        if resumed is not None:
+            self.patients, self.start_ms = resumed
+        else:
+            seeds = [rng.randrange(1 << 30) for _ in range(patients)]
+            self.patients = [
+                Patient(
+                    Identity.generate("patient"),
+                    {s: KeyChain.new(s, start_epoch, epoch_ms) for s in streams},
+                    PatientPhysiology(sd),
+                    seed=sd,
+                )
+                for sd in seeds
+            ]
+            for p in self.patients:
+                p.devices = [
+                    Device(Identity.generate("device"), p.identity.public)
+                    for _ in range(devices_per_patient)
+                ]
         devices = [d for p in self.patients for d in p.devices]
         if gateway:
             # a client id of its own: two gateways on one broker must not evict each other
@@ -141,7 +163,52 @@ class Simulation:
         tls = None if self.http_tls is None else aiohttp.TCPConnector(ssl=self.http_tls)
         return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=tls)
 
+    def _resume(self) -> tuple[list[Patient], int] | None:
+        """The patients, devices and clock of an earlier run on this state_dir, if any."""
+        path = self.state_dir / PLAN
+        if not path.exists():
+            return None
+        plan = json.loads(path.read_text())
+        if plan["streams"] != list(self.streams) or plan["interval_ms"] != self.interval_ms:
+            raise ConfigError(
+                f"{self.state_dir} holds a simulation of streams {plan['streams']} every "
+                f"{plan['interval_ms']} ms; use another state dir for {list(self.streams)}"
+            )
+        states = self.outbox.states()
+        patients = []
+        for pd in plan["patients"]:
+            key = self.state_dir / "patients" / pd["key"]
+            docs = tomllib.loads(key.read_text()).get("keychains", [])
+            chains = {c.stream: c for c in map(KeyChain.from_doc, docs)}  # the last is current
+            p = Patient(load_identity(key), chains, PatientPhysiology(pd["seed"]), seed=pd["seed"])
+            p.devices = [Device.from_state(states[bytes.fromhex(d)]) for d in pd["devices"]]
+            patients.append(p)
+        clock = states.get(CLOCK, [plan["start_ms"]])[0]
+        log.info("resumed %d patients from %s at %d", len(patients), self.state_dir, clock)
+        return patients, int(clock)
+
+    def _save_plan(self) -> None:
+        plan = {
+            "streams": list(self.streams),
+            "interval_ms": self.interval_ms,
+            "start_ms": self.start_ms,
+            "patients": [
+                {
+                    "key": f"{p.identity.short}.key",
+                    "seed": p.seed,
+                    "devices": [d.id.hex() for d in p.devices],
+                }
+                for p in self.patients
+            ],
+        }
+        tmp = self.state_dir / (PLAN + ".new")
+        tmp.write_text(json.dumps(plan, indent=1))
+        tmp.replace(self.state_dir / PLAN)
+
     async def enroll(self) -> None:
+        """Enrol every device through the nodes (a resumed simulation already did)."""
+        if self.resumed:
+            return
         async with self._http(10) as session:
             for p in self.patients:
                 for d in p.devices:
@@ -154,7 +221,9 @@ class Simulation:
                     )
                     await post_tx(session, self.node_urls, tx.encode())
                     d.accept_enrollment(tx)
+                    self.outbox.save_state(d.id, d.state())
         self.save_patients()
+        self._save_plan()  # last: a plan names only devices whose state is saved
 
     def window(self, t0: int, t1: int) -> list[tuple[Device, int, bytes]]:
         """Every device's readings for sample times in [t0, t1)."""
@@ -198,7 +267,7 @@ class Simulation:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), (t + self.interval_ms - now) / 1000)
                     continue
-                await self._record(self.window(t, t + self.interval_ms))
+                await self._record(self.window(t, t + self.interval_ms), t + self.interval_ms)
                 t += self.interval_ms
                 self.sim_ms = t
                 if on_tick is not None:
@@ -219,16 +288,21 @@ class Simulation:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.rekey_poll_s)
 
-    async def _record(self, items: list[tuple[Device, int, bytes]]) -> None:
+    async def _record(self, items: list[tuple[Device, int, bytes]], clock: int) -> None:
+        """Hand a window's readings to the agents; the clock moves with the first batch."""
+        tick = {CLOCK: [clock]}
         if self.gateway:
-            await self.agents[0].record(items)
+            await self.agents[0].record(items, extra=tick)
             return
         by_agent: dict[int, list[tuple[Device, int, bytes]]] = {}
         index = {d.id: i for i, a in enumerate(self.agents) for d in a.devices.values()}
         for it in items:
             by_agent.setdefault(index[it[0].id], []).append(it)
+        if not by_agent:
+            self.outbox.save_state(CLOCK, [clock])
         for i, its in by_agent.items():
-            await self.agents[i].record(its)
+            await self.agents[i].record(its, extra=tick)
+            tick = {}
 
     def statistics(self) -> dict[str, Any]:
         agg: dict[str, int] = {}
