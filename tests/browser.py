@@ -61,3 +61,9 @@ async def chart_points(page: Any, selector: str) -> int:
     """How many points the chart in ``selector`` drew (0 if it has not drawn yet)."""
     got = await page.get_attribute(f"{selector} svg.mh-chart", "data-points")
     return int(got or 0)
+
+
+async def chart_max(page: Any, selector: str) -> float:
+    """The largest value the chart in ``selector`` drew (-inf if it drew none)."""
+    got = await page.get_attribute(f"{selector} svg.mh-chart", "data-max")
+    return float(got) if got else float("-inf")

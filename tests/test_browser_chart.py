@@ -52,7 +52,9 @@ async def test_chart_draws_points_bands_gaps_and_empty_charts(unused_tcp_port):
             assert await a.locator("rect.mh-band-unavailable").count() >= 1
             d = await a.locator("path.mh-line").get_attribute("d")
             assert d is not None and d.count("M") == 2  # the gap starts a new stroke
+            assert await a.get_attribute("data-max") == "66"
             assert await page.get_attribute("#b svg.mh-chart", "data-points") == "0"
+            assert await page.get_attribute("#b svg.mh-chart", "data-max") == ""
             c = page.locator("#c svg.mh-chart")
             assert await c.get_attribute("data-points") == "1"
             assert await c.locator("circle").count() == 1  # a lone point is still visible

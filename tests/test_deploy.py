@@ -257,15 +257,21 @@ async def test_device_publishes_on_its_own_topic_and_on_no_other(
 ) -> None:
     a, b = pki.dev_a, pki.dev_b
     shared = "$share/mh/mh/v1/readings/+"
-    async with node_subscriber(tls_broker, pki.client("nodes", "n1"), shared) as got:
-        async with mqtt_client(tls_broker.cert_port, pki.client("devices", a)) as dev:
-            await dev.publish(f"mh/v1/readings/{a}", b"mine-1", qos=1)
-            await dev.publish(f"mh/v1/readings/{b}", b"forged-for-b", qos=1)
-            await dev.publish("mh/v1/receipts/" + a, b"forged-receipt", qos=1)
-            await dev.publish(f"mh/v1/readings/{a}", b"mine-2", qos=1)
-        # one client's messages arrive in order: once mine-2 is here, the denied ones
-        # would have been delivered before it
+    async with (
+        node_subscriber(tls_broker, pki.client("nodes", "n1"), shared) as got,
+        mqtt_client(tls_broker.cert_port, pki.client("devices", a)) as dev,
+    ):
+        await dev.subscribe(f"mh/v1/receipts/{a}", qos=1)  # would see a forged receipt
+        await asyncio.sleep(0.2)
+        await dev.publish(f"mh/v1/readings/{a}", b"mine-1", qos=1)
+        await dev.publish(f"mh/v1/readings/{b}", b"forged-for-b", qos=1)
+        await dev.publish("mh/v1/receipts/" + a, b"forged-receipt", qos=1)
+        await dev.publish(f"mh/v1/readings/{a}", b"mine-2", qos=1)
+        # one client's messages are routed in order: once mine-2 is here, the denied
+        # ones would have been delivered before it
         await wait_for(lambda: any(p == b"mine-2" for _, p in got), 10)
+        with pytest.raises(TimeoutError):  # the receipt was dropped, not delivered
+            await asyncio.wait_for(anext(aiter(dev.messages)), 1.0)
     assert got == [(f"mh/v1/readings/{a}", b"mine-1"), (f"mh/v1/readings/{a}", b"mine-2")]
 
 

@@ -28,10 +28,11 @@ def write(cfg: NodeConfig) -> Path:
     return path
 
 
-def one_line_error(args: list[str], *needles: str) -> str:
-    """Run a command that must fail: exit 2, and stderr is one line holding every needle."""
+def one_line_error(args: list[str], *needles: str, code: int = 2) -> str:
+    """Run a command that must fail with ``code`` (2: fix the configuration; 75: try
+    again later), and stderr is one line holding every needle."""
     r = mh(*args, timeout=60)
-    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.returncode == code, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr  # no traceback
     assert lines[0].startswith("error: ")
@@ -55,6 +56,7 @@ def test_bad_configuration_gives_one_line_naming_the_fix(tmp_path, mosquitto):
         ["node", "run", "--config", str(write(unreachable))],
         "cannot reach the MQTT broker at mqtt://127.0.0.1:9",
         "start it",
+        code=75,  # the broker may come back: systemd restarts the node, unlike on a 2
     )
     write(cfg)
 
@@ -63,7 +65,9 @@ def test_bad_configuration_gives_one_line_naming_the_fix(tmp_path, mosquitto):
         taken.listen()
         port = taken.getsockname()[1]
         busy = replace(cfg, api=replace(cfg.api, port=port))
-        one_line_error(["node", "run", "--config", str(write(busy))], "in use", "set api.port")
+        one_line_error(
+            ["node", "run", "--config", str(write(busy))], "in use", "set api.port", code=75
+        )
     write(cfg)
 
     other = setup_network(tmp_path / "other", 1, broker=mosquitto.url)[0]
@@ -80,7 +84,7 @@ def test_bad_configuration_gives_one_line_naming_the_fix(tmp_path, mosquitto):
 def test_json_log_format_writes_one_object_per_line(tmp_path):
     cfg = setup_network(tmp_path / "net", 1, broker="mqtt://127.0.0.1:9")[0]
     r = mh("--log-format", "json", "node", "run", "--config", str(write(cfg)), timeout=60)
-    assert r.returncode == 2
+    assert r.returncode == 75
     docs = [json.loads(line) for line in r.stderr.strip().splitlines()]
     last = docs[-1]
     assert last["level"] == "error" and last["error"] == "NetworkError"
@@ -207,3 +211,14 @@ def test_catchup_report_logs_the_backlog_then_once_that_it_caught_up():
     assert bars[0].calls[-1] == (5, 35)
     assert r.observe(0, 40, now=2.0) == "caught up: 40 blocks pulled from peers in 2.0 s"
     assert bars[0].calls[-1] == (40, 40) and bars[0].closed
+
+
+def test_the_viewers_refuse_to_listen_beyond_loopback(tmp_path):
+    for cmd, new in (("provider", "keygen"), ("patient", "new")):
+        key = tmp_path / f"{cmd}.key"
+        assert mh(cmd, new, "--out", str(key)).returncode == 0
+        one_line_error(
+            [cmd, "serve", "--key", str(key), "--node", "http://127.0.0.1:9", "--host", "0.0.0.0"],
+            "loopback only",
+            "SSH tunnel",
+        )

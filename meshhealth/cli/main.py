@@ -20,7 +20,7 @@ from meshhealth.cli.logs import FORMATS, setup_logging
 from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
-from meshhealth.errors import MeshHealthError
+from meshhealth.errors import MeshHealthError, NetworkError
 from meshhealth.net.tls import CA_ENV, cli_context
 
 log = logging.getLogger("meshhealth")
@@ -352,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", default="sim-state", help="outbox and patient keys")
     s.add_argument(
         "--ca",
+        default=argparse.SUPPRESS,  # else it would hide a global `meshhealth --ca FILE`
         help="CA file the broker (mqtts://) and https:// nodes are checked against "
-        "(default: $MESHHEALTH_CA, else the system roots)",
+        "(default: the global --ca, $MESHHEALTH_CA, else the system roots)",
     )
     s.add_argument("--cert", help="client certificate for the mqtts:// broker (deploy/certs.sh)")
     s.add_argument("--key", help="the client certificate's private key")
@@ -417,13 +418,18 @@ def first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return exc
 
 
+EXIT_CONFIG = 2  # fix the configuration first: systemd units do not restart on it
+EXIT_TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a broker, port or peer may be back later
+
+
 def fail(exc: BaseException, log_format: str) -> int:
-    """One line on stderr naming the problem and its fix; exit status 2."""
+    """One line on stderr naming the problem and its fix; exit status 2 for a bad
+    configuration, 75 for what may pass by itself (an unreachable broker, a busy port)."""
     if log_format == "json":
         log.error("%s", exc, extra={"error": exc.__class__.__name__})
     else:
         print(f"error: {exc}", file=sys.stderr)
-    return 2
+    return EXIT_TEMPFAIL if isinstance(exc, NetworkError) else EXIT_CONFIG
 
 
 if __name__ == "__main__":

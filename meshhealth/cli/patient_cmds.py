@@ -229,7 +229,9 @@ def _iso(ms: int) -> str:
 
 def add_serve_args(s: Any) -> None:
     """The flags ``provider serve`` and ``patient serve`` share."""
-    s.add_argument("--host", default="127.0.0.1", help="listen here (default: loopback only)")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="loopback address to listen on (127.0.0.1, ::1)"
+    )
     s.add_argument("--port", type=int, default=0, help="listen port (default 0: a free one)")
     add_reader_args(s)
 

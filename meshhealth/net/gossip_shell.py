@@ -519,8 +519,9 @@ class GossipShell:
 
     def _hold(self, a: Arrival) -> None:
         """Buffer a block until it applies (bounded: past the limit it is pulled again later)."""
-        held = self.buffer.setdefault(a.chain, {})
+        held = self.buffer.get(a.chain, {})
         if a.height not in held and self.buffered < MAX_BUFFERED:
+            self.buffer[a.chain] = held  # only a chain with a block in it has an entry
             held[a.height] = a
             self.buffered += 1
 
@@ -565,7 +566,7 @@ class GossipShell:
         (a pull is heading for them, or a later one waits in the buffer) and still lack."""
         tops = {chain: upto for chain, (upto, _) in self.core._want.items()}
         for chain, held in self.buffer.items():
-            tops[chain] = max(tops.get(chain, -1), *held)
+            tops[chain] = max([tops.get(chain, -1), *held])
         gaps = {chain: top - self.core.head(chain) for chain, top in tops.items()}
         return {chain: n for chain, n in gaps.items() if n > 0}
 

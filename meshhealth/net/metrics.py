@@ -30,7 +30,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from meshhealth.net.dashboard import PEER_STATES, chain_rows, peer_rows
+from meshhealth.net.dashboard import PEER_STATES, chain_rows, names, peer_rows
 
 if TYPE_CHECKING:
     from meshhealth.node import Node
@@ -128,7 +128,7 @@ def read(node: Node) -> Iterator[tuple[str, Labels, float]]:
     me = node.identity.public
     m = "meshhealth_"
     chains = chain_rows(node, now)
-    name = next((r["name"] for r in chains if r["mine"]), "")
+    name = names(node).get(me, "")  # from the genesis, before our first block too
     yield m + "node_info", (me.hex(), name, node.network.hex()), 1
     yield m + "mqtt_connected", (), int(node.mqtt.connected.is_set())
 
@@ -169,7 +169,8 @@ def read(node: Node) -> Iterator[tuple[str, Labels, float]]:
     yield m + "gossip_blocks_applied_total", (), counters["blocks_applied"]
     yield m + "gossip_invalid_blocks_total", (), counters["invalid_block"]
     yield m + "gossip_buffered_blocks", (), shell.buffered
-    yield m + "gossip_catchup_missing_blocks", (), sum(r["missing"] for r in chains)
+    # every chain a catch-up is after, also those not yet in the replica
+    yield m + "gossip_catchup_missing_blocks", (), sum(shell.missing().values())
 
     store = node.store.statistics()
     yield m + "store_used_bytes", (), store["used_bytes"]

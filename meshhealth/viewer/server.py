@@ -14,9 +14,11 @@ message}`` with status 200, so the page shows it as a message (a 4xx would
 also put a console error in the browser).  Only a malformed request to the
 viewer itself is a 400.
 
-The server listens on loopback unless told otherwise, and then answers only
-requests whose ``Host`` names it (a web page elsewhere cannot reach it by
-rebinding a DNS name to 127.0.0.1).  Pages load nothing but their own static
+The server listens on loopback only: it shows decrypted health data and
+has no login, so a non-loopback ``--host`` is refused (reach it from
+another machine through an SSH tunnel).  It answers only requests whose
+``Host`` names it (a web page elsewhere cannot reach it by rebinding a DNS
+name to 127.0.0.1).  Pages load nothing but their own static
 files (a ``Content-Security-Policy`` of ``'self'``); nothing is cached.
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -315,6 +316,12 @@ def _is_loopback(host: str) -> bool:
 
 async def serve(app: web.Application, host: str, port: int, label: str) -> int:
     """Listen, print ``label: URL`` (flushed) at once, and run until SIGINT or SIGTERM."""
+    if not _is_loopback(host):
+        raise ConfigError(
+            f"--host {host}: the viewer shows decrypted health data and has no login, so it "
+            "listens on loopback only; from another machine use an SSH tunnel "
+            "(ssh -L PORT:127.0.0.1:PORT this-host)"
+        )
     stop = stop_on_signals()
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -327,14 +334,8 @@ async def serve(app: web.Application, host: str, port: int, label: str) -> int:
                 "pick another --port, or --port 0 for a free one"
             ) from exc
         real = int(runner.addresses[0][1])
-        if _is_loopback(host):
-            names = {host, "localhost", "127.0.0.1", "::1"}
-            app[HOSTS].update(f"{_url_host(n)}:{real}" for n in names)
-        else:
-            print(
-                f"warning: serving decrypted health data on {host} to anyone who can reach it",
-                file=sys.stderr,
-            )
+        names = {host, "localhost", "127.0.0.1", "::1"}
+        app[HOSTS].update(f"{_url_host(n)}:{real}" for n in names)
         print(f"{label}: http://{_url_host(host)}:{real}/", flush=True)
         await stop.wait()
     finally:

@@ -8,8 +8,9 @@
 //   yRange  [min, max]         default: the data's extent, padded
 //   yLabel  text beside the y axis
 //   empty   what to write across a chart with no points
-// The svg carries data-points (points drawn) and data-series (series count),
-// so tests can tell an empty chart from a drawn one. No dependencies.
+// The svg carries data-points (points drawn), data-series (series count) and
+// data-max (the largest value drawn, "" if none), so tests can tell an empty
+// or all-zero chart from a drawn one. No dependencies.
 (function () {
   "use strict";
   const NS = "http://www.w3.org/2000/svg";
@@ -138,6 +139,7 @@
     }
 
     let drawn = 0;
+    let top = -Infinity;
     const plot = el("g", { "clip-path": `url(#${clipId})` }, svg);
     series.forEach((s, i) => {
       const color = s.color || PALETTE[i % PALETTE.length];
@@ -149,6 +151,7 @@
         if (!pen && (!next || next[1] === null || next[1] === undefined)) alone.push([x, y]);
         pen = true;
         drawn += 1;
+        if (y > top) top = y;
       });
       if (d) el("path", { d, stroke: color, class: "mh-line" }, plot);
       for (const [x, y] of alone) el("circle", { cx: sx(x), cy: sy(y), r: 2.5, fill: color }, plot);
@@ -178,6 +181,7 @@
 
     svg.setAttribute("data-points", String(drawn));
     svg.setAttribute("data-series", String(series.length));
+    svg.setAttribute("data-max", drawn ? String(top) : "");
     container.replaceChildren(svg);
     return svg;
   }
