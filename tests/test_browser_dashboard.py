@@ -95,3 +95,28 @@ async def test_dashboard_shows_the_network_and_live_ingest(mosquitto: Any, tmp_p
         sim.close()
         for n in nodes:
             n.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_an_authority_that_never_wrote_a_block_still_has_a_row(
+    mosquitto: Any, tmp_path: Path
+) -> None:
+    """Two authorities, only one of them ever started: the other is listed, not hidden."""
+    from test_network import launch
+
+    from meshhealth.cli.demo import setup_network
+
+    cfgs = setup_network(tmp_path / "net", 2, broker=mosquitto.url)
+    (node,) = launch(cfgs[:1], tmp_path / "net")
+    try:
+        async with browser_page("dashboard-silent-peer") as (page, errors):
+            await page.goto(f"{node.url}/")
+            await page.wait_for_function(
+                "document.querySelectorAll('#network tbody tr').length === 2"
+            )
+            silent = page.locator("#network tbody tr", has_text="node-2")
+            cells = await silent.locator("td").all_inner_texts()
+            assert cells[1] == "no blocks" and cells[6].startswith("disconnected"), cells
+            assert errors == []
+    finally:
+        node.stop()

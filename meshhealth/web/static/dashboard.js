@@ -71,10 +71,19 @@
 
   function drawNetwork(d) {
     const peers = new Map(d.peers.map((p) => [p.node, p]));
-    fillTable("network", d.chains, (tr, c) => {
+    const held = new Set(d.chains.map((c) => c.node));
+    // authorities with no block in our replica yet (down since genesis, or this node
+    // before its first block) get a row too
+    const authorities = [{ node: d.node, name: d.name, state: "this node" }].concat(
+      d.peers.filter((p) => p.state !== "observer"));
+    const silent = authorities.filter((p) => !held.has(p.node)).map((p) => ({
+      node: p.node, name: p.name, mine: p.node === d.node, height: -1, confirmed: -1,
+      unconfirmed: 0, confirmation_lag_s: 0, missing: 0, faulty: p.state === "faulty",
+    }));
+    fillTable("network", d.chains.concat(silent), (tr, c) => {
       if (c.mine) tr.className = "dash-mine";
       td(tr, chainName(c), "", c.node);
-      td(tr, c.height);
+      td(tr, c.height < 0 ? "no blocks" : c.height, c.height < 0 ? "muted" : "");
       td(tr, c.confirmed < 0 ? "none" : c.confirmed);
       td(tr, c.unconfirmed, c.unconfirmed > 3 ? "warn" : "");
       td(tr, c.unconfirmed ? seconds(c.confirmation_lag_s) : "–",
