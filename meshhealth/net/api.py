@@ -24,11 +24,13 @@ from meshhealth.chain import merkle
 from meshhealth.chain.block import decode_body
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, Rejected
-from meshhealth.net.dashboard import dashboard_doc, static_file
+from meshhealth.net.dashboard import dashboard_doc
 from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
 from meshhealth.net.metrics import node_registry, render
 from meshhealth.net.signed_request import RequestAuthError
+from meshhealth.sharing.grants import grant_doc
 from meshhealth.sharing.serve import collect, decide
+from meshhealth.web import static_file
 from meshhealth.wire import BlockHeader, Grant
 from meshhealth.wire.codec import name_str, pack
 from meshhealth.wire.types import MAX_CONTROL
@@ -167,15 +169,7 @@ async def patient_enrollments(request: web.Request) -> web.Response:
 
 def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
     return {
-        "id": gid.hex(),
-        "patient": g.patient.hex(),
-        "grantee": g.grantee.hex(),
-        "streams": [s.stream for s in g.streams],
-        "from_ms": g.from_ms,
-        "until_ms": g.until_ms or None,
-        "open": g.open,
-        "pseudonymous": bool(g.pseudonymous),
-        "ts_ms": g.ts_ms,
+        **grant_doc(gid, g),
         "revoked": access.is_revoked(gid),
         "tx": g.encode().hex(),  # the signed grant: its grantee opens its keys from it
         # rechains that sealed a new chain's key to this grant (an open grant follows them)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import nacl.exceptions
 import nacl.public
@@ -179,3 +180,19 @@ def make_rechain(
 
 
 __all__ = ["GrantKeys", "make_grant", "make_rechain"]
+
+
+def grant_doc(gid: bytes, g: Grant) -> dict[str, Any]:
+    """A grant's own fields as JSON: the node's grant lists and the local viewers' pages
+    each add what they know beside it (revocation, the signed transaction, a state)."""
+    return {
+        "id": gid.hex(),
+        "patient": g.patient.hex(),
+        "grantee": g.grantee.hex(),
+        "streams": [s.stream for s in g.streams],
+        "from_ms": g.from_ms,
+        "until_ms": None if g.open else g.until_ms,
+        "open": g.open,
+        "pseudonymous": bool(g.pseudonymous),
+        "ts_ms": g.ts_ms,
+    }

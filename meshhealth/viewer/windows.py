@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from meshhealth.sharing.export import Row
+from meshhealth.sharing.grants import grant_doc as own_fields
 from meshhealth.wire import Grant
 
 Json = dict[str, Any]
@@ -91,15 +92,7 @@ def grant_state(g: Grant, revoked: bool, now_ms: int) -> str:
 def grant_doc(gid: bytes, g: Grant, revoked: bool, now_ms: int) -> Json:
     """A grant as the pages list it (from the signed transaction, not the node's JSON)."""
     return {
-        "id": gid.hex(),
-        "patient": g.patient.hex(),
-        "grantee": g.grantee.hex(),
-        "streams": [s.stream for s in g.streams],
-        "from_ms": g.from_ms,
-        "until_ms": None if g.open else g.until_ms,
-        "open": g.open,
-        "pseudonymous": bool(g.pseudonymous),
-        "ts_ms": g.ts_ms,
+        **own_fields(gid, g),
         "revoked": revoked,
         "state": grant_state(g, revoked, now_ms),
     }
