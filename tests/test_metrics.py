@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,12 @@ import aiomqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_network import converged, hr_sim, start_nodes
+from test_sharing_read import eventually
 
-from meshhealth.net.dashboard import History, static_file
+from meshhealth.net.dashboard import History
 from meshhealth.net.metrics import FAMILIES
 from meshhealth.net.openapi import document
+from meshhealth.web import static_file
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -127,15 +127,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     return {dict(k)[label]: v for (n, k), v in samples.items() if n == name}
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await asyncio.to_thread(check)
-        if got or time.monotonic() > deadline:
-            return got
-        await asyncio.sleep(0.3)
 
 
 def dashboard_schema_errors(doc: Any) -> list[str]:

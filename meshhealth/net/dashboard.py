@@ -25,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -217,21 +216,3 @@ def dashboard_doc(node: Node) -> dict[str, Any]:
         "history": node.history.rates(),
         "recent_blocks": recent_blocks(node, chains, RECENT_BLOCKS),
     }
-
-
-# --- the packaged page ----------------------------------------------------------------------
-
-STATIC = resources.files("meshhealth") / "web" / "static"
-CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}  # UTF-8
-
-
-def static_file(name: str) -> tuple[bytes, str] | None:
-    """A file of ``meshhealth/web/static`` and its content type, by bare file name:
-    None for a path, a hidden name, an unknown kind or a file that is not there."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        return None
-    kind = CONTENT_TYPES.get(name[name.rfind(".") :] if "." in name else "")
-    f = STATIC / name
-    if kind is None or not f.is_file():
-        return None
-    return f.read_bytes(), kind

@@ -49,10 +49,10 @@ from meshhealth.sharing.provider import (
 )
 from meshhealth.viewer import windows
 from meshhealth.viewer.windows import Json
+from meshhealth.web import static_file
 from meshhealth.wire import Grant
 from meshhealth.wire.codec import name_str
 
-STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)
 HOUR_MS = 3_600_000
 SECURITY_HEADERS = {
@@ -285,6 +285,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return resp
 
 
+def _page_file(name: str) -> web.Response:
+    """A packaged file of the pages, by bare name (the node's dashboard serves them alike)."""
+    found = static_file(name)
+    if found is None:
+        return web.Response(status=404, text=f"no static file {name!r}\n")
+    body, kind = found
+    return web.Response(body=body, content_type=kind, charset="utf-8")
+
+
 def make_app(reader: Reader, page: str, routes: web.RouteTableDef) -> web.Application:
     """An app serving ``page`` at ``/``, the static files, and ``routes``."""
     app = web.Application(middlewares=[guard])
@@ -292,11 +301,14 @@ def make_app(reader: Reader, page: str, routes: web.RouteTableDef) -> web.Applic
     app[HOSTS] = set()
     app.cleanup_ctx.append(reader.lifetime)
 
-    async def index(_: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / page)
+    async def index(_: web.Request) -> web.Response:
+        return _page_file(page)
+
+    async def static(request: web.Request) -> web.Response:
+        return _page_file(request.match_info["name"])
 
     app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC, follow_symlinks=False)
+    app.router.add_get("/static/{name}", static)
     app.router.add_routes(routes)
     return app
 
