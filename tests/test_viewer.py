@@ -458,9 +458,12 @@ def test_the_pages_and_their_scripts_are_served_locked_down(viewer_net) -> None:
 # --- the patient's view --------------------------------------------------------------
 
 
-def provider_read_logged(net: ViewerNet, lo: int, hi: int) -> list[dict[str, Any]]:
-    """The patient's audit entries of the doctor's reads of ``[lo, hi]``, once the patient
-    view has them (the node logs a read in its next block, then gossips it)."""
+def provider_read_logged(
+    net: ViewerNet, lo: int, hi: int, *, since_ms: int = 0
+) -> list[dict[str, Any]]:
+    """The patient's audit entries of the doctor's reads of ``[lo, hi]`` logged at or after
+    ``since_ms``, once the patient view has them (the node logs a read in its next block,
+    then gossips it)."""
 
     def reads() -> list[dict[str, Any]]:
         doc = api(net.patient_url, "/api/audit")
@@ -471,6 +474,7 @@ def provider_read_logged(net: ViewerNet, lo: int, hi: int) -> list[dict[str, Any
             if e["reader"] == net.doctor.public.hex()
             and e["outcome"] == "read"
             and (e["from_ms"], e["to_ms"]) == (lo, hi)
+            and e["ts_ms"] >= since_ms
         ]
 
     return eventually(reads)  # type: ignore[no-any-return]

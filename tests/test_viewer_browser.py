@@ -9,6 +9,7 @@ its heart-rate chart from the nodes' data, and leave a screenshot in
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 
 import pytest
@@ -76,12 +77,15 @@ async def test_the_provider_page_plots_the_grant_and_greys_out_the_rest(viewer_n
 @pytest.mark.timeout(300)
 async def test_the_patient_page_shows_who_read_what(viewer_net) -> None:
     net: ViewerNet = viewer_net
-    # make sure the doctor has read something, and the patient's nodes logged it
+    # make sure the doctor has just read hr, and the patient's nodes logged it: the audit
+    # table is newest first, so that read is the doctor's first row (an earlier test's
+    # read of the same window must not stand in for it)
+    since = time.time_ns() // 1_000_000
     api(
         net.provider_url, "/api/series", patient=net.patient.hex(), stream="hr",
         **{"from": net.lo, "to": net.hi},
     )  # fmt: skip
-    assert provider_read_logged(net, net.lo, net.hi)
+    assert provider_read_logged(net, net.lo, net.hi, since_ms=since)
     async with browser_page("patient") as (page, errors):
         query = urllib.parse.urlencode({"from": net.t0, "to": net.t1})
         await page.goto(f"{net.patient_url}?{query}")
