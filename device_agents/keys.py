@@ -15,12 +15,13 @@ from collections.abc import Iterable
 import aiohttp
 
 from device_agents.device import Device
-from meshhealth.errors import NetworkError, RemoteError
+from meshhealth.errors import MalformedMessage, NetworkError, RemoteError
 from meshhealth.net.client import get_first
 from meshhealth.wire import Rechain, decode_control
 from meshhealth.wire.codec import unpack
 
 log = logging.getLogger(__name__)
+MAX_ANSWER = 1 << 22  # a node's listing is at most 1 MiB; more is not read
 
 
 def latest_rechains(raws: Iterable[bytes], patient: bytes) -> dict[str, Rechain]:
@@ -51,8 +52,11 @@ async def follow_rechains(
     switched = 0
     for d in devices:
         try:
-            body = await get_first(session, node_urls, f"/v1/devices/{d.id.hex()}/enrollments")
-            txs = unpack(body, max_len=1 << 22)
+            path = f"/v1/devices/{d.id.hex()}/enrollments?patient={d.patient.hex()}"
+            body = await get_first(session, node_urls, path, max_bytes=MAX_ANSWER)
+            txs = unpack(body, max_len=MAX_ANSWER)
+            if type(txs) is not list or not all(type(t) is bytes for t in txs):
+                raise MalformedMessage("an enrolment listing is a list of transactions")
         except (NetworkError, RemoteError) as exc:
             log.debug("device %s: %s", d.id.hex()[:8], exc)
             continue

@@ -112,6 +112,9 @@ class IngestConfig:
     block_interval_s: float = 1.0
     max_entries: int = 4_096
     max_block_bytes: int = 8 * 1024 * 1024
+    # per device: readings above a gap in its seqs that we take in (a peer's block may
+    # bring up to 4x this: keep it equal on every node of a network)
+    max_seq_gap: int = 8192
     verify_workers: int = 2
     chunk_size: int = 256
     max_backlog: int = 200_000
@@ -254,8 +257,10 @@ class NodeConfig:
             raise ConfigError(f"{source}: ingest.block_interval_s must be in [0.01, 3600]")
         if not 1 <= ing.max_entries <= 65_535:
             raise ConfigError(f"{source}: ingest.max_entries must be in [1, 65535]")
-        if not 64 * 1024 <= ing.max_block_bytes <= 8 * 1024 * 1024:
-            raise ConfigError(f"{source}: ingest.max_block_bytes must be in [64 KiB, 8 MiB]")
+        if not 128 * 1024 <= ing.max_block_bytes <= 8 * 1024 * 1024:  # a 64 KiB Grant fits
+            raise ConfigError(f"{source}: ingest.max_block_bytes must be in [128 KiB, 8 MiB]")
+        if not 16 <= ing.max_seq_gap <= 8192:
+            raise ConfigError(f"{source}: ingest.max_seq_gap must be in [16, 8192]")
         if not 0 <= ing.verify_workers <= 64:
             raise ConfigError(f"{source}: ingest.verify_workers must be in [0, 64]")
         g = cfg.gossip

@@ -74,12 +74,14 @@ class Node:
                 ing.max_entries,
                 ing.max_block_bytes,
                 self.genesis.max_future_skew_ms,
+                ing.max_seq_gap,
             ),
             access=access,
             marks={d: m.copy() for d, m in self.store.seqmarks().items()},
             height=-1 if head is None else head[0],
             prev=b"" if head is None else head[1],
             faulty=faulty,
+            authorities=self.authorities,
         )
         m = cfg.mqtt
         self.mqtt = MqttIngest(

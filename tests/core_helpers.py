@@ -9,6 +9,7 @@ with per-stream key chains, devices enrolled with
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,14 @@ from meshhealth.ingest.commit import Commit
 from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.store.lmdb_store import Store, chain_key
-from meshhealth.wire import EnrollDevice, Reading
+from meshhealth.wire import EnrollDevice, Grant, Reading, Rechain
+from meshhealth.wire.types import (
+    MAX_EPOCH_MS,
+    MAX_GRANT,
+    SEALED_OVERHEAD,
+    GrantStream,
+    SealedKey,
+)
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 EPOCH_MS = 60_000  # one-minute key epochs, so a short chain crosses several
@@ -225,3 +233,82 @@ def rewrite_chain(store: Store, world: World, bodies: list[list[bytes]], from_he
             txn.put(key, encode_body(block.entries), db=store.db["bodies"])
             prev = block.hash
         txn.put(world.node, struct.pack(">Q", len(bodies) - 1) + prev, db=store.db["heads"])
+
+
+def max_grant(patient: Identity, grantee: bytes, ts_ms: int) -> Grant:
+    """A validly signed Grant as close to ``MAX_GRANT`` bytes as its fields allow (a bounded
+    window of ~2,040 one-minute keys; the sealed bytes are random, nodes never open them)."""
+
+    def make(k: int) -> Grant:
+        s = GrantStream("hr", b"\1" * 8, 0, 60_000, 0, k - 1, os.urandom(SEALED_OVERHEAD + 32 * k))
+        return Grant.create(
+            patient.signing,
+            grantee=grantee,
+            ts_ms=ts_ms,
+            from_ms=0,
+            until_ms=k * 60_000,
+            pseudonymous=0,
+            streams=(s,),
+        )
+
+    k = (MAX_GRANT - len(make(1).encode())) // 32
+    while len(make(k + 1).encode()) <= MAX_GRANT:
+        k += 1
+    while len(make(k).encode()) > MAX_GRANT:
+        k -= 1
+    return make(k)
+
+
+# --- what one malicious authority can sign (issue 11) ---------------------------------
+
+
+@dataclass
+class Rogue:
+    """A patient and a device of a malicious authority's own making, enrolled on a key
+    chain of week-long epochs (so a reading may sit as far ahead as 10**17 ms)."""
+
+    patient: Identity
+    device: Identity
+    chain: KeyChain
+    enrolment: EnrollDevice
+
+    def reading(self, seq: int, t_ms: int) -> bytes:
+        """A validly signed reading at ``t_ms`` (random ciphertext: nodes never open it)."""
+        return Reading.create(
+            self.device.signing,
+            patient=self.patient.public,
+            stream="hr",
+            seq=seq,
+            t_ms=t_ms,
+            span_ms=0,
+            chain_id=self.chain.chain_id,
+            epoch=t_ms // self.chain.epoch_ms,
+            nonce=os.urandom(24),
+            ciphertext=os.urandom(32),
+        ).encode()
+
+
+def make_rogue(ts_ms: int) -> Rogue:
+    patient, device = Identity.generate("patient"), Identity.generate("device")
+    chain = KeyChain.new("hr", 0, MAX_EPOCH_MS)
+    tx = enrollment(patient, {"hr": chain}, device.public, 0, ts_ms)
+    return Rogue(patient, device, chain, tx)
+
+
+def stranger_rechain(device: bytes, ts_ms: int) -> Rechain:
+    """A near-maximal Rechain, signed by a throwaway patient key, that names ``device``
+    (64 sealed keys to devices, the first ``device``, and 64 to grants: ~15 KiB)."""
+    stranger = Identity.generate("patient")
+    keys = [SealedKey(device, 0, os.urandom(80))]
+    keys += [SealedKey(os.urandom(32), 0, os.urandom(80)) for _ in range(63)]
+    grants = tuple(SealedKey(os.urandom(32), 0, os.urandom(80)) for _ in range(64))
+    return Rechain.create(
+        stranger.signing,
+        ts_ms=ts_ms,
+        stream="hr",
+        chain_id=os.urandom(8),
+        start_epoch=0,
+        epoch_ms=60_000,
+        devices=tuple(keys),
+        grants=grants,
+    )

@@ -15,6 +15,7 @@ from core_helpers import (
     device_readings,
     make_batcher,
     make_world,
+    max_grant,
     new_device,
 )
 from hypothesis import given, settings
@@ -22,17 +23,19 @@ from hypothesis import strategies as st
 
 from device_agents.device import Device
 from meshhealth.chain import merkle
-from meshhealth.chain.block import block_hash, encode_body
+from meshhealth.chain.block import block_hash, decode_body, encode_body
 from meshhealth.chain.verify import verify_chain
 from meshhealth.crypto.hashing import h
-from meshhealth.errors import Rejected
+from meshhealth.crypto.keys import Identity
+from meshhealth.errors import LocalError, MalformedMessage, Rejected
+from meshhealth.ingest import batcher as batcher_mod
 from meshhealth.ingest import seqmarks
-from meshhealth.ingest.batcher import Batcher, make_receipt
+from meshhealth.ingest.batcher import Batcher, body_size, make_receipt
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.ingest.verify import check_chunk, check_one, rebuild
 from meshhealth.sharing.keychain import encode_samples, encrypt
-from meshhealth.wire import EnrollDevice, Reading, Receipt
-from meshhealth.wire.types import MAX_READING
+from meshhealth.wire import AccessLog, BlockHeader, EnrollDevice, Grant, Reading, Receipt
+from meshhealth.wire.types import MAX_HEADER, MAX_LINKS, MAX_READING
 
 SKEW = 30_000
 
@@ -367,3 +370,118 @@ def test_batcher_accepts_device_made_readings_after_real_encryption() -> None:
     assert rebuild(res) == r
     st_.admit(rebuild(res))
     assert st_.b.pending == 2
+
+
+# --- the block bound (issue 11 #1) ----------------------------------------------------
+
+
+def _max_grants(n: int, now: int) -> list[Grant]:
+    provider = Identity.generate("provider").public
+    return [max_grant(Identity.generate("patient"), provider, now) for _ in range(n)]
+
+
+def test_maximal_grants_never_push_a_block_past_its_bound() -> None:
+    """~2x the maximal Grants one block takes: each sealed body is within the bound and
+    decodes with the peers' decoder; the overflow waits for the next block; past two
+    blocks' worth the batcher refuses (busy) without taking anything in."""
+    bound = 256 * 1024
+    w = make_world()
+    b = make_batcher(w, interval_ms=10**9, max_bytes=bound)
+    now = T0 + 10_000
+    grants = _max_grants(10, now)  # 4 fit in a 256 KiB body: 10 is 2.5 blocks' worth
+    taken, busy = [], 0
+    for g in grants:
+        try:
+            b.admit_tx(g.encode(), g, now)
+            taken.append(g)
+        except Rejected as exc:
+            assert exc.reason == "busy"
+            busy += 1
+            assert h(g.encode()) not in b.access.grants  # refused before any state changed
+    assert busy == 2 and len(taken) == 8
+    assert b.full() and b.due(now)
+    sealed = []
+    while b.pending:
+        c = b.seal(now)
+        body = encode_body(c.block.entries)
+        assert len(body) <= bound
+        assert decode_body(body) == c.block.entries
+        sealed.append(c.block)
+    assert [len(blk.entries) for blk in sealed] == [4, 4]
+    # once sealed, there is room again
+    g = _max_grants(1, now)[0]
+    b.admit_tx(g.encode(), g, now)
+    assert b.pending == 1
+
+
+def test_seal_refuses_to_sign_a_body_peers_cannot_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    st_ = Setup(interval_ms=10**9)
+
+    def too_small(data: bytes) -> tuple[bytes, ...]:
+        raise MalformedMessage("over the bound")
+
+    monkeypatch.setattr(batcher_mod, "decode_body", too_small)
+    with pytest.raises(LocalError):
+        st_.b.seal(st_.now)
+    assert st_.b.height == -1  # nothing was signed
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 70_000), min_size=1, max_size=60), st.integers(0, 3))
+def test_any_entry_sizes_seal_only_decodable_blocks(sizes: list[int], entries_cap: int) -> None:
+    """The exact body size is tracked: for any mix of entry sizes (readings to 64 KiB
+    transactions), every sealed block decodes with ``decode_body`` within both bounds."""
+    w = make_world()
+    bound, cap = 128 * 1024, (5, 16, 17, 4096)[entries_cap]
+    b = make_batcher(w, interval_ms=10**9, max_bytes=bound, max_entries=cap)
+    for n in sizes:
+        log = AccessLog.create(
+            w.authority.signing,
+            network=w.network,
+            reader=b"\2" * 32,
+            patient=b"\3" * 32,
+            stream="hr",
+            from_ms=0,
+            to_ms=0,
+            ts_ms=T0,
+            outcome="read",
+            reason=b"",
+            grant=b"",
+            readings=0,
+            request=b"\4" * 32,
+        )
+        raw = log.encode()
+        # an entry of exactly n bytes, placed the way every admission places one
+        try:
+            batch = b._place(n)
+        except Rejected as exc:
+            assert exc.reason in ("busy", "oversized")
+            if exc.reason == "busy":
+                while b.pending:
+                    b.seal(T0)
+            continue
+        b._add(batch, (raw * (n // len(raw) + 1))[:n], T0)
+        assert body_size([len(e) for e in batch.entries]) == len(encode_body(batch.entries))
+    while b.pending:
+        c = b.seal(T0)
+        body = encode_body(c.block.entries)
+        assert len(body) <= bound and len(c.block.entries) <= cap
+        assert decode_body(body) == c.block.entries
+
+
+def test_more_links_than_a_header_holds_go_in_the_next_block() -> None:
+    w = make_world()
+    b = make_batcher(w, interval_ms=1_000)
+    for i in range(MAX_LINKS + 40):
+        node = i.to_bytes(2, "big") * 16
+        b.note_remote_head(node, 2**40, b"\7" * 32, carries_entries=True, now_ms=T0)
+    first = b.seal(T0 + 1_000)
+    assert len(first.block.header.links) == MAX_LINKS
+    raw = first.block.header.encode()
+    assert len(raw) <= MAX_HEADER and BlockHeader.decode(raw) == first.block.header
+    assert b.due(T0 + 2_000)  # the rest are due in the next block
+    second = b.seal(T0 + 2_000)
+    assert len(second.block.header.links) == 40
+    assert not b.due(T0 + 10**6)

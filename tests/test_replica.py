@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 import nacl.signing
 import pytest
-from core_helpers import T0, device_readings, make_world, new_device
+from core_helpers import T0, device_readings, make_rogue, make_world, new_device
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
 from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import InvalidBlock
+from meshhealth.errors import InvalidBlock, StorageError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.replica import MissingLinks, admit_remote
+from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, MAX_RECORD, SeqMark
 from meshhealth.ingest.verify import check_entries
+from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import Link, Reading
 
 
@@ -68,12 +71,15 @@ def test_replica_admits_a_valid_block_and_then_links_it() -> None:
 def test_tampered_entry_or_unknown_device_or_missing_link_is_not_admitted() -> None:
     world, a, b = two_nodes()
     _, _, commit = produce(world, a)
+    our_now = commit.block.header.ts_ms + 1_000  # our clock, just after the seal
     hdr, entries = commit.block.header, list(commit.block.entries)
     forged = bytearray(entries[1])
     forged[-5] ^= 1
     bad = [*entries[:1], bytes(forged), *entries[2:]]
     with pytest.raises(InvalidBlock, match="Merkle"):
-        admit_remote(b, hdr, bad, check_entries(bad), block_hash_at=lambda n, h: None, now_ms=T0)
+        admit_remote(
+            b, hdr, bad, check_entries(bad), block_hash_at=lambda n, h: None, now_ms=our_now
+        )
     # a block re-signed by its (compromised) producer over a forged entry: the signature catches it
     key = world.authority.signing
     reblock = build_block(
@@ -81,7 +87,12 @@ def test_tampered_entry_or_unknown_device_or_missing_link_is_not_admitted() -> N
     )
     with pytest.raises(InvalidBlock, match="bad_signature"):
         admit_remote(
-            b, reblock.header, bad, check_entries(bad), block_hash_at=lambda n, h: None, now_ms=T0
+            b,
+            reblock.header,
+            bad,
+            check_entries(bad),
+            block_hash_at=lambda n, h: None,
+            now_ms=our_now,
         )
     # readings without their enrolment
     no_tx = entries[1:]
@@ -90,13 +101,182 @@ def test_tampered_entry_or_unknown_device_or_missing_link_is_not_admitted() -> N
     )
     with pytest.raises(InvalidBlock, match="unknown_device"):
         admit_remote(
-            b, block.header, no_tx, check_entries(no_tx), block_hash_at=lambda n, h: None, now_ms=T0
+            b,
+            block.header,
+            no_tx,
+            check_entries(no_tx),
+            block_hash_at=lambda n, h: None,
+            now_ms=our_now,
         )
     # a link to a block we do not hold yet
     stranger = nacl.signing.SigningKey.generate()
     linked = dataclasses.replace(hdr, links=(Link(bytes(stranger.verify_key), 3, b"\1" * 32),))
     with pytest.raises(MissingLinks):
         admit_remote(
-            b, linked, entries, check_entries(entries), block_hash_at=lambda n, h: None, now_ms=T0
+            b,
+            linked,
+            entries,
+            check_entries(entries),
+            block_hash_at=lambda n, h: None,
+            now_ms=our_now,
         )
     assert not b.access.known_devices and not b.marks  # nothing changed
+
+
+# --- a malicious authority's validly signed blocks (issue 11 #2, #3) ------------------
+
+
+def rogue_block(world, key, entries, ts_ms, height=0, prev=None):  # type: ignore[no-untyped-def]
+    return build_block(
+        key,
+        network=world.genesis.network_id,
+        height=height,
+        prev=world.genesis.network_id if prev is None else prev,
+        ts_ms=ts_ms,
+        entries=entries,
+    )
+
+
+def refused(b: Batcher, blk, now: int) -> str:  # type: ignore[no-untyped-def]
+    before = (set(b.access.seen), {d: m.copy() for d, m in b.marks.items()}, b.height)
+    with pytest.raises(InvalidBlock) as ei:
+        admit_remote(
+            b,
+            blk.header,
+            blk.entries,
+            check_entries(list(blk.entries)),
+            block_hash_at=lambda n, h: None,
+            now_ms=now,
+        )
+    assert (set(b.access.seen), b.marks, b.height) == before  # nothing changed
+    return str(ei.value)
+
+
+SKEW = BatchLimits().max_future_skew_ms
+
+
+@pytest.mark.parametrize(
+    ("header_ts", "reading_t", "why"),
+    [
+        (10**17, 10**17, "future"),  # the reproduction: a 32-bit hour index overflow
+        (T0 + SKEW, T0 + 2 * SKEW, "our clock"),  # within its own header's skew, not ours
+        (T0 + 10 * SKEW, T0 + 10 * SKEW, "future"),
+    ],
+)
+def test_readings_and_headers_ahead_of_our_clock_are_refused(
+    header_ts: int, reading_t: int, why: str
+) -> None:
+    world, a, b = two_nodes()
+    rogue = make_rogue(T0)
+    entries = [rogue.enrolment.encode(), rogue.reading(1, reading_t)]
+    blk = rogue_block(world, a.key, entries, header_ts)
+    assert why in refused(b, blk, T0)
+    # the same reading at a time within the skew of our clock is admitted
+    ok = [rogue.enrolment.encode(), rogue.reading(1, T0 + SKEW // 2)]
+    c = admit_remote(
+        b,
+        *(lambda x: (x.header, x.entries))(rogue_block(world, a.key, ok, T0)),
+        check_entries(ok),
+        block_hash_at=lambda n, h: None,
+        now_ms=T0,
+    )
+    assert len(c.readings) == 1
+
+
+def test_transactions_and_logs_ahead_of_our_clock_are_refused() -> None:
+    world, a, b = two_nodes()
+    rogue = make_rogue(T0 + 10 * SKEW)
+    blk = rogue_block(world, a.key, [rogue.enrolment.encode()], T0)
+    assert "transaction from the future" in refused(b, blk, T0)
+    blk = rogue_block(world, a.key, [rogue.enrolment.encode()], T0 + 10 * SKEW)
+    assert "future" in refused(b, blk, T0)
+
+
+def test_a_value_error_on_peer_data_is_an_invalid_block() -> None:
+    world, a, b = two_nodes()
+    _, _, commit = produce(world, a)
+    linked = dataclasses.replace(commit.block.header, links=(Link(b"\7" * 32, 1, b"\1" * 32),))
+
+    def broken(n: bytes, h: int) -> bytes:
+        raise struct.error("argument out of range")
+
+    with pytest.raises(InvalidBlock, match="unusable block data"):
+        admit_remote(
+            b,
+            linked,
+            commit.block.entries,
+            check_entries(list(commit.block.entries)),
+            block_hash_at=broken,
+            now_ms=commit.block.header.ts_ms,
+        )
+
+
+def test_links_to_non_authorities_or_twice_to_one_chain_are_refused() -> None:
+    world, a, b = two_nodes()
+    b.authorities = frozenset({world.node, b.me})
+    _, _, commit = produce(world, a)
+    hdr = commit.block.header
+    for links, why in (
+        ((Link(b"\7" * 32, 1, b"\1" * 32),), "no authority"),
+        ((Link(b.me, 1, b"\1" * 32), Link(b.me, 2, b"\1" * 32)), "twice"),
+    ):
+        with pytest.raises(InvalidBlock, match=why):
+            admit_remote(
+                b,
+                dataclasses.replace(hdr, links=links),
+                commit.block.entries,
+                check_entries(list(commit.block.entries)),
+                block_hash_at=lambda n, h: None,
+                now_ms=hdr.ts_ms,
+            )
+
+
+def test_the_index_refuses_an_out_of_range_reading_time_as_invalid(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The last line: a reading hour past 32 bits is an InvalidBlock, never struct.error."""
+    world, a, _ = two_nodes()
+    _, _, commit = produce(world, a)
+    r = commit.readings[0]
+    bad = dataclasses.replace(commit, readings=(dataclasses.replace(r, t_ms=10**17),))
+    store = Store(tmp_path / "s")
+    try:
+        with pytest.raises(InvalidBlock, match="index"):
+            store.commit_block(bad)
+        assert store.head(world.node) is None  # the write was rolled back
+    finally:
+        store.close()
+
+
+def test_gapped_seqs_past_the_stored_bound_are_refused() -> None:
+    """Local ingest caps a device's seqs above a gap; a peer's block is held to the
+    stored bound (4x), so a mark never outgrows its record's decode bound."""
+    world, a, b = two_nodes()
+    b.limits.max_seq_gap = 16  # the stored bound becomes 64
+    cap = b.limits.max_seq_gap_stored
+    rogue = make_rogue(T0)
+    gapped = [rogue.reading(2 * i + 2, T0 + i) for i in range(2 * cap)]  # seq 1 never comes
+    blk = rogue_block(world, a.key, [rogue.enrolment.encode(), *gapped], T0 + 5_000)
+    assert "seqs above a gap" in refused(b, blk, T0 + 5_000)
+    # up to the bound, the same readings are admitted
+    fits = [rogue.enrolment.encode(), *gapped[:cap]]
+    blk = rogue_block(world, a.key, fits, T0 + 5_000)
+    c = admit_remote(
+        b,
+        blk.header,
+        blk.entries,
+        check_entries(fits),
+        block_hash_at=lambda n, h: None,
+        now_ms=T0 + 5_000,
+    )
+    assert len(b.marks[rogue.device.public].above) == cap
+    assert SeqMark.decode(c.seqmarks[rogue.device.public].encode()) == b.marks[rogue.device.public]
+
+
+def test_a_seq_mark_record_never_exceeds_its_bound() -> None:
+    mark = SeqMark(0, set(range(2, 2 + 2 * (MAX_ABOVE_STORED + 1), 2)))
+    with pytest.raises(StorageError):
+        mark.encode()
+    full = SeqMark(2**64 - 1 - 2 * MAX_ABOVE_STORED, set())
+    for i in range(MAX_ABOVE_STORED):
+        full.above.add(2**64 - 1 - 2 * i)
+    assert len(full.encode()) <= MAX_RECORD
+    assert SeqMark.decode(full.encode()) == full

@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 import nacl.signing
 
 from meshhealth.chain.acl import AccessState
-from meshhealth.chain.block import build_block
+from meshhealth.chain.block import (
+    MAX_BLOCK_BYTES,
+    MAX_BLOCK_ENTRIES,
+    build_block,
+    decode_body,
+    encode_body,
+)
 from meshhealth.crypto.hashing import h
-from meshhealth.errors import Rejected, RemoteError
+from meshhealth.errors import LocalError, MalformedMessage, Rejected, RemoteError
 from meshhealth.ingest.commit import Commit, IndexedReading
-from meshhealth.ingest.seqmarks import SeqMark
+from meshhealth.ingest.seqmarks import MAX_ABOVE, MAX_ABOVE_STORED, SeqMark
 from meshhealth.wire import (
     AccessLog,
     Control,
@@ -35,6 +41,7 @@ from meshhealth.wire import (
     Reading,
     Receipt,
 )
+from meshhealth.wire.types import MAX_HEADER, MAX_LINKS, MAX_READING
 
 
 @dataclass
@@ -43,10 +50,62 @@ class BatchLimits:
     max_entries: int = 4_096
     max_bytes: int = 8 * 1024 * 1024
     max_future_skew_ms: int = 30_000
+    max_seq_gap: int = MAX_ABOVE  # per device: committed seqs above a gap we take in
+
+    @property
+    def max_seq_gap_stored(self) -> int:
+        """The bound on a device's seqs above a gap in a *peer's* block (see seqmarks)."""
+        return min(MAX_ABOVE_STORED, 4 * self.max_seq_gap)
+
+
+MAX_BATCHES = 2  # the block being built, and the next one (an entry too big for the first)
+
+
+def _bin_len(n: int) -> int:
+    """Bytes of one entry in the encoded body: its msgpack ``bin`` header and the bytes."""
+    return n + (2 if n < 1 << 8 else 3 if n < 1 << 16 else 5)
+
+
+def _array_len(n: int) -> int:
+    """Bytes of the msgpack array header of an ``n``-entry body."""
+    return 1 if n < 16 else 3 if n < 1 << 16 else 5
+
+
+def body_size(entry_sizes: list[int]) -> int:
+    """The exact size of :func:`encode_body` of entries of these sizes."""
+    return _array_len(len(entry_sizes)) + sum(_bin_len(n) for n in entry_sizes)
+
+
+@dataclass
+class _Batch:
+    """One block's worth of entries, with what the store needs to know about them."""
+
+    entries: list[bytes] = field(default_factory=list)
+    readings: list[IndexedReading] = field(default_factory=list)
+    txs: list[tuple[bytes, int]] = field(default_factory=list)
+    seqs: dict[bytes, set[int]] = field(default_factory=dict)  # per device
+    audit: list[tuple[bytes, int, bytes, int]] = field(default_factory=list)
+    payload: int = 0  # encoded bytes of the entries (without the array header)
+    started_ms: int | None = None
+
+    def size_with(self, n: int) -> int:
+        """The encoded body's size if an ``n``-byte entry were added."""
+        return _array_len(len(self.entries) + 1) + self.payload + _bin_len(n)
 
 
 @dataclass
 class Batcher:
+    """Admits entries into bounded batches and seals each as one block.
+
+    Every batch's encoded body stays within ``max_bytes`` (at most
+    :data:`MAX_BLOCK_BYTES`, what every peer's decoder takes) and
+    ``max_entries``: an entry that would push the batch being built past
+    either goes into the next batch, and when that one is full too it is
+    refused (``busy``) before it changes any state.  So at most
+    ``MAX_BATCHES`` blocks' worth of entries wait in memory, and a sealed
+    block always decodes with :func:`decode_body`.
+    """
+
     key: nacl.signing.SigningKey
     network: bytes
     limits: BatchLimits
@@ -56,13 +115,8 @@ class Batcher:
     prev: bytes = b""  # hash of the last sealed block (network id before the first)
     rejects: Counter[str] = field(default_factory=Counter)
     accepted: int = 0
-    # the batch being built
-    _entries: list[bytes] = field(default_factory=list)
-    _readings: list[IndexedReading] = field(default_factory=list)
-    _txs: list[tuple[bytes, int]] = field(default_factory=list)
-    _seqs: dict[bytes, set[int]] = field(default_factory=dict)  # per device, in this batch
-    _bytes: int = 0
-    _started_ms: int | None = None
+    # the batches being built: the first is sealed next
+    _batches: list[_Batch] = field(default_factory=lambda: [_Batch()])
     # devices that re-sent committed readings: they need a fresh receipt
     want_receipt: set[bytes] = field(default_factory=set)
     # other chains' heads that advanced since our last block: the next block links them
@@ -71,17 +125,24 @@ class Batcher:
     faulty: dict[bytes, int] = field(default_factory=dict)
     # erasures applied since the shell last pruned the store: (patient, up to ts_ms)
     erasures_due: list[tuple[bytes, int]] = field(default_factory=list)
-    _audit: list[tuple[bytes, int, bytes, int]] = field(default_factory=list)
+    # the network's authorities: a peer's block may link only to their chains (empty: any)
+    authorities: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.prev:
             self.prev = self.network
         self.me = bytes(self.key.verify_key)
+        # the network-wide bounds hold whatever the configuration says
+        self.max_bytes = min(self.limits.max_bytes, MAX_BLOCK_BYTES)
+        self.max_entries = min(self.limits.max_entries, MAX_BLOCK_ENTRIES)
 
     # --- admission --------------------------------------------------------
 
     def is_pending(self, device: bytes, seq: int) -> bool:
-        return seq in self._seqs.get(device, ())
+        return any(seq in b.seqs.get(device, ()) for b in self._batches)
+
+    def _pending_seqs(self, device: bytes) -> int:
+        return sum(len(b.seqs.get(device, ())) for b in self._batches)
 
     def note_remote_head(
         self, node: bytes, height: int, block_hash: bytes, *, carries_entries: bool, now_ms: int
@@ -99,11 +160,35 @@ class Batcher:
                 self.height, self.prev = height, block_hash
             return
         self._links_due[node] = Link(node, height, block_hash)
-        if carries_entries and self._started_ms is None:
-            self._started_ms = now_ms
+        first = self._batches[0]
+        if carries_entries and first.started_ms is None:
+            first.started_ms = now_ms
 
     def reject(self, reason: str) -> None:
         self.rejects[reason] += 1
+
+    def has_room(self, n: int) -> bool:
+        """Whether an ``n``-byte entry would be admitted now (not refused as ``busy``)."""
+        try:
+            self._place(n)
+        except Rejected:
+            return False
+        return True
+
+    def _place(self, n: int, *, proof: bool = False) -> _Batch:
+        """The batch an ``n``-byte entry goes in; raises :class:`Rejected` if none may take
+        it.  Called before an admission changes any state.  An equivocation proof always
+        finds a batch (there is at most one per authority, ever)."""
+        if _array_len(1) + _bin_len(n) > self.max_bytes:
+            raise Rejected("oversized", f"an entry of {n} bytes exceeds the block bound")
+        last = self._batches[-1]
+        if len(last.entries) < self.max_entries and last.size_with(n) <= self.max_bytes:
+            return last
+        if len(self._batches) >= MAX_BATCHES and not proof:
+            raise Rejected("busy", "the next blocks are full; retry in a moment")
+        nxt = _Batch()
+        self._batches.append(nxt)
+        return nxt
 
     def admit_reading(
         self, raw: bytes, r: Reading, now_ms: int, *, topic_device: bytes | None = None
@@ -116,16 +201,18 @@ class Batcher:
         self.access.check_reading(r, ingest=True)
         mark = self.marks.get(r.device)
         if mark is None:
-            mark = self.marks[r.device] = SeqMark()
-        pending = self._seqs.setdefault(r.device, set())
-        if mark.has(r.seq) or r.seq in pending:
+            mark = SeqMark()
+        if mark.has(r.seq) or self.is_pending(r.device, r.seq):
             self.want_receipt.add(r.device)
             raise Rejected("duplicate", f"seq {r.seq} already stored")
-        if not mark.room_for(r.seq):
+        gaps = self._pending_seqs(r.device)
+        if not mark.room_for(r.seq, pending=gaps, bound=self.limits.max_seq_gap):
             raise Rejected("seq_window", "too many readings above a gap; re-send the gap first")
-        pending.add(r.seq)
-        self._add(raw, now_ms)
-        self._readings.append(IndexedReading(len(self._entries) - 1, r.patient, r.stream, r.t_ms))
+        batch = self._place(len(raw))
+        self.marks.setdefault(r.device, mark)
+        batch.seqs.setdefault(r.device, set()).add(r.seq)
+        self._add(batch, raw, now_ms)
+        batch.readings.append(IndexedReading(len(batch.entries) - 1, r.patient, r.stream, r.t_ms))
 
     def admit_tx(self, raw: bytes, tx: Control, now_ms: int) -> bytes:
         """Verify and add a control transaction; returns its hash."""
@@ -138,12 +225,15 @@ class Batcher:
         if isinstance(tx, EnrollDevice) and tx.device == tx.patient:
             raise Rejected("bad_tx", "a patient cannot enrol itself as a device")
         tid = h(raw)
+        if tid in self.access.seen:
+            raise Rejected("duplicate_tx", tid.hex()[:16])
+        batch = self._place(len(raw))
         if not self.access.apply(tx):
             raise Rejected("duplicate_tx", tid.hex()[:16])
         if isinstance(tx, Erase):
             self.erasures_due.append((tx.patient, tx.ts_ms))
-        self._add(raw, now_ms)
-        self._txs.append((tid, len(self._entries) - 1))
+        self._add(batch, raw, now_ms)
+        batch.txs.append((tid, len(batch.entries) - 1))
         return tid
 
     def admit_proof(self, proof: EquivocationProof, now_ms: int) -> bool:
@@ -154,70 +244,93 @@ class Batcher:
         if a.node in self.faulty:
             return False
         raw = proof.encode()
+        batch = self._place(len(raw), proof=True)
         self.faulty[a.node] = a.height
-        self._add(raw, now_ms)
-        self._txs.append((h(raw), len(self._entries) - 1))
+        self._add(batch, raw, now_ms)
+        batch.txs.append((h(raw), len(batch.entries) - 1))
         return True
 
     def admit_log(self, log: AccessLog, now_ms: int) -> None:
-        """Put an access log this node signed in its next block (the patient's audit trail)."""
+        """Put an access log this node signed in its next block (the patient's audit trail);
+        raises :class:`Rejected` (``busy``) when the next blocks are full."""
         raw = log.encode()
-        self._add(raw, now_ms)
-        self._audit.append((log.patient, log.ts_ms, log.request, len(self._entries) - 1))
+        batch = self._place(len(raw))
+        self._add(batch, raw, now_ms)
+        batch.audit.append((log.patient, log.ts_ms, log.request, len(batch.entries) - 1))
 
-    def _add(self, raw: bytes, now_ms: int) -> None:
-        if self._started_ms is None:
-            self._started_ms = now_ms
-        self._entries.append(raw)
-        self._bytes += len(raw) + 3
+    def _add(self, batch: _Batch, raw: bytes, now_ms: int) -> None:
+        if batch.started_ms is None:
+            batch.started_ms = now_ms
+        batch.entries.append(raw)
+        batch.payload += _bin_len(len(raw))
         self.accepted += 1
 
     # --- sealing ----------------------------------------------------------
 
     @property
     def pending(self) -> int:
-        return len(self._entries)
+        return sum(len(b.entries) for b in self._batches)
 
     def full(self) -> bool:
+        """The block being built should be sealed now: it cannot take another maximal
+        reading, or entries already wait for the block after it."""
+        first = self._batches[0]
         return (
-            len(self._entries) >= self.limits.max_entries
-            or self._bytes + 4096 > self.limits.max_bytes
+            len(self._batches) > 1
+            or len(first.entries) >= self.max_entries
+            or first.size_with(MAX_READING) > self.max_bytes
         )
 
     def due(self, now_ms: int) -> bool:
-        if self._started_ms is None:
+        started = self._batches[0].started_ms
+        if started is None:
             return False
-        assert self._started_ms is not None
-        return self.full() or now_ms - self._started_ms >= self.limits.interval_ms
+        return self.full() or now_ms - started >= self.limits.interval_ms
 
     def deadline_ms(self) -> int | None:
         """When the current batch becomes due by time alone."""
-        return None if self._started_ms is None else self._started_ms + self.limits.interval_ms
+        started = self._batches[0].started_ms
+        return None if started is None else started + self.limits.interval_ms
 
     def seal(self, now_ms: int) -> Commit:
+        batch = self._batches[0]
+        body = encode_body(batch.entries)
+        # never sign what a peer's decoder (or our own start-up replay) would refuse
+        try:
+            ok = len(body) <= self.max_bytes and decode_body(body) == tuple(batch.entries)
+        except MalformedMessage:
+            ok = False
+        if not ok:
+            raise LocalError(f"refusing to seal a {len(body)}-byte body that does not decode")
         touched: dict[bytes, SeqMark] = {}
-        for device, seqs in self._seqs.items():
+        for device, seqs in batch.seqs.items():
             if not seqs:
                 continue
             mark = self.marks[device]
             for s in seqs:
                 mark.add(s)
             touched[device] = mark.copy()
+        links = list(self._links_due.values())[:MAX_LINKS]  # the rest go in the next block
         block = build_block(
             self.key,
             network=self.network,
             height=self.height + 1,
             prev=self.prev,
             ts_ms=now_ms,
-            entries=self._entries,
-            links=tuple(self._links_due.values()),
+            entries=batch.entries,
+            links=links,
         )
-        self._links_due = {}
-        commit = Commit(block, tuple(self._readings), touched, tuple(self._txs), tuple(self._audit))
+        if len(block.header.encode()) > MAX_HEADER:
+            raise LocalError("refusing to seal a block header over its bound")
+        for link in links:
+            del self._links_due[link.node]
+        commit = Commit(block, tuple(batch.readings), touched, tuple(batch.txs), tuple(batch.audit))
         self.height, self.prev = block.header.height, block.hash
-        self._entries, self._readings, self._txs, self._seqs = [], [], [], {}
-        self._audit = []
-        self._bytes, self._started_ms = 0, None
+        self._batches.pop(0)
+        if not self._batches:
+            self._batches.append(_Batch())
+        if self._links_due and self._batches[0].started_ms is None:
+            self._batches[0].started_ms = now_ms  # links left over: they go in the next block
         return commit
 
 

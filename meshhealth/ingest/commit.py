@@ -7,6 +7,16 @@ from dataclasses import dataclass
 from meshhealth.chain.block import Block
 from meshhealth.ingest.seqmarks import SeqMark
 
+# the readings index keys a reading by its hour and its block's height, 32 bits each
+HOUR_MS = 3_600_000
+MAX_INDEX_HOUR = 2**32 - 1
+MAX_HEIGHT = 2**32 - 1
+
+
+def index_hour_ok(t_ms: int) -> bool:
+    """Whether a reading starting at ``t_ms`` fits the readings index (year ~490,000)."""
+    return t_ms >= 0 and t_ms // HOUR_MS <= MAX_INDEX_HOUR
+
 
 @dataclass(frozen=True, slots=True)
 class IndexedReading:

@@ -217,6 +217,10 @@ class Pipeline:
                 dev = bytes.fromhex(topic.rsplit("/", 1)[-1])
             except ValueError:
                 dev = b""
+            while b.full() and not b.has_room(len(payloads[i])):
+                self.check_full()  # the next blocks are full: wait for a seal, then go on
+                await self._room.wait()
+                t = now_ms()
             try:
                 b.admit_reading(payloads[i], r, t, topic_device=dev)
             except Rejected as exc:

@@ -5,13 +5,19 @@ chain (network, authority signature, height, prev hash).  Here the body is
 checked against the header, and then every entry is checked, as strictly as
 our own ingest would check it:
 
+* the producer's clock and ours: the header's time, and every reading's,
+  transaction's and access log's time, may be at most ``max_future_skew_ms``
+  past *our* clock (and past the header's), the bound local ingest applies;
+  a reading's hour and the block's height must fit the readings index;
 * the Merkle root and the entry count;
 * every entry's signature — done beforehand in the verifier processes and
   passed in as ``checked`` (:func:`meshhealth.ingest.verify.check_entries`;
   a valid reading comes back as its fields, so it is not decoded twice);
 * enrolments, applied in entry order, and equivocation proofs (the node
   they accuse is marked faulty);
-* readings from enrolled devices, on a known key chain and epoch;
+* readings from enrolled devices, on a known key chain and epoch, and no
+  more seqs above a device's gap than a stored seq mark may hold
+  (:data:`~meshhealth.ingest.seqmarks.MAX_ABOVE_STORED`);
 * every *link*: the block must link only to blocks we already hold, with
   matching hashes.  Links are how causality travels.  A reading's
   enrolment may sit in a third chain, and it always sits at or below
@@ -28,21 +34,23 @@ returned, and the access state and seq marks are updated in memory.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 
 from meshhealth.chain.acl import AccessState
-from meshhealth.chain.block import Block, verify_body
+from meshhealth.chain.block import MAX_BLOCK_ENTRIES, Block, verify_body
 from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import InvalidBlock, Rejected, RemoteError
 from meshhealth.ingest import verify
 from meshhealth.ingest.batcher import Batcher
-from meshhealth.ingest.commit import Commit, IndexedReading
+from meshhealth.ingest.commit import MAX_HEIGHT, Commit, IndexedReading, index_hour_ok
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
     AccessLog,
     BlockHeader,
     Control,
+    EnrollDevice,
     EquivocationProof,
     Erase,
     Reading,
@@ -68,16 +76,56 @@ def admit_remote(
     block_hash_at: Callable[[bytes, int], bytes | None],
     now_ms: int,
 ) -> Commit:
+    """Check a peer's block as strictly as our own ingest would; the commit, or
+    :class:`InvalidBlock` (or :class:`MissingLinks`).  Nothing a peer sent escapes as
+    anything else: a value error on its data is an invalid block too."""
+    try:
+        return _admit_remote(
+            b, header, entries, checked, block_hash_at=block_hash_at, now_ms=now_ms
+        )
+    except (ValueError, OverflowError, TypeError, struct.error) as exc:
+        raise InvalidBlock(
+            f"unusable block data: {type(exc).__name__}: {exc}",
+            node=header.node,
+            height=header.height,
+        ) from exc
+
+
+def _admit_remote(
+    b: Batcher,
+    header: BlockHeader,
+    entries: Sequence[bytes],
+    checked: Sequence[verify.Result],
+    *,
+    block_hash_at: Callable[[bytes, int], bytes | None],
+    now_ms: int,
+) -> Commit:
     node, height = header.node, header.height
 
     def bad(msg: str) -> InvalidBlock:
         return InvalidBlock(msg, node=node, height=height)
 
+    skew = b.limits.max_future_skew_ms
+    # times are bounded by OUR clock, as local ingest bounds them, not only by the
+    # producer's header (which a bad authority sets as it likes)
+    if header.ts_ms > now_ms + skew:
+        raise bad(f"block from {header.ts_ms - now_ms} ms in the future")
+    if height > MAX_HEIGHT:
+        raise bad("height beyond the index's range")
+    if len(entries) > MAX_BLOCK_ENTRIES:
+        raise bad(f"{len(entries)} entries exceed the block bound")
+    latest_ms = min(header.ts_ms, now_ms) + skew  # no entry's time may be later
     verify_body(header, entries)
     missing = []
+    linked: set[bytes] = set()
     for link in header.links:
         if link.node == node:
             raise bad("a block links its own chain")
+        if link.node in linked:
+            raise bad("a block links one chain twice")
+        linked.add(link.node)
+        if b.authorities and link.node not in b.authorities:
+            raise bad(f"a link to {link.node.hex()[:8]}, which is no authority")
         have = block_hash_at(link.node, link.height)
         if have is None:
             missing.append((link.node, link.height))
@@ -91,7 +139,6 @@ def admit_remote(
     adds: dict[bytes, set[int]] = {}
     index: list[IndexedReading] = []
     txs: list[tuple[bytes, int]] = []
-    skew = b.limits.max_future_skew_ms
     audit: list[tuple[bytes, int, bytes, int]] = []
     prune: set[int] = set()
     for i, (raw, res) in enumerate(zip(entries, checked, strict=True)):
@@ -104,6 +151,10 @@ def admit_remote(
         except RemoteError as exc:
             raise bad(f"entry {i}: {exc}") from exc
         if isinstance(e, CONTROL_CLASSES):
+            if e.ts_ms > latest_ms:
+                raise bad(f"entry {i}: a transaction from the future")
+            if isinstance(e, EnrollDevice) and e.device == e.patient:
+                raise bad(f"entry {i}: a patient enrolled as its own device")
             overlay.apply(e)
             new_txs.append(e)
             txs.append((h(raw), i))
@@ -111,6 +162,8 @@ def admit_remote(
         if isinstance(e, AccessLog):
             if e.node != node or e.network != b.network:
                 raise bad(f"entry {i}: an access log signed by another node")
+            if e.ts_ms > latest_ms:
+                raise bad(f"entry {i}: an access log from the future")
             audit.append((e.patient, e.ts_ms, e.request, i))
             continue
         if isinstance(e, EquivocationProof):
@@ -121,8 +174,10 @@ def admit_remote(
             txs.append((h(raw), i))
             continue
         assert isinstance(e, Reading)
-        if e.t_last_ms > header.ts_ms + skew:
-            raise bad(f"entry {i}: reading from after its block")
+        if e.t_last_ms > latest_ms:
+            raise bad(f"entry {i}: a reading from after its block or our clock")
+        if not index_hour_ok(e.t_ms):
+            raise bad(f"entry {i}: a reading time beyond the index's range")
         try:
             b.access.check_reading(e)
         except Rejected:
@@ -141,6 +196,17 @@ def admit_remote(
             continue
         seen.add(e.seq)
         index.append(IndexedReading(i, e.patient, e.stream, e.t_ms))
+    # the same bound on a device's out-of-order seqs as local ingest, with room for
+    # honest nodes that took in one device's readings concurrently (seqmarks.py)
+    for device, seqs in adds.items():
+        mark = b.marks.get(device, SeqMark()).copy()
+        for s in seqs:
+            mark.add(s)
+        if len(mark.above) > b.limits.max_seq_gap_stored:
+            raise bad(
+                f"device {device.hex()[:8]}: {len(mark.above)} seqs above a gap "
+                f"(at most {b.limits.max_seq_gap_stored})"
+            )
     # the block is valid: now change state
     for tx in new_txs:
         if b.access.apply(tx) and isinstance(tx, Erase):

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshhealth.wire.codec import pack, unpack
+from meshhealth.errors import MalformedMessage, StorageError
+from meshhealth.wire.codec import MAX_U64, pack, unpack
 
-MAX_ABOVE = 8192  # committed seqs above a gap, per device
+MAX_ABOVE = 8192  # committed seqs above a gap, per device, that local ingest takes in
+# the hard bound on a stored mark: a peer's block that would push a mark past it is
+# invalid (replica admission).  Above MAX_ABOVE, so that honest nodes that took in a
+# device's readings concurrently (a shared subscription) never refuse each other's blocks.
+MAX_ABOVE_STORED = 4 * MAX_ABOVE
+MAX_RECORD = 1 << 20  # the decode bound; MAX_ABOVE_STORED seqs of 9 bytes stay far below
 
 
 @dataclass
@@ -27,9 +33,11 @@ class SeqMark:
     def has(self, seq: int) -> bool:
         return seq <= self.contiguous or seq in self.above
 
-    def room_for(self, seq: int) -> bool:
-        """False if accepting ``seq`` would grow the gap set past its bound."""
-        return seq == self.contiguous + 1 or len(self.above) < MAX_ABOVE
+    def room_for(self, seq: int, *, pending: int = 0, bound: int | None = None) -> bool:
+        """False if accepting ``seq`` would grow the gap set past ``bound`` (default
+        :data:`MAX_ABOVE`), with ``pending`` more seqs of the device not yet added."""
+        limit = MAX_ABOVE if bound is None else bound
+        return seq == self.contiguous + 1 or len(self.above) + pending < limit
 
     def add(self, seq: int) -> None:
         if seq <= self.contiguous:
@@ -40,11 +48,19 @@ class SeqMark:
             self.above.discard(self.contiguous)
 
     def encode(self) -> bytes:
+        if len(self.above) > MAX_ABOVE_STORED:  # admission keeps every mark below it
+            raise StorageError(f"a seq mark of {len(self.above)} gapped seqs exceeds its bound")
         return pack([self.contiguous, sorted(self.above)])
 
     @classmethod
     def decode(cls, data: bytes) -> SeqMark:
-        contiguous, above = unpack(data, max_len=1 << 20)
+        try:
+            contiguous, above = unpack(data, max_len=MAX_RECORD)
+            ok = type(contiguous) is int and type(above) is list
+            if not ok or not all(type(s) is int and 0 <= s <= MAX_U64 for s in above):
+                raise StorageError("a stored seq mark is not [int, [int...]]")
+        except (MalformedMessage, ValueError, TypeError) as exc:
+            raise StorageError(f"undecodable stored seq mark: {exc}") from exc
         return cls(contiguous, set(above))
 
     def copy(self) -> SeqMark:

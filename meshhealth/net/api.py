@@ -29,6 +29,7 @@ from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
 from meshhealth.net.metrics import node_registry, render
 from meshhealth.net.signed_request import RequestAuthError
 from meshhealth.sharing.grants import grant_doc
+from meshhealth.sharing.listing import device_txs
 from meshhealth.sharing.serve import collect, decide
 from meshhealth.web import static_file
 from meshhealth.wire import BlockHeader, Grant
@@ -78,6 +79,10 @@ async def _answer(request: web.Request, handler: Callable[..., Any]) -> web.Stre
         request.app[NODE].auth_failures += 1
         return _err(401, "unauthenticated", str(exc))
     except Rejected as exc:
+        if exc.reason == "busy":  # the next blocks are full: nothing was taken in
+            resp = _err(503, exc.reason, str(exc))
+            resp.headers["Retry-After"] = "1"
+            return resp
         return _err(409 if exc.reason.startswith("duplicate") else 422, exc.reason, str(exc))
 
 
@@ -139,14 +144,17 @@ async def block(request: web.Request) -> web.Response:
 
 
 async def enrollments(request: web.Request) -> web.Response:
-    """The enrolments and rechains naming a device (it unseals its stream keys from them)."""
+    """``/v1/devices/{device}/enrollments[?patient=]``: the device's enrolments and the
+    latest rechain per (patient, stream) naming it, newest first, bounded in bytes
+    (:mod:`meshhealth.sharing.listing`); ``X-MH-Truncated: 1`` if some were left out."""
     device = _key(request.match_info["device"])
-    access = request.app[NODE].batcher.access
-    out = [tx.encode() for tx in access.enrolments.values() if tx.device == device]
-    out += [
-        tx.encode() for tx in access.rechains.values() if any(k.to == device for k in tx.devices)
-    ]
-    return web.Response(body=pack(out), content_type=MSGPACK)
+    who = request.query.get("patient")
+    patient = None if who is None else _key(who)
+    out, truncated = device_txs(request.app[NODE].batcher.access, device, patient)
+    resp = web.Response(body=pack(out), content_type=MSGPACK)
+    if truncated:
+        resp.headers["X-MH-Truncated"] = "1"
+    return resp
 
 
 def key_txs(access: Any, patient: bytes) -> list[bytes]:

@@ -21,6 +21,18 @@ def client_session(
     return aiohttp.ClientSession(timeout=timeout, connector=connector)
 
 
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    parts, n = [], 0
+    async for chunk in resp.content.iter_chunked(65536):
+        n += len(chunk)
+        if n > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: bytes) -> str:
     """Submit a control transaction, failing over across nodes."""
     last = ""
@@ -38,14 +50,27 @@ async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: byt
     raise NetworkError(f"no node accepted the transaction ({last})")
 
 
-async def get_first(session: aiohttp.ClientSession, node_urls: list[str], path: str) -> bytes:
-    """The body of the first node, in order, that answers ``GET path`` with 200."""
+async def get_first(
+    session: aiohttp.ClientSession,
+    node_urls: list[str],
+    path: str,
+    *,
+    max_bytes: int | None = None,
+) -> bytes:
+    """The body of the first node, in order, that answers ``GET path`` with 200 (and, with
+    ``max_bytes``, a body no larger: a bigger one is not read, and the next node is tried)."""
     last = ""
     for url in node_urls:
         try:
             async with session.get(f"{url.rstrip('/')}{path}") as resp:
                 if resp.status == 200:
-                    return await resp.read()
+                    if max_bytes is None:
+                        return await resp.read()
+                    body = await _read_at_most(resp, max_bytes)
+                    if body is not None:
+                        return body
+                    last = f"{url}: an answer over {max_bytes} bytes"
+                    continue
                 last = f"{url}: {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             last = f"{url}: {exc}"

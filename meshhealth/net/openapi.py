@@ -477,6 +477,10 @@ def _paths() -> dict[str, Doc]:
                     "422": _error(
                         "Refused by policy: reason `bad_signature`, `future_timestamp` or `bad_tx`."
                     ),
+                    "503": _error(
+                        "The node's next blocks are full (reason `busy`): nothing was taken "
+                        "in; retry after `Retry-After` seconds."
+                    ),
                 },
                 body={
                     "required": True,
@@ -614,13 +618,26 @@ def _paths() -> dict[str, Doc]:
                 "getEnrollments",
                 "sharing",
                 "Enrolments of a device",
-                "The EnrollDevice and Rechain transactions naming the device: it unseals "
-                "its stream keys from them, and switches to a patient's new key chain.",
+                "The EnrollDevice transactions naming the device and, per (patient, stream), "
+                "the latest Rechain naming it: it unseals its stream keys from them, and "
+                "switches to its patient's new key chain. Newest first, at most 1 MiB; "
+                "the header `X-MH-Truncated: 1` says some were left out. With `patient`, "
+                "only that patient's transactions (what a device asks for: nobody else's "
+                "can crowd them out).",
                 {
                     "200": _msgpack("msgpack array of the encoded `E1` and `K1` transactions."),
-                    "400": _bad_request("The key is not 64 hex."),
+                    "400": _bad_request("A key is not 64 hex."),
                 },
-                [_key_path("device", "The device's public key.")],
+                [
+                    _key_path("device", "The device's public key."),
+                    {
+                        "name": "patient",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only this patient's transactions (64 hex).",
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    },
+                ],
             )
         },
         "/v1/patients/{key}/enrollments": {

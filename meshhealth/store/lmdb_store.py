@@ -41,13 +41,12 @@ import lmdb
 from meshhealth.chain.block import Block, decode_body, encode_body
 from meshhealth.chain.merkle import is_pruned, pruned
 from meshhealth.crypto.hashing import h
-from meshhealth.errors import StorageError
-from meshhealth.ingest.commit import Commit
+from meshhealth.errors import InvalidBlock, StorageError
+from meshhealth.ingest.commit import HOUR_MS, MAX_INDEX_HOUR, Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import BlockHeader, Reading
 from meshhealth.wire.codec import pack, unpack
 
-HOUR_MS = 3_600_000
 _DBS = (
     "headers",
     "bodies",
@@ -64,6 +63,20 @@ _DBS = (
 
 def chain_key(node: bytes, height: int) -> bytes:
     return node + struct.pack(">Q", height)
+
+
+def _u32(v: int, what: str, hdr: BlockHeader) -> bytes:
+    """A 32-bit index field; a value out of its range is the block's fault, never a crash
+    (admission refuses such blocks first: this is the last line)."""
+    if not 0 <= v <= MAX_INDEX_HOUR:
+        raise InvalidBlock(
+            f"{what} {v} beyond the readings index", node=hdr.node, height=hdr.height
+        )
+    return struct.pack(">I", v)
+
+
+def _hour(t_ms: int, hdr: BlockHeader) -> bytes:
+    return _u32(t_ms // HOUR_MS if t_ms >= 0 else -1, "reading hour", hdr)
 
 
 class Store:
@@ -145,13 +158,7 @@ class Store:
                 continue
             pid = self._name_id(txn, b"p", r.patient, 4)
             sid = self._name_id(txn, b"s", r.stream.encode(), 1)
-            bkey = (
-                pid
-                + sid
-                + struct.pack(">I", r.t_ms // HOUR_MS)
-                + nid
-                + struct.pack(">I", hdr.height)
-            )
+            bkey = pid + sid + _hour(r.t_ms, hdr) + nid + _u32(hdr.height, "height", hdr)
             buckets.setdefault(bkey, []).append(r.index)
         for bkey, idx in buckets.items():
             txn.put(bkey, pack(idx), db=self.db["readings"])
