@@ -485,3 +485,16 @@ def test_more_links_than_a_header_holds_go_in_the_next_block() -> None:
     second = b.seal(T0 + 2_000)
     assert len(second.block.header.links) == 40
     assert not b.due(T0 + 10**6)
+
+
+def test_asking_for_room_changes_nothing() -> None:
+    w = make_world()
+    b = make_batcher(w, interval_ms=10**9, max_bytes=128 * 1024)
+    now = T0 + 10_000
+    g = _max_grants(1, now)[0]
+    b.admit_tx(g.encode(), g, now)
+    assert not b.full()  # room for readings still
+    for _ in range(3):
+        assert b.has_room(len(g.encode()))  # it would go in the next block
+    assert not b.full() and b.pending == 1
+    assert b.has_room(MAX_READING) and not b.has_room(200_000)

@@ -19,7 +19,7 @@ from meshhealth.ingest.replica import MissingLinks, admit_remote
 from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, MAX_RECORD, SeqMark
 from meshhealth.ingest.verify import check_entries
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import Link, Reading
+from meshhealth.wire import EquivocationProof, Link, Reading
 
 
 def two_nodes():  # type: ignore[no-untyped-def]
@@ -280,3 +280,14 @@ def test_a_seq_mark_record_never_exceeds_its_bound() -> None:
         full.above.add(2**64 - 1 - 2 * i)
     assert len(full.encode()) <= MAX_RECORD
     assert SeqMark.decode(full.encode()) == full
+
+
+def test_an_equivocation_proof_against_no_authority_is_refused() -> None:
+    world, a, b = two_nodes()
+    b.authorities = frozenset({world.node, b.me})
+    stranger = Identity.generate("node")
+    twins = [rogue_block(world, stranger.signing, [], T0 + i).header.encode() for i in range(2)]
+    proof = EquivocationProof.of(*twins)
+    blk = rogue_block(world, a.key, [proof.encode()], T0)
+    assert "no authority" in refused(b, blk, T0)
+    assert stranger.public not in b.faulty

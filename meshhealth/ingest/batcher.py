@@ -29,8 +29,9 @@ from meshhealth.chain.block import (
 )
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import LocalError, MalformedMessage, Rejected, RemoteError
+from meshhealth.ingest import seqmarks
 from meshhealth.ingest.commit import Commit, IndexedReading
-from meshhealth.ingest.seqmarks import MAX_ABOVE, MAX_ABOVE_STORED, SeqMark
+from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, SeqMark
 from meshhealth.wire import (
     AccessLog,
     Control,
@@ -50,12 +51,13 @@ class BatchLimits:
     max_entries: int = 4_096
     max_bytes: int = 8 * 1024 * 1024
     max_future_skew_ms: int = 30_000
-    max_seq_gap: int = MAX_ABOVE  # per device: committed seqs above a gap we take in
+    # per device: committed seqs above a gap we take in (None: seqmarks.MAX_ABOVE)
+    max_seq_gap: int | None = None
 
     @property
     def max_seq_gap_stored(self) -> int:
         """The bound on a device's seqs above a gap in a *peer's* block (see seqmarks)."""
-        return min(MAX_ABOVE_STORED, 4 * self.max_seq_gap)
+        return min(MAX_ABOVE_STORED, 4 * (self.max_seq_gap or seqmarks.MAX_ABOVE))
 
 
 MAX_BATCHES = 2  # the block being built, and the next one (an entry too big for the first)
@@ -170,12 +172,12 @@ class Batcher:
     def has_room(self, n: int) -> bool:
         """Whether an ``n``-byte entry would be admitted now (not refused as ``busy``)."""
         try:
-            self._place(n)
+            self._place(n, dry=True)
         except Rejected:
             return False
         return True
 
-    def _place(self, n: int, *, proof: bool = False) -> _Batch:
+    def _place(self, n: int, *, proof: bool = False, dry: bool = False) -> _Batch:
         """The batch an ``n``-byte entry goes in; raises :class:`Rejected` if none may take
         it.  Called before an admission changes any state.  An equivocation proof always
         finds a batch (there is at most one per authority, ever)."""
@@ -187,7 +189,8 @@ class Batcher:
         if len(self._batches) >= MAX_BATCHES and not proof:
             raise Rejected("busy", "the next blocks are full; retry in a moment")
         nxt = _Batch()
-        self._batches.append(nxt)
+        if not dry:
+            self._batches.append(nxt)
         return nxt
 
     def admit_reading(

@@ -368,7 +368,7 @@ class Pipeline:
 
     async def flush(self) -> None:
         """Seal and commit whatever is batched (graceful stop; the writer thread is done)."""
-        if self.batcher.pending and self.may_seal.is_set():
+        while self.batcher.pending and self.may_seal.is_set():  # two blocks' worth, at most
             commit = self.batcher.seal(now_ms())
             await asyncio.to_thread(self.store.commit_block, commit)
             self._on_committed(commit)

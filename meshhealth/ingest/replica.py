@@ -170,6 +170,8 @@ def _admit_remote(
             a, _ = e.headers()  # signatures were checked with the other entries
             if a.network != b.network:
                 raise bad(f"entry {i}: equivocation proof of another network")
+            if b.authorities and a.node not in b.authorities:
+                raise bad(f"entry {i}: equivocation proof against no authority")
             faults.setdefault(a.node, a.height)
             txs.append((h(raw), i))
             continue
