@@ -30,7 +30,7 @@ from meshhealth.cli.demo import setup_network
 from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.gossip import wire
-from meshhealth.gossip.messages import Push
+from meshhealth.gossip.messages import Blocks, Push
 from meshhealth.sharing.enrollment import enrollment
 from meshhealth.sharing.grants import make_rechain
 from meshhealth.sharing.keychain import KeyChain
@@ -66,6 +66,9 @@ class Net:
     def rogue_chain(self) -> int:
         got = self.node.status()["chains"].get(self.rogue.public.hex())
         return -1 if got is None else int(got["height"])
+
+    def rejects(self, reason: str) -> int:
+        return int(self.node.status()["ingest"]["rejects"].get(reason, 0))
 
     def own_height(self) -> int:
         return int(self.node.status()["ingest"]["height"])
@@ -143,19 +146,20 @@ async def submit_all(url: str, raws: list[bytes], concurrency: int = 16) -> None
         await asyncio.gather(*(one(raw) for raw in raws))
 
 
-async def push(net: Net, block: Block) -> None:
+async def push(net: Net, block: Block, *, as_reply: bool = False) -> None:
+    """Send the block as a Push, or (``as_reply``) as the Blocks answer to a Pull: the
+    path a node's catch-up takes, where the original crash was."""
+    h = block.header.height
+    msg = Blocks(net.rogue.public, h, h, 0) if as_reply else Push(net.rogue.public, h, 0)
     async with GossipPeer(net.node.url, net.rogue, net.genesis.network_id) as peer:
-        frame = wire.encode(
-            Push(net.rogue.public, block.header.height, 0),
-            [(block.header.encode(), encode_body(block.entries))],
-        )
+        frame = wire.encode(msg, [(block.header.encode(), encode_body(block.entries))])
         await peer.send(frame)
         await asyncio.sleep(0.3)  # let the node read it before we hang up
 
 
-async def push_refused(net: Net, block: Block) -> None:
+async def push_refused(net: Net, block: Block, *, as_reply: bool = False) -> None:
     before = net.gossip("invalid_block")
-    await push(net, block)
+    await push(net, block, as_reply=as_reply)
     await wait_for(lambda: net.gossip("invalid_block") > before, 20, "the block to be refused")
     assert net.node.proc is not None and net.node.proc.poll() is None  # still running
     assert net.rogue_chain() == net.rogue_height  # nothing was added
@@ -210,13 +214,16 @@ async def test_a_reading_far_in_the_future_is_refused_and_the_node_keeps_going(
 ) -> None:
     net.up()
     rogue = make_rogue(now_ms())
+    counted = net.rejects("peer_block_future")
     # the reproduction: t = 10**17 overflowed the 32-bit hour index (exit 1, every restart)
     far = net.next_block([rogue.enrolment.encode(), rogue.reading(1, 10**17)], 10**17)
     await push_refused(net, far)
+    await push_refused(net, far, as_reply=True)
     # within its own header's skew, but not within ours
     t = now_ms()
     ahead = net.next_block([rogue.enrolment.encode(), rogue.reading(1, t + 55_000)], t + 30_000)
     await push_refused(net, ahead)
+    assert net.rejects("peer_block_future") == counted + 3  # counted by reason
     await still_ingests(net)
     # the same authority's honest block is still taken: syncing goes on
     await push_accepted(net, net.next_block([rogue.enrolment.encode()], now_ms()))
@@ -233,7 +240,9 @@ async def test_gapped_seqs_past_the_bound_are_refused_and_the_node_restarts(net:
     rogue: Rogue = make_rogue(now_ms())
     t = now_ms()
     gapped = [rogue.reading(2 * i + 2, t - 60_000 + i) for i in range(2 * cap)]  # no seq 1
+    counted = net.rejects("peer_block_seq_gap")
     await push_refused(net, net.next_block([rogue.enrolment.encode(), *gapped], now_ms()))
+    assert net.rejects("peer_block_seq_gap") == counted + 1
     await still_ingests(net)
     # up to the bound it is valid: taken, stored, and the node restarts with it
     await push_accepted(net, net.next_block([rogue.enrolment.encode(), *gapped[:cap]], now_ms()))

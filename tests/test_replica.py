@@ -256,6 +256,7 @@ def test_gapped_seqs_past_the_stored_bound_are_refused() -> None:
     gapped = [rogue.reading(2 * i + 2, T0 + i) for i in range(2 * cap)]  # seq 1 never comes
     blk = rogue_block(world, a.key, [rogue.enrolment.encode(), *gapped], T0 + 5_000)
     assert "seqs above a gap" in refused(b, blk, T0 + 5_000)
+    assert b.rejects["peer_block_seq_gap"] == 1
     # up to the bound, the same readings are admitted
     fits = [rogue.enrolment.encode(), *gapped[:cap]]
     blk = rogue_block(world, a.key, fits, T0 + 5_000)

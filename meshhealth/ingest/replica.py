@@ -67,6 +67,16 @@ class MissingLinks(Exception):
         self.missing = missing
 
 
+class RefusedBlock(InvalidBlock):
+    """A peer's block that admission refuses; ``reason`` labels the reject counter
+    (``peer_block_<reason>`` in the ingest statistics): ``future``, ``index_range``,
+    ``size``, ``link``, ``seq_gap`` or ``entry``."""
+
+    def __init__(self, message: str, reason: str, *, node: bytes, height: int):
+        super().__init__(message, node=node, height=height)
+        self.reason = reason
+
+
 def admit_remote(
     b: Batcher,
     header: BlockHeader,
@@ -83,7 +93,14 @@ def admit_remote(
         return _admit_remote(
             b, header, entries, checked, block_hash_at=block_hash_at, now_ms=now_ms
         )
+    except RefusedBlock as exc:
+        b.reject(f"peer_block_{exc.reason}")
+        raise
+    except InvalidBlock:
+        b.reject("peer_block_body")  # count or Merkle root
+        raise
     except (ValueError, OverflowError, TypeError, struct.error) as exc:
+        b.reject("peer_block_data")
         raise InvalidBlock(
             f"unusable block data: {type(exc).__name__}: {exc}",
             node=header.node,
@@ -102,35 +119,36 @@ def _admit_remote(
 ) -> Commit:
     node, height = header.node, header.height
 
-    def bad(msg: str) -> InvalidBlock:
-        return InvalidBlock(msg, node=node, height=height)
+    def bad(msg: str, reason: str = "entry") -> RefusedBlock:
+        return RefusedBlock(msg, reason, node=node, height=height)
 
     skew = b.limits.max_future_skew_ms
     # times are bounded by OUR clock, as local ingest bounds them, not only by the
     # producer's header (which a bad authority sets as it likes)
     if header.ts_ms > now_ms + skew:
-        raise bad(f"block from {header.ts_ms - now_ms} ms in the future")
+        raise bad(f"block from {header.ts_ms - now_ms} ms in the future", "future")
     if height > MAX_HEIGHT:
-        raise bad("height beyond the index's range")
+        raise bad("height beyond the index's range", "index_range")
     if len(entries) > MAX_BLOCK_ENTRIES:
-        raise bad(f"{len(entries)} entries exceed the block bound")
+        raise bad(f"{len(entries)} entries exceed the block bound", "size")
     latest_ms = min(header.ts_ms, now_ms) + skew  # no entry's time may be later
     verify_body(header, entries)
     missing = []
     linked: set[bytes] = set()
     for link in header.links:
         if link.node == node:
-            raise bad("a block links its own chain")
+            raise bad("a block links its own chain", "link")
         if link.node in linked:
-            raise bad("a block links one chain twice")
+            raise bad("a block links one chain twice", "link")
         linked.add(link.node)
         if b.authorities and link.node not in b.authorities:
-            raise bad(f"a link to {link.node.hex()[:8]}, which is no authority")
+            raise bad(f"a link to {link.node.hex()[:8]}, which is no authority", "link")
         have = block_hash_at(link.node, link.height)
         if have is None:
             missing.append((link.node, link.height))
         elif have != link.hash:
-            raise bad(f"link to {link.node.hex()[:8]}#{link.height} disagrees with our replica")
+            where = f"{link.node.hex()[:8]}#{link.height}"
+            raise bad(f"link to {where} disagrees with our replica", "link")
     if missing:
         raise MissingLinks(missing)
     overlay = AccessState()
@@ -152,7 +170,7 @@ def _admit_remote(
             raise bad(f"entry {i}: {exc}") from exc
         if isinstance(e, CONTROL_CLASSES):
             if e.ts_ms > latest_ms:
-                raise bad(f"entry {i}: a transaction from the future")
+                raise bad(f"entry {i}: a transaction from the future", "future")
             if isinstance(e, EnrollDevice) and e.device == e.patient:
                 raise bad(f"entry {i}: a patient enrolled as its own device")
             overlay.apply(e)
@@ -163,7 +181,7 @@ def _admit_remote(
             if e.node != node or e.network != b.network:
                 raise bad(f"entry {i}: an access log signed by another node")
             if e.ts_ms > latest_ms:
-                raise bad(f"entry {i}: an access log from the future")
+                raise bad(f"entry {i}: an access log from the future", "future")
             audit.append((e.patient, e.ts_ms, e.request, i))
             continue
         if isinstance(e, EquivocationProof):
@@ -177,9 +195,9 @@ def _admit_remote(
             continue
         assert isinstance(e, Reading)
         if e.t_last_ms > latest_ms:
-            raise bad(f"entry {i}: a reading from after its block or our clock")
+            raise bad(f"entry {i}: a reading from after its block or our clock", "future")
         if not index_hour_ok(e.t_ms):
-            raise bad(f"entry {i}: a reading time beyond the index's range")
+            raise bad(f"entry {i}: a reading time beyond the index's range", "index_range")
         try:
             b.access.check_reading(e)
         except Rejected:
@@ -207,7 +225,8 @@ def _admit_remote(
         if len(mark.above) > b.limits.max_seq_gap_stored:
             raise bad(
                 f"device {device.hex()[:8]}: {len(mark.above)} seqs above a gap "
-                f"(at most {b.limits.max_seq_gap_stored})"
+                f"(at most {b.limits.max_seq_gap_stored})",
+                "seq_gap",
             )
     # the block is valid: now change state
     for tx in new_txs:
