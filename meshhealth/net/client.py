@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from meshhealth.errors import NetworkError
@@ -33,20 +35,29 @@ async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | Non
     return b"".join(parts)
 
 
-async def post_tx(session: aiohttp.ClientSession, node_urls: list[str], raw: bytes) -> str:
-    """Submit a control transaction, failing over across nodes."""
+async def post_tx(
+    session: aiohttp.ClientSession, node_urls: list[str], raw: bytes, *, busy_retries: int = 3
+) -> str:
+    """Submit a control transaction, failing over across nodes; a node whose next blocks
+    are full (503 ``busy``) is asked again after its ``Retry-After`` (at most 2 s)."""
     last = ""
     for url in node_urls:
-        try:
-            async with session.post(
-                f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
-            ) as resp:
-                body = await resp.json()
-                if resp.status in (202, 409):
-                    return str(body.get("tx", ""))
-                last = f"{url}: {resp.status} {body.get('error')}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            last = f"{url}: {exc}"
+        for attempt in range(busy_retries + 1):
+            try:
+                async with session.post(
+                    f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
+                ) as resp:
+                    body = await resp.json()
+                    if resp.status in (202, 409):
+                        return str(body.get("tx", ""))
+                    last = f"{url}: {resp.status} {body.get('error')}"
+                    wait = resp.headers.get("Retry-After", "1")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last = f"{url}: {exc}"
+                break
+            if resp.status != 503 or attempt == busy_retries:
+                break
+            await asyncio.sleep(min(2.0, float(wait) if wait.isdigit() else 1.0))
     raise NetworkError(f"no node accepted the transaction ({last})")
 
 
