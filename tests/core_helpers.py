@@ -272,12 +272,12 @@ class Rogue:
     chain: KeyChain
     enrolment: EnrollDevice
 
-    def reading(self, seq: int, t_ms: int) -> bytes:
+    def reading(self, seq: int, t_ms: int, *, stream: str = "hr") -> bytes:
         """A validly signed reading at ``t_ms`` (random ciphertext: nodes never open it)."""
         return Reading.create(
             self.device.signing,
             patient=self.patient.public,
-            stream="hr",
+            stream=stream,
             seq=seq,
             t_ms=t_ms,
             span_ms=0,

@@ -36,6 +36,7 @@ from meshhealth.sharing.grants import make_rechain
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import Grant, decode_entry
+from meshhealth.wire.types import MAX_EPOCH_MS
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 BLOCK_BOUND = 256 * 1024  # ingest.max_block_bytes of the honest node: a handful of tx fill it
@@ -249,6 +250,35 @@ async def test_gapped_seqs_past_the_bound_are_refused_and_the_node_restarts(net:
     # one more gapped seq of that device, in a later block, is past the bound
     more = [rogue.reading(2 * cap + 2 * i + 2, t - 1_000 + i) for i in range(2)]
     await push_refused(net, net.next_block(more, now_ms()))
+    net.restart_clean()
+    assert net.rogue_chain() == net.rogue_height
+
+
+# --- also found: the readings index's one-byte stream ids ------------------------------
+
+
+async def test_three_hundred_stream_names_in_a_peer_block_do_not_stop_the_node(
+    net: Net,
+) -> None:
+    """Stream names are anyone's to make up; past 255 the readings index once failed the
+    commit (StorageError: the node exits, on every restart too).  Now the block is taken
+    and stored, and the node restarts with it."""
+    net.up()
+    patient, device = Identity.generate("patient"), Identity.generate("device")
+    t = now_ms()
+    names = [f"x{i}" for i in range(300)]
+    chains = {n: KeyChain.new(n, 0, MAX_EPOCH_MS) for n in names}
+    enrols = [
+        enrollment(patient, {n: chains[n] for n in names[i : i + 30]}, device.public, 0, t)
+        for i in range(0, len(names), 30)
+    ]
+    readings = [
+        Rogue(patient, device, chains[n], enrols[0]).reading(1 + i, t - 1_000 + i, stream=n)
+        for i, n in enumerate(names)
+    ]
+    block = net.next_block([*(e.encode() for e in enrols), *readings], now_ms())
+    await push_accepted(net, block)
+    await still_ingests(net)
     net.restart_clean()
     assert net.rogue_chain() == net.rogue_height
 

@@ -15,6 +15,7 @@ from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import InvalidBlock, StorageError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
+from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.replica import MissingLinks, admit_remote
 from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, MAX_RECORD, SeqMark
 from meshhealth.ingest.verify import check_entries
@@ -292,3 +293,47 @@ def test_an_equivocation_proof_against_no_authority_is_refused() -> None:
     blk = rogue_block(world, a.key, [proof.encode()], T0)
     assert "no authority" in refused(b, blk, T0)
     assert stranger.public not in b.faulty
+
+
+def test_three_hundred_stream_names_neither_stop_a_commit_nor_mix_streams(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The index gives a stream a one-byte id: 300 made-up stream names (a malicious
+    authority's block, or a stranger's enrolments) once raised StorageError in the
+    commit, which stops a node.  Past 254 names they share one id, and a read of one of
+    them gets its own readings only."""
+    from meshhealth.sharing.serve import Decision, collect
+    from meshhealth.wire.codec import unpack
+
+    world, a, _ = two_nodes()
+    dev = Identity.generate("device")
+    patient = world.patient.public
+
+    def reading(stream: str, t: int) -> bytes:
+        return Reading.create(
+            dev.signing,
+            patient=patient,
+            stream=stream,
+            seq=t - T0 + 1,
+            t_ms=t,
+            span_ms=0,
+            chain_id=b"\1" * 8,
+            epoch=0,
+            nonce=b"\0" * 24,
+            ciphertext=b"ct",
+        ).encode()
+
+    names = [f"s{i}" for i in range(300)]
+    entries = [reading(n, T0 + i) for i, n in enumerate(names)]
+    blk = rogue_block(world, a.key, entries, T0 + 1_000)
+    commit = Commit(
+        blk, tuple(IndexedReading(i, patient, n, T0 + i) for i, n in enumerate(names)), {}, ()
+    )
+    store = Store(tmp_path / "s")
+    try:
+        store.commit_block(commit)
+        for n in ("s0", "s253", "s254", "s299"):
+            body, count = collect(store, [], patient, n, Decision(((0, 2**62),), b"", ""))
+            _, _, _, blocks = unpack(body, max_len=1 << 20)
+            got = [Reading.decode(e).stream for _, picked, _ in blocks for _, e in picked]
+            assert got == [n] and count == 1
+    finally:
+        store.close()

@@ -133,7 +133,9 @@ def collect(
             if merkle.is_pruned(e):
                 continue
             # a stored entry was validated when it was admitted: read the fields in place
-            _, device, _, _, seq, t_ms, *_ = msgpack.unpackb(e)
+            _, device, who, name, seq, t_ms, *_ = msgpack.unpackb(e)
+            if who != patient or name != stream:
+                continue  # a bucket shared by streams named after the index's ids ran out
             if (device, seq) in seen or not _inside(t_ms, decision.windows):
                 continue
             seen.add((device, seq))

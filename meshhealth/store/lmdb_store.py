@@ -20,7 +20,10 @@ Named databases::
 The ``readings`` index groups the readings of one patient's stream that fall
 in one hour *and* one block under one key, with the patient, stream and
 chain interned to small local ids, so an index entry costs a few bytes per
-reading when a block carries many readings of a stream.
+reading when a block carries many readings of a stream.  Stream names are
+anyone's to make up, so past the 254th every new one shares the id
+``SHARED_STREAM`` (a commit never fails for want of ids), and readers keep
+only the entries whose own patient and stream fields match.
 
 A block is committed with everything it implies (header, body, head,
 index, seq marks, enrolments) in **one** write transaction: after a crash
@@ -47,6 +50,9 @@ from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import BlockHeader, Reading
 from meshhealth.wire.codec import pack, unpack
 
+# the stream id every stream name past the 254th shares in the readings index: a bucket
+# may then hold readings of several streams, and readers filter by the entries' fields
+SHARED_STREAM = b"\xff"
 _DBS = (
     "headers",
     "bodies",
@@ -123,12 +129,20 @@ class Store:
                 except lmdb.Error as exc:
                     raise StorageError(f"LMDB write failed: {exc}") from exc
 
-    def _name_id(self, txn: Any, kind: bytes, name: bytes, width: int) -> bytes:
+    def _name_id(
+        self, txn: Any, kind: bytes, name: bytes, width: int, *, shared: bytes | None = None
+    ) -> bytes:
+        """The small id of ``name``, minted on first use.  With ``shared``, names past the
+        id space all get that one id (readers tell them apart by the entries themselves):
+        anyone can make up stream names, and running out must not stop a commit."""
         k = kind + name
         got = self._names.get(k) or txn.get(k, db=self.db["names"])
         if got is None:
             counter = b"#" + kind
             n = int.from_bytes(txn.get(counter, b"\0" * width, db=self.db["names"]), "big") + 1
+            if shared is not None and n >= int.from_bytes(shared, "big"):
+                self._names[k] = shared
+                return shared
             if n >= 1 << (8 * width):
                 raise StorageError(f"too many distinct {kind.decode()} names for the index")
             got = n.to_bytes(width, "big")
@@ -157,7 +171,7 @@ class Store:
             if r.index in c.prune:
                 continue
             pid = self._name_id(txn, b"p", r.patient, 4)
-            sid = self._name_id(txn, b"s", r.stream.encode(), 1)
+            sid = self._name_id(txn, b"s", r.stream.encode(), 1, shared=SHARED_STREAM)
             bkey = pid + sid + _hour(r.t_ms, hdr) + nid + _u32(hdr.height, "height", hdr)
             buckets.setdefault(bkey, []).append(r.index)
         for bkey, idx in buckets.items():
@@ -299,6 +313,8 @@ class Store:
             names = self.db["names"]
             pid = txn.get(b"p" + patient, db=names)
             sid = txn.get(b"s" + stream.encode(), db=names)
+            if sid is None and txn.get(b"#s", b"\0", db=names)[0] >= SHARED_STREAM[0] - 1:
+                sid = SHARED_STREAM  # a stream named after the id space ran out
             if pid is None or sid is None:
                 return out
             prefix = bytes(pid) + bytes(sid)
