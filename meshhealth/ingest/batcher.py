@@ -6,6 +6,13 @@ to get a :class:`Commit` for the store.  Policy checks that need state live
 here; checks that need only the bytes (size, decoding, signature) run
 before, in the verifier processes.
 
+Bounds: a block's encoded body is at most ``ingest.max_block_bytes`` (never
+more than ``MAX_BLOCK_BYTES``, what every peer decodes) and ``max_entries``,
+counted exactly as :func:`~meshhealth.chain.block.encode_body` will encode
+it; its header links at most ``MAX_LINKS`` chains.  An entry that does not
+fit goes into the next block; at most two blocks' worth wait (else ``busy``),
+and :meth:`Batcher.seal` decodes what it is about to sign before signing.
+
 Sequence marks are updated when a block is *sealed*, not when it is
 committed, so a reading that arrives while its twin is being written is
 still recognised as a duplicate.  A failed commit is fatal for the node
@@ -42,6 +49,7 @@ from meshhealth.wire import (
     Reading,
     Receipt,
 )
+from meshhealth.wire.codec import bin_size
 from meshhealth.wire.types import MAX_HEADER, MAX_LINKS, MAX_READING
 
 
@@ -63,11 +71,6 @@ class BatchLimits:
 MAX_BATCHES = 2  # the block being built, and the next one (an entry too big for the first)
 
 
-def _bin_len(n: int) -> int:
-    """Bytes of one entry in the encoded body: its msgpack ``bin`` header and the bytes."""
-    return n + (2 if n < 1 << 8 else 3 if n < 1 << 16 else 5)
-
-
 def _array_len(n: int) -> int:
     """Bytes of the msgpack array header of an ``n``-entry body."""
     return 1 if n < 16 else 3 if n < 1 << 16 else 5
@@ -75,7 +78,7 @@ def _array_len(n: int) -> int:
 
 def body_size(entry_sizes: list[int]) -> int:
     """The exact size of :func:`encode_body` of entries of these sizes."""
-    return _array_len(len(entry_sizes)) + sum(_bin_len(n) for n in entry_sizes)
+    return _array_len(len(entry_sizes)) + sum(bin_size(n) for n in entry_sizes)
 
 
 @dataclass
@@ -92,7 +95,7 @@ class _Batch:
 
     def size_with(self, n: int) -> int:
         """The encoded body's size if an ``n``-byte entry were added."""
-        return _array_len(len(self.entries) + 1) + self.payload + _bin_len(n)
+        return _array_len(len(self.entries) + 1) + self.payload + bin_size(n)
 
 
 @dataclass
@@ -181,7 +184,7 @@ class Batcher:
         """The batch an ``n``-byte entry goes in; raises :class:`Rejected` if none may take
         it.  Called before an admission changes any state.  An equivocation proof always
         finds a batch (there is at most one per authority, ever)."""
-        if _array_len(1) + _bin_len(n) > self.max_bytes:
+        if _array_len(1) + bin_size(n) > self.max_bytes:
             raise Rejected("oversized", f"an entry of {n} bytes exceeds the block bound")
         last = self._batches[-1]
         if len(last.entries) < self.max_entries and last.size_with(n) <= self.max_bytes:
@@ -265,7 +268,7 @@ class Batcher:
         if batch.started_ms is None:
             batch.started_ms = now_ms
         batch.entries.append(raw)
-        batch.payload += _bin_len(len(raw))
+        batch.payload += bin_size(len(raw))
         self.accepted += 1
 
     # --- sealing ----------------------------------------------------------

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.wire import EnrollDevice, Rechain
+from meshhealth.wire.codec import bin_size
 
 MAX_LISTING_BYTES = 1 << 20  # a device reads up to 4 MiB: room to spare
-
-
-def _bin_len(n: int) -> int:
-    return n + (2 if n < 1 << 8 else 3 if n < 1 << 16 else 5)
 
 
 def device_txs(
@@ -56,8 +53,8 @@ def device_txs(
     size = 5  # the array header, at most
     for tx in ordered:
         raw = tx.encode()
-        if size + _bin_len(len(raw)) > max_bytes:
+        if size + bin_size(len(raw)) > max_bytes:
             return out, True
-        size += _bin_len(len(raw))
+        size += bin_size(len(raw))
         out.append(raw)
     return out, False

@@ -59,6 +59,11 @@ def unpack(data: bytes, *, max_len: int) -> Any:
         raise MalformedMessage(f"undecodable msgpack: {type(exc).__name__}") from exc
 
 
+def bin_size(n: int) -> int:
+    """Bytes of an ``n``-byte ``bin`` in :func:`pack`'s output: its header, then the bytes."""
+    return n + (2 if n < 1 << 8 else 3 if n < 1 << 16 else 5)
+
+
 def signing_bytes(tag: str, body: Sequence[Any]) -> bytes:
     return DOMAIN + tag.encode() + b"\0" + pack(list(body))
 
