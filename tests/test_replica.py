@@ -20,7 +20,7 @@ from meshhealth.ingest.replica import MissingLinks, admit_remote
 from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, MAX_RECORD, SeqMark
 from meshhealth.ingest.verify import check_entries
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import EquivocationProof, Link, Reading
+from meshhealth.wire import AccessLog, EquivocationProof, Link, Reading
 
 
 def two_nodes():  # type: ignore[no-untyped-def]
@@ -191,6 +191,24 @@ def test_transactions_and_logs_ahead_of_our_clock_are_refused() -> None:
     assert "transaction from the future" in refused(b, blk, T0)
     blk = rogue_block(world, a.key, [rogue.enrolment.encode()], T0 + 10 * SKEW)
     assert "future" in refused(b, blk, T0)
+    log = AccessLog.create(
+        a.key,
+        network=world.genesis.network_id,
+        reader=b"\2" * 32,
+        patient=b"\3" * 32,
+        stream="hr",
+        from_ms=0,
+        to_ms=0,
+        ts_ms=T0 + 10 * SKEW,
+        outcome="read",
+        reason=b"",
+        grant=b"",
+        readings=0,
+        request=b"\4" * 32,
+    )
+    blk = rogue_block(world, a.key, [log.encode()], T0)
+    assert "access log from the future" in refused(b, blk, T0)
+    assert b.rejects["peer_block_future"] == 3
 
 
 def test_a_value_error_on_peer_data_is_an_invalid_block() -> None:
