@@ -118,6 +118,7 @@ class IngestConfig:
     verify_workers: int = 2
     chunk_size: int = 256
     max_backlog: int = 200_000
+    max_backlog_bytes: int = 64 * 1024 * 1024  # raw MQTT payloads waiting for the verifiers
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,8 @@ class NodeConfig:
             raise ConfigError(f"{source}: ingest.max_entries must be in [1, 65535]")
         if not 128 * 1024 <= ing.max_block_bytes <= 8 * 1024 * 1024:  # a 64 KiB Grant fits
             raise ConfigError(f"{source}: ingest.max_block_bytes must be in [128 KiB, 8 MiB]")
+        if not 1024 * 1024 <= ing.max_backlog_bytes <= 4 * 1024**3:
+            raise ConfigError(f"{source}: ingest.max_backlog_bytes must be in [1 MiB, 4 GiB]")
         if not 16 <= ing.max_seq_gap <= 8192:
             raise ConfigError(f"{source}: ingest.max_seq_gap must be in [16, 8192]")
         if not 0 <= ing.verify_workers <= 64:

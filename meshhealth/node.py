@@ -98,6 +98,7 @@ class Node:
             workers=ing.verify_workers,
             chunk_size=ing.chunk_size,
             max_backlog=ing.max_backlog,
+            max_backlog_bytes=ing.max_backlog_bytes,
             receipts_topic=m.receipts_topic,
             publish=self.mqtt.publish,
         )

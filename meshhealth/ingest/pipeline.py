@@ -8,8 +8,10 @@ Three tasks share the work:
   admitted in the order they arrived).
 * ``_seal_loop`` seals the batch when it is full or its interval has passed,
   commits it in the single LMDB writer thread, then publishes receipts.
-* The MQTT callback only appends to the inbox; past ``max_backlog`` it drops
-  (counted as ``overload``): the devices still hold those readings.
+* The MQTT callback only appends to the inbox; past ``max_backlog`` payloads
+  or ``max_backlog_bytes`` it drops (counted as ``overload``): the devices
+  still hold those readings.  A payload over ``MAX_READING`` bytes is no
+  reading: it is dropped at once (``oversized``), never queued.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import EquivocationProof, decode_control
+from meshhealth.wire.types import MAX_READING
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class Pipeline:
         workers: int,
         chunk_size: int,
         max_backlog: int,
+        max_backlog_bytes: int = 64 * 1024 * 1024,
         receipts_topic: str,
         publish: Publish,
     ) -> None:
@@ -84,6 +88,8 @@ class Pipeline:
         self.store = store
         self.chunk_size = chunk_size
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
+        self._inbox_bytes = 0
         self.receipts_topic = receipts_topic
         self.publish = publish
         self.workers = workers
@@ -118,10 +124,17 @@ class Pipeline:
 
     def on_payload(self, topic: str, payload: bytes) -> None:
         self.received += 1
-        if len(self._inbox) >= self.max_backlog:
+        if len(payload) > MAX_READING:
+            self.batcher.reject("oversized")
+            return
+        if (
+            len(self._inbox) >= self.max_backlog
+            or self._inbox_bytes + len(payload) > self.max_backlog_bytes
+        ):
             self.batcher.reject("overload")
             return
         self._inbox.append((topic, payload))
+        self._inbox_bytes += len(payload)
         if len(self._inbox) in (1, self.chunk_size):  # the loop is idle, or a chunk is full
             self._wake.set()
 
@@ -195,6 +208,7 @@ class Pipeline:
                 continue
             n = min(self.chunk_size, len(self._inbox))
             chunk = [self._inbox.popleft() for _ in range(n)]
+            self._inbox_bytes -= sum(len(p) for _, p in chunk)
             topics = [t for t, _ in chunk]
             payloads = [p for _, p in chunk]
             if self._pool is None:
@@ -358,6 +372,7 @@ class Pipeline:
             "rejects": dict(b.rejects),
             "rejected": sum(b.rejects.values()),
             "backlog": len(self._inbox),
+            "backlog_bytes": self._inbox_bytes,
             "pending": b.pending,
             "blocks_sealed": self.blocks,
             "height": b.height,

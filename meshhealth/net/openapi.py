@@ -257,6 +257,7 @@ def _schemas() -> dict[str, Doc]:
                     "accepted",
                     "rejected",
                     "backlog",
+                    "backlog_bytes",
                     "pending",
                     "blocks_sealed",
                     "height",
