@@ -85,7 +85,9 @@ class Simulation:
         rekey_poll_s: float = 2.0,
         mqtt_tls: ssl.SSLContext | None = None,
         http_tls: ssl.SSLContext | None = None,
+        confirmations: int = 1,
     ) -> None:
+        self.confirmations = confirmations
         for s in streams:
             if s not in STREAMS:
                 raise ValueError(f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
@@ -143,6 +145,7 @@ class Simulation:
             client_id=cid,
             resend_after=self.resend_after,
             tls_context=self.mqtt_tls,
+            confirmations=self.confirmations,
         )
 
     @property

@@ -213,6 +213,7 @@ async def _simulate(a: argparse.Namespace) -> int:
         seed=a.seed,
         mqtt_tls=mqtt_tls,
         http_tls=cli_context(ca),
+        confirmations=a.confirmations,
     )
     try:
         await sim.enroll()
@@ -350,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one MQTT connection for all devices (default) or one per device",
     )
     s.add_argument("--state-dir", default="sim-state", help="outbox and patient keys")
+    s.add_argument(
+        "--confirmations",
+        type=int,
+        default=1,
+        help="delete a reading only once receipts of this many distinct authorities cover it "
+        "(default 1; more needs N >= 4 authorities and nodes with mqtt.receipt_replicated)",
+    )
     s.add_argument(
         "--ca",
         default=argparse.SUPPRESS,  # else it would hide a global `meshhealth --ca FILE`

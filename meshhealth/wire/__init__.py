@@ -12,12 +12,14 @@ from meshhealth.wire.types import (
     Link,
     Reading,
     Receipt,
+    ReceiptV2,
     Rechain,
     Revoke,
     SealedKey,
     StreamKey,
     decode_control,
     decode_entry,
+    decode_receipt,
 )
 
 __all__ = [
@@ -32,10 +34,12 @@ __all__ = [
     "Link",
     "Reading",
     "Receipt",
+    "ReceiptV2",
     "Rechain",
     "Revoke",
     "SealedKey",
     "StreamKey",
     "decode_control",
     "decode_entry",
+    "decode_receipt",
 ]

@@ -290,6 +290,52 @@ class Receipt(Signed):
     sig: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ReceiptV2(Signed):
+    """Node-signed (v2): every reading of ``device`` up to ``seq`` is stored, and the block
+    ``(chain, height, hash)`` holds one of them: the reading whose commit brought the
+    node's contiguous mark up to ``seq``.
+
+    A device deletes readings only on this receipt, and only up to the highest seq it
+    sent.  Naming the block makes the claim checkable (the block is on the named
+    chain, or the signer lied, provably: it signed the hash), and lets a device wait
+    for that block's confirmation.  ``Receipt`` (A1) named only the signer's own height.
+    """
+
+    TAG: ClassVar[str] = "A2"
+    MAX_LEN: ClassVar[int] = 1024
+    SIGNER: ClassVar[str] = "node"
+    FIELDS: ClassVar[Fields] = (
+        ("network", KEY),
+        ("node", KEY),
+        ("device", KEY),
+        ("seq", u_int()),
+        ("chain", KEY),
+        ("height", u_int()),
+        ("hash", KEY),
+        ("ts_ms", u_int()),
+    )
+
+    network: bytes
+    node: bytes
+    device: bytes
+    seq: int
+    chain: bytes
+    height: int
+    hash: bytes
+    ts_ms: int
+    sig: bytes
+
+
+def decode_receipt(data: bytes) -> Receipt | ReceiptV2:
+    """A receipt of either version (not yet verified)."""
+    cls = {"A1": Receipt, "A2": ReceiptV2}.get(peek_tag(data))
+    if cls is None:
+        raise MalformedMessage("not a receipt")
+    rc: Receipt | ReceiptV2 = cls.decode(data)
+    return rc
+
+
 MAX_GRANT = 65_536
 OPEN = MAX_U32  # ``last_epoch`` of an open grant: it follows the chain forward
 SEALED_OVERHEAD = 48  # X25519 SealedBox: ephemeral key + MAC
