@@ -215,12 +215,15 @@ class Simulation:
         async with self._http(10) as session:
             for p in self.patients:
                 for d in p.devices:
+                    now = time.time_ns() // 1_000_000
                     tx = enrollment(
                         p.identity,
                         p.chains,
                         d.id,
                         epoch_of(self.start_ms, next(iter(p.chains.values())).epoch_ms),
-                        time.time_ns() // 1_000_000,
+                        now,
+                        # the backfill is history from before now: an import window covers it
+                        import_from_ms=min(self.start_ms, now),
                     )
                     await post_tx(session, self.node_urls, tx.encode())
                     d.accept_enrollment(tx)

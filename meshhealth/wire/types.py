@@ -200,9 +200,18 @@ class StreamKey(Record):
 
 @dataclass(frozen=True, slots=True)
 class EnrollDevice(Signed):
-    """Patient-signed: ``device`` may publish these streams for ``patient``."""
+    """Patient-signed: ``device`` may publish these streams for ``patient``.
+
+    Nodes take in the device's readings from the enrolment's time ``ts_ms`` on:
+    a stolen device key cannot backdate readings to the chain's start.  An
+    enrolment that imports older data (a device's history, files synced later)
+    names the start of that window, ``import_from_ms``: it is then tagged
+    ``E2`` (the fields of E1, then ``import_from_ms``); without one it is ``E1``,
+    the form every older chain holds, which still decodes and verifies.
+    """
 
     TAG: ClassVar[str] = "E1"
+    TAG_IMPORT: ClassVar[str] = "E2"
     MAX_LEN: ClassVar[int] = MAX_TX
     SIGNER: ClassVar[str] = "patient"
     FIELDS: ClassVar[Fields] = (
@@ -217,12 +226,48 @@ class EnrollDevice(Signed):
     ts_ms: int
     streams: tuple[StreamKey, ...]
     sig: bytes
+    import_from_ms: int | None = None  # E2: readings from this time on (else from ts_ms)
 
     def __post_init__(self) -> None:
         _each_stream_once(self.streams, "an enrolment")
         for s in self.streams:
             if s.key_epoch < s.start_epoch:
                 raise MalformedMessage("key_epoch precedes the chain's start")
+        if self.import_from_ms is not None and not 0 <= self.import_from_ms <= self.ts_ms:
+            raise MalformedMessage("an import window starts before the enrolment, at >= 0")
+
+    @property
+    def tag(self) -> str:
+        return self.TAG if self.import_from_ms is None else self.TAG_IMPORT
+
+    @property
+    def floor_ms(self) -> int:
+        """The earliest reading time this enrolment lets in."""
+        return self.ts_ms if self.import_from_ms is None else self.import_from_ms
+
+    def body(self) -> list[Any]:
+        out = Signed.body(self)
+        return out if self.import_from_ms is None else [*out, self.import_from_ms]
+
+    def signing_bytes(self) -> bytes:
+        return signing_bytes(self.tag, self.body())
+
+    def encode(self) -> bytes:
+        return pack([self.tag, *self.body(), self.sig])
+
+    @classmethod
+    def decode(cls, data: bytes) -> EnrollDevice:
+        if len(data) > cls.MAX_LEN or data[1:4] != b"\xa2E2":  # E1 (or its errors)
+            return cls(
+                *decode_fields(data, cls.TAG, (*cls.FIELDS, ("sig", SIG)), max_len=cls.MAX_LEN)
+            )
+        *values, since, sig = decode_fields(
+            data,
+            cls.TAG_IMPORT,
+            (*cls.FIELDS, ("import_from_ms", u_int()), ("sig", SIG)),
+            max_len=cls.MAX_LEN,
+        )
+        return cls(*values, sig=sig, import_from_ms=since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +488,27 @@ class Revoke(Signed):
 
 
 @dataclass(frozen=True, slots=True)
+class RemoveDevice(Signed):
+    """Patient-signed: ``device`` no longer writes for ``patient`` from ``ts_ms`` on.
+
+    Nodes refuse the device's readings of this patient timed at or after
+    ``ts_ms`` (which may be in the past: when the device was lost).  Removal
+    is final for that (device, patient); the patient rechains every stream the
+    device wrote, so the key it holds opens nothing written from then on.
+    """
+
+    TAG: ClassVar[str] = "D1"
+    MAX_LEN: ClassVar[int] = 512
+    SIGNER: ClassVar[str] = "patient"
+    FIELDS: ClassVar[Fields] = (("patient", KEY), ("device", KEY), ("ts_ms", u_int()))
+
+    patient: bytes
+    device: bytes
+    ts_ms: int
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Erase(Signed):
     """Patient-signed: delete every payload of ``patient`` up to ``ts_ms`` (crypto-shredding:
     the patient has dropped the seeds; nodes prune the ciphertext)."""
@@ -610,9 +676,10 @@ class AccessLog(Signed):
             raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
 
 
-Control = EnrollDevice | Grant | Revoke | Erase | Rechain
-CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain)
+Control = EnrollDevice | Grant | Revoke | Erase | Rechain | RemoveDevice
+CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain, RemoveDevice)
 CONTROL_TYPES: dict[str, Any] = {c.TAG: c for c in CONTROL_CLASSES}
+CONTROL_TYPES[EnrollDevice.TAG_IMPORT] = EnrollDevice
 MAX_CONTROL = max(c.MAX_LEN for c in CONTROL_TYPES.values())
 Entry = Reading | Control | EquivocationProof | AccessLog
 ENTRY_TYPES: dict[str, Any] = {
