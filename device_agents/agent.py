@@ -54,7 +54,9 @@ RECEIPTS_TOPIC = "mh/v1/receipts/{device}"
 class _Track:
     acked: int = 0  # highest seq a receipt covered
     sent_upto: int = 0  # highest seq published on the current connection
-    sent_max: int = 0  # highest seq this process ever published: no receipt may go above
+    # highest seq published (by this process, or produced before it started): no receipt
+    # may go above it
+    sent_max: int = 0
     held: dict[bytes, int] = field(default_factory=dict)  # authority -> seq it receipted
     progress_at: float = field(default_factory=time.monotonic)
     backoff: float = 0.0
@@ -96,7 +98,8 @@ class Agent:
         self.client_id = client_id
         self.resend_after, self.window = resend_after, window
         self.username, self.password = username, password
-        self.track = {d: _Track() for d in self.devices}
+        # what a previous run produced may have been sent: it counts as sent
+        self.track = {d.id: _Track(sent_max=d.next_seq - 1) for d in self.devices.values()}
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.stats = {

@@ -90,7 +90,8 @@ class Signed:
         try:
             nacl.signing.VerifyKey(self.signer).verify(self.signing_bytes(), self.sig)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as exc:
-            raise InvalidSignature(f"bad {self.TAG} signature") from exc
+            tag = getattr(self, "tag", self.TAG)  # a type with two tags (E1/E2) says which
+            raise InvalidSignature(f"bad {tag} signature") from exc
         return self
 
 
