@@ -122,7 +122,8 @@ async def fetch(a: argparse.Namespace) -> int:
 def _skipped(bad: list[tuple[bytes, int]]) -> str:
     devices = sorted({d.hex()[:8] for d, _ in bad})
     return (
-        f"{len(bad)} reading(s) signed by an enrolled device did not decrypt and were skipped "
+        f"{len(bad)} reading(s) signed by an enrolled device did not decrypt (or came from it "
+        "after the patient removed it) and were skipped "
         f"(device {', '.join(devices)}; a stolen or faulty device key? see "
         "`patient remove-device`)"
     )

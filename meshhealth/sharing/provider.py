@@ -238,6 +238,12 @@ def check_part(
             access.check_reading(r)
         except RemoteError as exc:
             raise VerificationError(f"{where}: a reading of a device not enrolled: {exc}") from exc
+        removed = access.removed_at(r.device, r.patient)
+        if removed is not None and r.t_last_ms >= removed:
+            # the patient removed the device before this reading's time (a stolen key); a
+            # node sealed it before it saw the removal: not the patient's data, skip it
+            bad.append((r.device, r.seq))
+            continue
         key = scope.keys.get((r.chain_id, r.epoch))
         if key is None:
             missing += 1
@@ -275,7 +281,8 @@ class FetchResult:
     pages: int = 0
     bytes_transferred: int = 0
     undecryptable: int = 0  # verified, but the reader holds no key for them
-    # verified and signed by an enrolled device, but they do not decrypt: skipped
+    # verified and signed by an enrolled device, but they do not decrypt (or the patient
+    # removed the device before their time): skipped
     skipped: list[tuple[bytes, int]] = field(default_factory=list)  # (device, seq)
 
     @property
