@@ -262,13 +262,13 @@ class EnrollDevice(Signed):
             return cls(
                 *decode_fields(data, cls.TAG, (*cls.FIELDS, ("sig", SIG)), max_len=cls.MAX_LEN)
             )
-        *values, since, sig = decode_fields(
+        patient, device, ts_ms, streams, since, sig = decode_fields(
             data,
             cls.TAG_IMPORT,
             (*cls.FIELDS, ("import_from_ms", u_int()), ("sig", SIG)),
             max_len=cls.MAX_LEN,
         )
-        return cls(*values, sig=sig, import_from_ms=since)
+        return cls(patient, device, ts_ms, streams, sig, since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,11 +375,12 @@ class ReceiptV2(Signed):
 
 def decode_receipt(data: bytes) -> Receipt | ReceiptV2:
     """A receipt of either version (not yet verified)."""
-    cls = {"A1": Receipt, "A2": ReceiptV2}.get(peek_tag(data))
-    if cls is None:
-        raise MalformedMessage("not a receipt")
-    rc: Receipt | ReceiptV2 = cls.decode(data)
-    return rc
+    tag = peek_tag(data)
+    if tag == ReceiptV2.TAG:
+        return ReceiptV2.decode(data)
+    if tag == Receipt.TAG:
+        return Receipt.decode(data)
+    raise MalformedMessage("not a receipt")
 
 
 MAX_GRANT = 65_536
