@@ -17,7 +17,9 @@ our own ingest would check it:
   they accuse is marked faulty);
 * readings from enrolled devices, on a known key chain and epoch, and no
   more seqs above a device's gap than a stored seq mark may hold
-  (:data:`~meshhealth.ingest.seqmarks.MAX_ABOVE_STORED`);
+  (:data:`~meshhealth.ingest.seqmarks.MAX_ABOVE_STORED`); a reading
+  of a device its patient removed (D1), timed at or after the removal, is
+  pruned (its leaf hash kept, counted as ``removed_device``), not served;
 * every *link*: the block must link only to blocks we already hold, with
   matching hashes.  Links are how causality travels.  A reading's
   enrolment may sit in a third chain, and it always sits at or below
@@ -75,6 +77,16 @@ class RefusedBlock(InvalidBlock):
     def __init__(self, message: str, reason: str, *, node: bytes, height: int):
         super().__init__(message, node=node, height=height)
         self.reason = reason
+
+
+def _removed_since(a: AccessState, overlay: AccessState, r: Reading) -> int | None:
+    """When ``r``'s device was removed for its patient, if that is at or before ``r``."""
+    times = [
+        t
+        for t in (a.removed_at(r.device, r.patient), overlay.removed_at(r.device, r.patient))
+        if t is not None and r.t_last_ms >= t
+    ]
+    return min(times) if times else None
 
 
 def admit_remote(
@@ -207,6 +219,12 @@ def _admit_remote(
                 raise bad(f"entry {i}: {exc.reason}") from exc
         if max(b.access.erased.get(e.patient, -1), overlay.erased.get(e.patient, -1)) >= e.t_ms:
             prune.add(i)  # its patient erased it: keep only its leaf hash
+        elif _removed_since(b.access, overlay, e) is not None:
+            # its patient removed the device (a stolen key) before this reading's time; the
+            # producer sealed it before it saw the removal, so the block stays valid, but
+            # we keep only its leaf hash and serve it to no one
+            prune.add(i)
+            b.reject("removed_device")
         mark = b.marks.get(e.device)
         seen = adds.setdefault(e.device, set())
         if (mark is not None and mark.has(e.seq)) or e.seq in seen or b.is_pending(e.device, e.seq):
