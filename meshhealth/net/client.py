@@ -26,7 +26,8 @@ def client_session(
 async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
     if resp.content_length is not None and resp.content_length > limit:
         return None
-    parts, n = [], 0
+    parts: list[bytes] = []
+    n = 0
     async for chunk in resp.content.iter_chunked(65536):
         n += len(chunk)
         if n > limit:
@@ -43,6 +44,7 @@ async def post_tx(
     last = ""
     for url in node_urls:
         for attempt in range(busy_retries + 1):
+            wait = "1"
             try:
                 async with session.post(
                     f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
