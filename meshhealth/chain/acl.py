@@ -11,6 +11,8 @@ any order agree — a CRDT, with no consensus round:
   may arrive before the grant it revokes, and still wins;
 * an erasure covers everything of its patient up to its time; several
   erasures cover up to the latest;
+* a registration (``P1``) marks a patient key as registered, if an authority
+  of the network (``registrars``) signed it;
 * a rechain adds its chain to each device it names; a key chain of a
   (patient, stream) is *retired* from the time of the first rechain of that
   stream to another chain that is later than the rechain that created it
@@ -19,11 +21,21 @@ any order agree — a CRDT, with no consensus round:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected
-from meshhealth.wire import Control, EnrollDevice, Erase, Grant, Reading, Rechain, Revoke
+from meshhealth.wire import (
+    Control,
+    EnrollDevice,
+    Erase,
+    Grant,
+    Reading,
+    Rechain,
+    RegisterPatient,
+    Revoke,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +58,29 @@ class AccessState:
     rechains: dict[bytes, Rechain] = field(default_factory=dict)  # tx hash -> tx
     # (patient, stream) -> {(rechain ts, the chain it starts)}
     _moves: dict[tuple[bytes, str], set[tuple[int, bytes]]] = field(default_factory=dict)
+    # the authorities whose registrations count (a P1 of anyone else is ignored)
+    registrars: frozenset[bytes] = frozenset()
+    registered: set[bytes] = field(default_factory=set)  # patient keys
+    # per patient: bytes of the transactions held in memory here, and how many grants
+    held_bytes: Counter[bytes] = field(default_factory=Counter)
+    held_grants: Counter[bytes] = field(default_factory=Counter)
 
     def apply(self, tx: Control) -> bool:
-        """Add a (verified) transaction; False if it was already known."""
-        tid = h(tx.encode())
+        """Add a (verified) transaction; False if it was already known (or is a
+        registration by a key that is not one of ``registrars``)."""
+        raw = tx.encode()
+        tid = h(raw)
         if tid in self.seen:
             return False
+        if isinstance(tx, RegisterPatient):
+            if tx.authority not in self.registrars:
+                return False
+            self.seen.add(tid)
+            self.registered.add(tx.patient)
+            return True
         self.seen.add(tid)
+        if isinstance(tx, EnrollDevice | Grant | Rechain):
+            self.held_bytes[tx.patient] += len(raw)
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
             self.enrolments[tid] = tx
@@ -61,6 +89,7 @@ class AccessState:
                 chains[s.chain_id] = ChainInfo(s.chain_id, s.start_epoch, s.epoch_ms)
         elif isinstance(tx, Grant):
             self.grants[tid] = tx
+            self.held_grants[tx.patient] += 1
         elif isinstance(tx, Revoke):
             self.revoked.add((tx.patient, tx.grant))
         elif isinstance(tx, Erase):
@@ -120,6 +149,7 @@ class AccessState:
             *sorted(b"r" + p + g for p, g in self.revoked),
             *sorted(b"x" + p + t.to_bytes(8, "big") for p, t in self.erased.items()),
             *sorted(b"k" + k for k in self.rechains),
+            *sorted(b"p" + p for p in self.registered),
         ]
         return h(b"\0".join(parts))
 

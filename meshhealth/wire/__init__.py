@@ -2,6 +2,7 @@
 
 from meshhealth.wire.types import (
     AccessLog,
+    AccessLogV2,
     BlockHeader,
     Control,
     EnrollDevice,
@@ -13,6 +14,7 @@ from meshhealth.wire.types import (
     Reading,
     Receipt,
     Rechain,
+    RegisterPatient,
     Revoke,
     SealedKey,
     StreamKey,
@@ -22,6 +24,7 @@ from meshhealth.wire.types import (
 
 __all__ = [
     "AccessLog",
+    "AccessLogV2",
     "BlockHeader",
     "Control",
     "EnrollDevice",
@@ -33,6 +36,7 @@ __all__ = [
     "Reading",
     "Receipt",
     "Rechain",
+    "RegisterPatient",
     "Revoke",
     "SealedKey",
     "StreamKey",
