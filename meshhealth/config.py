@@ -132,6 +132,8 @@ class ApiConfig:
     # what the access state may hold per patient (this node refuses more)
     max_grants_per_patient: int = 1_024
     max_held_bytes_per_patient: int = 8_388_608
+    # ...and for all unregistered patients together (past it, strangers are refused)
+    max_stranger_held_bytes: int = 67_108_864
     # signed reads: requests per second and burst, per source address and per reader key
     read_source_per_s: float = 50.0
     read_source_burst: int = 500
@@ -314,6 +316,7 @@ def _check_api(cfg: NodeConfig, source: str) -> None:
         "stranger_bytes_per_hour",
         "registered_bytes_per_hour",
         "max_held_bytes_per_patient",
+        "max_stranger_held_bytes",
     ):
         if getattr(a, name) < MAX_CONTROL + 8:
             raise ConfigError(

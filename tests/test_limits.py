@@ -12,15 +12,16 @@ from test_replica import two_nodes
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
 from meshhealth.config import ApiConfig
+from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import RateLimited, Rejected
 from meshhealth.ingest.replica import admit_remote
 from meshhealth.ingest.verify import check_entries
-from meshhealth.net.admission import ApiLimits, entry_bytes, source_of
+from meshhealth.net.admission import STRANGERS, ApiLimits, entry_bytes, source_of
 from meshhealth.net.limits import RefusalLog, TokenBuckets, hourly
 from meshhealth.sharing.audit import UNSIGNED, request_status
 from meshhealth.sharing.registration import registration
-from meshhealth.wire import AccessLog, Grant, GrantStream, decode_entry
+from meshhealth.wire import AccessLog, Grant, GrantStream, Revoke, decode_entry
 
 
 def grant(patient: Identity, keys: int = 100) -> Grant:
@@ -161,3 +162,43 @@ def test_a_replica_applies_an_authoritys_registration_and_ignores_anyone_elses()
         now_ms=T0 + 3,
     )
     assert b.access.registered == {patient}
+
+
+def test_what_strangers_make_the_access_state_hold_is_bounded_for_good() -> None:
+    cfg = ApiConfig(max_stranger_held_bytes=70_000)
+    lim, authority = ApiLimits(cfg), Identity.generate("node")
+    access = AccessState(registrars=frozenset({authority.public}))
+    a, b, reg = (Identity.generate("patient") for _ in range(3))
+    g = grant(a, 1500)
+    lim.tx_admission(g, g.encode(), access, 0.0)()
+    access.apply(g)
+    assert access.held_by_strangers == len(g.encode())
+    g2 = grant(b, 1500)
+    with pytest.raises(Rejected, match="stranger_quota"):
+        lim.tx_admission(g2, g2.encode(), access, 3600.0)  # an hour later: budget, no room
+    access.apply(registration(authority, b"n" * 32, reg.public, 1))
+    g3 = grant(reg, 1500)
+    lim.tx_admission(g3, g3.encode(), access, 3600.0)()
+    access.apply(g3)
+    # a stranger registered later takes their bytes out of the strangers' share
+    access.apply(registration(authority, b"n" * 32, a.public, 2))
+    assert access.held_by_strangers == 0
+
+
+def test_a_patient_can_revoke_a_grant_when_strangers_spent_the_budget() -> None:
+    lim, access = ApiLimits(ApiConfig(stranger_bytes_per_hour=70_000)), AccessState()
+    a = Identity.generate("patient")
+    g = grant(a, 1500)
+    lim.tx_admission(g, g.encode(), access, 0.0)()
+    access.apply(g)
+    lim.strangers.take(STRANGERS, 70_000, 0.0)  # strangers spent the rest of the hour's
+    flood = grant(Identity.generate("patient"), 10)
+    with pytest.raises(RateLimited):
+        lim.tx_admission(flood, flood.encode(), access, 0.0)
+    gid = h(g.encode())
+    rv = Revoke.create(a.signing, grant=gid, ts_ms=2)
+    lim.tx_admission(rv, rv.encode(), access, 0.0)()
+    access.apply(rv)
+    again = Revoke.create(a.signing, grant=gid, ts_ms=3)  # a second one is no exception
+    with pytest.raises(RateLimited):
+        lim.tx_admission(again, again.encode(), access, 0.0)

@@ -64,6 +64,8 @@ class AccessState:
     # per patient: bytes of the transactions held in memory here, and how many grants
     held_bytes: Counter[bytes] = field(default_factory=Counter)
     held_grants: Counter[bytes] = field(default_factory=Counter)
+    held_total: int = 0  # all patients' held bytes
+    held_registered: int = 0  # of which registered patients'
 
     def apply(self, tx: Control) -> bool:
         """Add a (verified) transaction; False if it was already known (or is a
@@ -76,11 +78,16 @@ class AccessState:
             if tx.authority not in self.registrars:
                 return False
             self.seen.add(tid)
-            self.registered.add(tx.patient)
+            if tx.patient not in self.registered:
+                self.registered.add(tx.patient)
+                self.held_registered += self.held_bytes[tx.patient]
             return True
         self.seen.add(tid)
-        if isinstance(tx, EnrollDevice | Grant | Rechain):
-            self.held_bytes[tx.patient] += len(raw)
+        # every patient transaction stays in memory here (in a set or a dict): count it
+        self.held_bytes[tx.patient] += len(raw)
+        self.held_total += len(raw)
+        if tx.patient in self.registered:
+            self.held_registered += len(raw)
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
             self.enrolments[tid] = tx
@@ -102,6 +109,11 @@ class AccessState:
                 self.known_devices.add(k.to)
                 self.streams.setdefault((k.to, tx.patient, tx.stream), {})[tx.chain_id] = info
         return True
+
+    @property
+    def held_by_strangers(self) -> int:
+        """Bytes of transactions held here for patients no authority registered."""
+        return self.held_total - self.held_registered
 
     def retired_at(self, patient: bytes, stream: str, chain_id: bytes) -> int | None:
         """From when a key chain must no longer encrypt new readings (None: in use)."""

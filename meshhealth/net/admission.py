@@ -13,7 +13,9 @@ canonical transaction plus its block-entry framing):
   comes out of a registered patient's budget;
 * the access state may hold at most ``max_grants_per_patient`` grants and
   ``max_held_bytes_per_patient`` bytes of a patient's transactions (it keeps
-  them in memory).
+  them in memory), and ``max_stranger_held_bytes`` of all unregistered
+  patients' together: what strangers can make every replica hold is bounded
+  for good, not only per hour.
 
 A signed read is charged one request per source before its signature is
 checked, and one per reader key after.  Everything is charged only once
@@ -32,7 +34,7 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.config import ApiConfig
 from meshhealth.errors import RateLimited, Rejected
 from meshhealth.net.limits import TokenBuckets, hourly
-from meshhealth.wire import Control, EnrollDevice, Grant, Rechain, RegisterPatient
+from meshhealth.wire import Control, EnrollDevice, Grant, Rechain, RegisterPatient, Revoke
 
 STRANGERS = b"strangers"
 
@@ -58,6 +60,14 @@ def source_of(remote: str | None) -> str:
 
 def _retry(what: str, wait_s: float, reason: str = "rate_limited") -> RateLimited:
     return RateLimited(reason, f"{what}; retry in {math.ceil(wait_s)} s", wait_s)
+
+
+def _ends_a_grant(tx: Control, access: AccessState) -> bool:
+    """A revocation of a grant of this patient held here and not yet revoked."""
+    if not isinstance(tx, Revoke):
+        return False
+    g = access.grants.get(tx.grant)
+    return g is not None and g.patient == tx.patient and not access.is_revoked(tx.grant)
 
 
 class ApiLimits:
@@ -111,6 +121,10 @@ class ApiLimits:
             raise self._refuse(_retry("too many transaction bytes from this patient key", wait))
         registered = patient in access.registered
         budget, key = (self.registered, patient) if registered else (self.strangers, STRANGERS)
+        if _ends_a_grant(tx, access):
+            # a patient can always revoke a grant it holds here, whatever strangers spent:
+            # one revocation per grant, and grants are within the budgets
+            return lambda: self.tx_patient.take(patient, cost, now)
         wait = budget.wait_s(key, cost, now)
         if wait:
             reason = "patient_budget" if registered else "stranger_budget"
@@ -124,14 +138,19 @@ class ApiLimits:
         cfg = self.cfg
         if isinstance(tx, Grant) and access.held_grants[patient] >= cfg.max_grants_per_patient:
             raise Rejected("grant_quota", f"a patient holds at most {cfg.max_grants_per_patient}")
-        if (
-            isinstance(tx, EnrollDevice | Grant | Rechain)
-            and access.held_bytes[patient] + len(raw) > cfg.max_held_bytes_per_patient
-        ):
-            raise Rejected(
-                "held_quota",
-                f"a patient's transactions hold at most {cfg.max_held_bytes_per_patient} bytes",
-            )
+        if isinstance(tx, EnrollDevice | Grant | Rechain):  # what grows without end
+            if access.held_bytes[patient] + len(raw) > cfg.max_held_bytes_per_patient:
+                raise Rejected(
+                    "held_quota",
+                    f"a patient's transactions hold at most {cfg.max_held_bytes_per_patient} bytes",
+                )
+            strangers = access.held_by_strangers
+            if not registered and strangers + len(raw) > cfg.max_stranger_held_bytes:
+                raise Rejected(
+                    "stranger_quota",
+                    "unregistered patients hold all the memory they may here (ask an "
+                    "authority to register this key)",
+                )
 
         def charge() -> None:
             self.tx_patient.take(patient, cost, now)

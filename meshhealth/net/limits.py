@@ -18,10 +18,11 @@ Theory of operation
   its signed time has left the clock window (after that the window check
   refuses a replay anyway).  Nonces are kept per signer key and counted per
   source; a key or a source at its own cap is refused (429), never anyone
-  else.  Past the total cap, only a key *and* source holding less than an
-  equal share of the total are still taken, up to a hard cap 25 % higher:
-  to lock others out a flood must come from more sources than
-  ``total / per_source``, each at its own cap.
+  else.  Past 80 % of the total, only a key *and* source holding less than
+  an equal share of the total are still taken, up to the total: to lock
+  others out a flood must come from more than ``0.8 * total / per_source``
+  sources, each at its own cap, and even then only until its nonces expire
+  (one clock window).
 * :class:`RefusalLog` decides which refused reads become an access log on
   chain.  The first refusal of a (reader, patient, reason) in a period is
   logged at once; the rest of that period are counted, and one log with
@@ -114,7 +115,7 @@ class NonceCache:
     ) -> None:
         self.window_ms, self.total = window_ms, total
         self.per_key, self.per_source = min(per_key, total), min(per_source, total)
-        self.hard = total + total // 4
+        self.soft = total - total // 5  # past this, only light keys and sources
         self._keys: dict[bytes, dict[bytes, int]] = {}  # key -> nonce -> expiry ms
         self._sources: Counter[str] = Counter()
         self._heap: list[tuple[int, bytes, bytes, str]] = []  # (expiry, key, nonce, source)
@@ -141,10 +142,10 @@ class NonceCache:
         if self._sources[source] >= self.per_source:
             self._refuse("source", max(0.001, retry))
         n = len(self._heap)
-        if n >= self.total:
+        if n >= self.soft:
             key_share = self.total // max(1, len(self._keys))
             source_share = self.total // max(1, len(self._sources))
-            if n >= self.hard or len(mine) >= key_share or self._sources[source] >= source_share:
+            if n >= self.total or len(mine) >= key_share or self._sources[source] >= source_share:
                 self._refuse("full", max(0.001, retry))
         expiry = t_ms + self.window_ms
         self._keys.setdefault(key, {})[nonce] = expiry
@@ -186,6 +187,7 @@ class RefusalLog(Generic[E]):
     unlogged: int = 0
     _open: dict[tuple[bytes, bytes, str], _Refusals[E]] = field(default_factory=dict)
     _per_patient: Counter[bytes] = field(default_factory=Counter)
+    _logged: int = 0  # keys logged this period, all patients
     _period: int = -1
 
     def note(self, reader: bytes, patient: bytes, reason: str, evidence: E, now_ms: int) -> bool:
@@ -195,6 +197,7 @@ class RefusalLog(Generic[E]):
         if period != self._period:
             self._period = period
             self._per_patient.clear()
+            self._logged = 0
         key = (reader, patient, reason)
         r = self._open.get(key)
         if r is not None and r.period == period:
@@ -202,24 +205,15 @@ class RefusalLog(Generic[E]):
             if r.evidence is None:
                 r.evidence = evidence
             return False
-        if self._per_patient[patient] >= self.per_patient or self._keys_in(period) >= self.total:
+        if self._per_patient[patient] >= self.per_patient or self._logged >= self.total:
             self.unlogged += 1
             return False
-        if r is not None:  # an older period's, not flushed yet: keep its count
-            return self._replace(key, period, r)
+        if r is not None:  # an older period's, not flushed (the caller flushes first)
+            self.unlogged += r.pending
         self._open[key] = _Refusals(period)
         self._per_patient[patient] += 1
+        self._logged += 1
         return True
-
-    def _replace(self, key: tuple[bytes, bytes, str], period: int, old: _Refusals[E]) -> bool:
-        # the caller flushes due summaries before noting, so this only happens without one
-        self._open[key] = _Refusals(period)
-        self._per_patient[key[1]] += 1
-        self.unlogged += old.pending
-        return True
-
-    def _keys_in(self, period: int) -> int:
-        return sum(self._per_patient.values())
 
     def due(self, now_ms: int) -> list[tuple[tuple[bytes, bytes, str], int, E]]:
         """The summaries of periods that are over: ((reader, patient, reason), count, the
