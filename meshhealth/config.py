@@ -148,7 +148,7 @@ class ApiConfig:
     refusal_period_s: float = 3_600.0
     refusal_logs_per_patient: int = 16
     refusal_logs_total: int = 1_024
-    limit_table_keys: int = 65_536  # buckets kept per table (least recently used dropped)
+    limit_table_keys: int = 16_384  # buckets kept per table (least recently used dropped)
 
 
 @dataclass(frozen=True)
