@@ -129,6 +129,9 @@ class ApiConfig:
     # all unregistered patient keys together, per hour; each registered patient, per hour
     stranger_bytes_per_hour: int = 2_097_152
     registered_bytes_per_hour: int = 8_388_608
+    # all the patients one authority registered, together, per hour (a bad authority
+    # registering throwaway keys gets no more than this out of honest nodes)
+    registrar_bytes_per_hour: int = 67_108_864
     # what the access state may hold per patient (this node refuses more)
     max_grants_per_patient: int = 1_024
     max_held_bytes_per_patient: int = 8_388_608
@@ -315,6 +318,7 @@ def _check_api(cfg: NodeConfig, source: str) -> None:
         "tx_patient_burst_bytes",
         "stranger_bytes_per_hour",
         "registered_bytes_per_hour",
+        "registrar_bytes_per_hour",
         "max_held_bytes_per_patient",
         "max_stranger_held_bytes",
     ):

@@ -202,3 +202,21 @@ def test_a_patient_can_revoke_a_grant_when_strangers_spent_the_budget() -> None:
     again = Revoke.create(a.signing, grant=gid, ts_ms=3)  # a second one is no exception
     with pytest.raises(RateLimited):
         lim.tx_admission(again, again.encode(), access, 0.0)
+
+
+def test_the_patients_one_authority_registered_share_its_budget() -> None:
+    cfg = ApiConfig(registered_bytes_per_hour=70_000, registrar_bytes_per_hour=80_000)
+    lim, bad, good = ApiLimits(cfg), Identity.generate("node"), Identity.generate("node")
+    access = AccessState(registrars=frozenset({bad.public, good.public}))
+    throwaway = [Identity.generate("patient") for _ in range(3)]
+    honest = Identity.generate("patient")
+    for p in throwaway:
+        access.apply(registration(bad, b"n" * 32, p.public, 1))
+    access.apply(registration(good, b"n" * 32, honest.public, 1))
+    g = grant(throwaway[0], 1500)
+    lim.tx_admission(g, g.encode(), access, 0.0)()
+    g = grant(throwaway[1], 1500)  # its own budget has room; the registrar's does not
+    with pytest.raises(RateLimited, match="budget"):
+        lim.tx_admission(g, g.encode(), access, 0.0)
+    g = grant(honest, 1500)
+    lim.tx_admission(g, g.encode(), access, 0.0)()

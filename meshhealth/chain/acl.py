@@ -61,6 +61,7 @@ class AccessState:
     # the authorities whose registrations count (a P1 of anyone else is ignored)
     registrars: frozenset[bytes] = frozenset()
     registered: set[bytes] = field(default_factory=set)  # patient keys
+    registrar_of: dict[bytes, bytes] = field(default_factory=dict)  # patient -> lowest key
     # per patient: bytes of the transactions held in memory here, and how many grants
     held_bytes: Counter[bytes] = field(default_factory=Counter)
     held_grants: Counter[bytes] = field(default_factory=Counter)
@@ -78,6 +79,10 @@ class AccessState:
             if tx.authority not in self.registrars:
                 return False
             self.seen.add(tid)
+            # the same on every replica whatever the order: the lowest registering key
+            self.registrar_of[tx.patient] = min(
+                tx.authority, self.registrar_of.get(tx.patient, tx.authority)
+            )
             if tx.patient not in self.registered:
                 self.registered.add(tx.patient)
                 self.held_registered += self.held_bytes[tx.patient]

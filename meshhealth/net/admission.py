@@ -7,10 +7,12 @@ canonical transaction plus its block-entry framing):
 * per signing patient key, after its signature is checked (so nobody can
   spend someone else's share with forged transactions);
 * then against a budget per hour: each *registered* patient (an authority's
-  ``P1`` names them) has their own; every unregistered key shares one
-  strangers' budget, so all strangers together add at most that many bytes
-  per hour (plus one hour's burst) to this node's chain, and none of it
-  comes out of a registered patient's budget;
+  ``P1`` names them) has their own, and all the patients one authority
+  registered share that authority's (so a bad authority registering
+  throwaway keys gets no more out of honest nodes); every unregistered key
+  shares one strangers' budget, so all strangers together add at most that
+  many bytes per hour (plus one hour's burst) to this node's chain, and none
+  of it comes out of a registered patient's budget;
 * the access state may hold at most ``max_grants_per_patient`` grants and
   ``max_held_bytes_per_patient`` bytes of a patient's transactions (it keeps
   them in memory), and ``max_stranger_held_bytes`` of all unregistered
@@ -87,6 +89,8 @@ class ApiLimits:
         self.registered: TokenBuckets[bytes] = hourly(
             cfg.registered_bytes_per_hour, max_keys=1 << 30
         )
+        # per registering authority: few keys (the genesis), never dropped
+        self.registrars: TokenBuckets[bytes] = hourly(cfg.registrar_bytes_per_hour)
         self.read_source: TokenBuckets[str] = TokenBuckets(
             cfg.read_source_per_s, cfg.read_source_burst, max_keys=n
         )
@@ -125,7 +129,10 @@ class ApiLimits:
             # a patient can always revoke a grant it holds here, whatever strangers spent:
             # one revocation per grant, and grants are within the budgets
             return lambda: self.tx_patient.take(patient, cost, now)
+        registrar = access.registrar_of.get(patient, b"") if registered else b""
         wait = budget.wait_s(key, cost, now)
+        if registrar:
+            wait = max(wait, self.registrars.wait_s(registrar, cost, now))
         if wait:
             reason = "patient_budget" if registered else "stranger_budget"
             what = (
@@ -155,6 +162,8 @@ class ApiLimits:
         def charge() -> None:
             self.tx_patient.take(patient, cost, now)
             budget.take(key, cost, now)
+            if registrar:
+                self.registrars.take(registrar, cost, now)
 
         return charge
 
