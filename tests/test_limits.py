@@ -6,7 +6,7 @@ import os
 
 import nacl.signing
 import pytest
-from core_helpers import T0
+from core_helpers import T0, make_batcher, make_world
 from test_replica import two_nodes
 
 from meshhealth.chain.acl import AccessState
@@ -21,6 +21,8 @@ from meshhealth.net.admission import STRANGERS, ApiLimits, entry_bytes, source_o
 from meshhealth.net.limits import RefusalLog, TokenBuckets, hourly
 from meshhealth.sharing.audit import UNSIGNED, request_status
 from meshhealth.sharing.registration import registration
+from meshhealth.store.lattice_view import replay_control
+from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import AccessLog, Grant, GrantStream, Revoke, decode_entry
 
 
@@ -220,3 +222,24 @@ def test_the_patients_one_authority_registered_share_its_budget() -> None:
         lim.tx_admission(g, g.encode(), access, 0.0)
     g = grant(honest, 1500)
     lim.tx_admission(g, g.encode(), access, 0.0)()
+
+
+def test_registrations_and_held_bytes_are_rebuilt_from_the_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    world = make_world()
+    b = make_batcher(world)
+    b.access.registrars = frozenset(world.authorities)
+    patient = Identity.generate("patient")
+    p1 = registration(world.authority, world.network, patient.public, T0)
+    g = grant(patient, 10)
+    b.admit_tx(p1.encode(), p1, T0 + 1)
+    b.admit_tx(g.encode(), g, T0 + 1)
+    store = Store(tmp_path / "node")
+    try:
+        store.commit_block(b.seal(T0 + 2))
+        access, _ = replay_control(store, registrars=world.authorities)
+        assert access.registered == {patient.public}
+        assert access.held_bytes[patient.public] == len(g.encode())
+        assert access.held_by_strangers == 0 and access.held_grants[patient.public] == 1
+        assert replay_control(store)[0].registered == set()  # no registrars: none counts
+    finally:
+        store.close()
