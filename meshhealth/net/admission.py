@@ -36,7 +36,15 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.config import ApiConfig
 from meshhealth.errors import RateLimited, Rejected
 from meshhealth.net.limits import TokenBuckets, hourly
-from meshhealth.wire import Control, EnrollDevice, Grant, Rechain, RegisterPatient, Revoke
+from meshhealth.wire import (
+    Control,
+    EnrollDevice,
+    Grant,
+    Rechain,
+    RegisterPatient,
+    RemoveDevice,
+    Revoke,
+)
 
 STRANGERS = b"strangers"
 
@@ -64,8 +72,13 @@ def _retry(what: str, wait_s: float, reason: str = "rate_limited") -> RateLimite
     return RateLimited(reason, f"{what}; retry in {math.ceil(wait_s)} s", wait_s)
 
 
-def _ends_a_grant(tx: Control, access: AccessState) -> bool:
-    """A revocation of a grant of this patient held here and not yet revoked."""
+def _cuts_off(tx: Control, access: AccessState) -> bool:
+    """A revocation of a grant of this patient held here and not yet revoked, or a removal
+    of a device enrolled for this patient and not yet removed: what a patient must always
+    be able to do (one per grant or device, and those are within the budgets)."""
+    if isinstance(tx, RemoveDevice):
+        dp = (tx.device, tx.patient)
+        return dp in access.floors and dp not in access.removed
     if not isinstance(tx, Revoke):
         return False
     g = access.grants.get(tx.grant)
@@ -125,9 +138,7 @@ class ApiLimits:
             raise self._refuse(_retry("too many transaction bytes from this patient key", wait))
         registered = patient in access.registered
         budget, key = (self.registered, patient) if registered else (self.strangers, STRANGERS)
-        if _ends_a_grant(tx, access):
-            # a patient can always revoke a grant it holds here, whatever strangers spent:
-            # one revocation per grant, and grants are within the budgets
+        if _cuts_off(tx, access):  # whatever strangers spent
             return lambda: self.tx_patient.take(patient, cost, now)
         registrar = access.registrar_of.get(patient, b"") if registered else b""
         wait = budget.wait_s(key, cost, now)

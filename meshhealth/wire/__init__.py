@@ -13,13 +13,16 @@ from meshhealth.wire.types import (
     Link,
     Reading,
     Receipt,
+    ReceiptV2,
     Rechain,
     RegisterPatient,
+    RemoveDevice,
     Revoke,
     SealedKey,
     StreamKey,
     decode_control,
     decode_entry,
+    decode_receipt,
 )
 
 __all__ = [
@@ -35,11 +38,14 @@ __all__ = [
     "Link",
     "Reading",
     "Receipt",
+    "ReceiptV2",
     "Rechain",
     "RegisterPatient",
+    "RemoveDevice",
     "Revoke",
     "SealedKey",
     "StreamKey",
     "decode_control",
     "decode_entry",
+    "decode_receipt",
 ]
