@@ -199,7 +199,14 @@ class Node:
         now = now_ms()
         self.flush_refusals(now)
         evidence = (stream, from_ms, to_ms, outcome, reason, grant, req)
-        if self.refusals.note(req.key, patient, f"{outcome}:{reason}", evidence, now):
+        # a stranger is refused no_grant (or not_patient, on the audit trail); a registered
+        # patient and its grantees get other answers, and are logged outside the caps (an
+        # unregistered patient's grantees may be a stranger's own throwaway keys)
+        known = (
+            reason not in ("no_grant", "not_patient") and patient in self.batcher.access.registered
+        )
+        kind = f"{outcome}:{reason}"
+        if self.refusals.note(req.key, patient, kind, evidence, now, capped=not known):
             self.log_access(req, patient, stream, from_ms, to_ms, outcome, reason, grant, 0)
 
     def flush_refusals(self, now: int) -> None:

@@ -243,3 +243,13 @@ def test_registrations_and_held_bytes_are_rebuilt_from_the_store(tmp_path) -> No
         assert replay_control(store)[0].registered == set()  # no registrars: none counts
     finally:
         store.close()
+
+
+def test_strangers_cannot_crowd_a_known_readers_refusals_out_of_the_trail() -> None:
+    log: RefusalLog[int] = RefusalLog(1000, per_patient=2, total=2)
+    p, doctor = os.urandom(32), os.urandom(32)
+    for i in range(4):  # strangers fill the patient's and the node's caps
+        log.note(os.urandom(32), p, "denied:no_grant", i, 0)
+    assert log.note(doctor, p, "denied:expired", 9, 1, capped=False)
+    assert not log.note(doctor, p, "denied:expired", 10, 2, capped=False)  # then counted
+    assert log.due(1000) == [((doctor, p, "denied:expired"), 1, 10)]

@@ -29,8 +29,11 @@ Theory of operation
   their count (and the first of them as evidence) is written when the
   period ends.  At most ``per_patient`` keys per patient and ``total`` keys
   in all are logged per period; refusals beyond are only counted
-  (``unlogged``).  So a patient's trail grows by at most ``2 * per_patient``
-  refusal logs per period, whoever asks and however often.
+  (``unlogged``).  So strangers grow a patient's trail by at most
+  ``2 * per_patient`` refusal logs per period, however many and however
+  often.  Readers a registered patient knows (itself, its grantees) are
+  outside the caps, so strangers cannot crowd them out: their kinds are
+  bounded by that patient's grants.
 """
 
 from __future__ import annotations
@@ -190,9 +193,20 @@ class RefusalLog(Generic[E]):
     _logged: int = 0  # keys logged this period, all patients
     _period: int = -1
 
-    def note(self, reader: bytes, patient: bytes, reason: str, evidence: E, now_ms: int) -> bool:
+    def note(
+        self,
+        reader: bytes,
+        patient: bytes,
+        reason: str,
+        evidence: E,
+        now_ms: int,
+        *,
+        capped: bool = True,
+    ) -> bool:
         """A refusal happened: True if it is to be logged now (the first of its kind this
-        period); else it is counted for the period's summary, or dropped past the caps."""
+        period); else it is counted for the period's summary, or dropped past the caps.
+        ``capped=False``: a reader a registered patient knows (itself, a grantee), whose
+        kinds are bounded by the patient's grants, is logged whatever strangers did."""
         period = now_ms // self.period_ms
         if period != self._period:
             self._period = period
@@ -205,14 +219,17 @@ class RefusalLog(Generic[E]):
             if r.evidence is None:
                 r.evidence = evidence
             return False
-        if self._per_patient[patient] >= self.per_patient or self._logged >= self.total:
+        if capped and (
+            self._per_patient[patient] >= self.per_patient or self._logged >= self.total
+        ):
             self.unlogged += 1
             return False
         if r is not None:  # an older period's, not flushed (the caller flushes first)
             self.unlogged += r.pending
         self._open[key] = _Refusals(period)
-        self._per_patient[patient] += 1
-        self._logged += 1
+        if capped:
+            self._per_patient[patient] += 1
+            self._logged += 1
         return True
 
     def due(self, now_ms: int) -> list[tuple[tuple[bytes, bytes, str], int, E]]:
