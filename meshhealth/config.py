@@ -155,6 +155,10 @@ class ApiConfig:
     refusal_period_s: float = 3_600.0
     refusal_logs_per_patient: int = 16
     refusal_logs_total: int = 1_024
+    # reads that served readings of an unregistered patient: logged one by one up to these
+    # counts per hour (per reader key, and in all), then summarised like refusals
+    unregistered_read_logs_per_key_hour: int = 256
+    unregistered_read_logs_per_hour: int = 4_096
     limit_table_keys: int = 16_384  # buckets kept per table (least recently used dropped)
 
 

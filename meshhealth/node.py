@@ -193,9 +193,11 @@ class Node:
         outcome: str,
         reason: str,
         grant: bytes,
+        readings: int = 0,
     ) -> None:
-        """A refused (or empty) read: logged if it is the first of its reader, patient and
-        reason this period, else counted into the period's summary (:class:`RefusalLog`)."""
+        """A refused (or empty, or over-budget) read: logged if it is the first of its
+        reader, patient and reason this period, else counted into the period's summary
+        (:class:`RefusalLog`)."""
         now = now_ms()
         self.flush_refusals(now)
         evidence = (stream, from_ms, to_ms, outcome, reason, grant, req)
@@ -206,14 +208,36 @@ class Node:
             reason not in ("no_grant", "not_patient") and patient in self.batcher.access.registered
         )
         kind = f"{outcome}:{reason}"
-        if self.refusals.note(req.key, patient, kind, evidence, now, capped=not known):
-            self.log_access(req, patient, stream, from_ms, to_ms, outcome, reason, grant, 0)
+        if self.refusals.note(
+            req.key, patient, kind, evidence, now, capped=not known, amount=readings
+        ):
+            self.log_access(req, patient, stream, from_ms, to_ms, outcome, reason, grant, readings)
+
+    def log_read(
+        self,
+        req: SignedRequest,
+        patient: bytes,
+        stream: str,
+        from_ms: int,
+        to_ms: int,
+        grant: bytes,
+        readings: int,
+    ) -> None:
+        """A read that served readings: logged, each one.  Of an unregistered patient
+        (whose grantees may be a stranger's throwaway keys), only within the per-reader and
+        the node's hourly counts of such logs; past them it is summarised like a refusal."""
+        if patient not in self.batcher.access.registered and not self.limits.read_log(
+            req.key, time.monotonic()
+        ):
+            self.log_refusal(req, patient, stream, from_ms, to_ms, "read", "", grant, readings)
+            return
+        self.log_access(req, patient, stream, from_ms, to_ms, "read", "", grant, readings)
 
     def flush_refusals(self, now: int) -> None:
         """Log the summaries of refusal periods that are over."""
-        for (_, patient, _), count, ev in self.refusals.due(now):
+        for (_, patient, _), count, ev, readings in self.refusals.due(now):
             stream, lo, hi, outcome, reason, grant, req = ev
-            self.log_access(req, patient, stream, lo, hi, outcome, reason, grant, 0, count)
+            self.log_access(req, patient, stream, lo, hi, outcome, reason, grant, readings, count)
 
     async def _flush_refusals_loop(self) -> None:
         period_s = self.cfg.api.refusal_period_s

@@ -103,7 +103,7 @@ def test_refusals_are_logged_once_per_period_then_summarised_within_caps() -> No
     assert not log.note(os.urandom(32), os.urandom(32), "x", 7, 60)  # past the total
     assert log.unlogged == 2
     assert log.due(999) == []
-    assert log.due(1000) == [((r1, p, "no_grant"), 2, 2)]  # the first counted as evidence
+    assert log.due(1000) == [((r1, p, "no_grant"), 2, 2, 0)]  # the first counted: evidence
     assert log.due(1000) == [] and len(log) == 0
     assert log.note(r3, p, "no_grant", 8, 1000)  # a new period
 
@@ -252,4 +252,15 @@ def test_strangers_cannot_crowd_a_known_readers_refusals_out_of_the_trail() -> N
         log.note(os.urandom(32), p, "denied:no_grant", i, 0)
     assert log.note(doctor, p, "denied:expired", 9, 1, capped=False)
     assert not log.note(doctor, p, "denied:expired", 10, 2, capped=False)  # then counted
-    assert log.due(1000) == [((doctor, p, "denied:expired"), 1, 10)]
+    assert not log.note(doctor, p, "denied:expired", 11, 3, capped=False, amount=5)
+    assert log.due(1000) == [((doctor, p, "denied:expired"), 2, 10, 5)]
+
+
+def test_reads_of_an_unregistered_patient_are_logged_one_by_one_only_up_to_a_count() -> None:
+    lim = ApiLimits(
+        ApiConfig(unregistered_read_logs_per_key_hour=2, unregistered_read_logs_per_hour=3)
+    )
+    a, b = os.urandom(32), os.urandom(32)
+    assert [lim.read_log(a, 0.0) for _ in range(3)] == [True, True, False]
+    assert [lim.read_log(b, 0.0) for _ in range(2)] == [True, False]  # the node's count
+    assert lim.read_log(a, 3600.0)  # an hour later

@@ -110,6 +110,11 @@ class ApiLimits:
         self.read_key: TokenBuckets[bytes] = TokenBuckets(
             cfg.read_key_per_s, cfg.read_key_burst, max_keys=n
         )
+        # logged reads of unregistered patients: per reader key and in all, per hour
+        self.read_logs_key: TokenBuckets[bytes] = hourly(
+            cfg.unregistered_read_logs_per_key_hour, max_keys=n
+        )
+        self.read_logs_all: TokenBuckets[bytes] = hourly(cfg.unregistered_read_logs_per_hour)
         self.limited: Counter[str] = Counter()  # 429s by reason (the API counts them)
 
     def _refuse(self, exc: RateLimited) -> RateLimited:
@@ -189,3 +194,12 @@ class ApiLimits:
         wait = self.read_key.try_take(key, 1, now)
         if wait:
             raise self._refuse(_retry("too many signed reads by this key", wait))
+
+    def read_log(self, key: bytes, now: float) -> bool:
+        """Whether a read of an unregistered patient by ``key`` may be logged on its own
+        (takes one from the reader's and the node's hourly counts), or is to be summarised."""
+        if self.read_logs_key.wait_s(key, 1, now) or self.read_logs_all.wait_s(b"", 1, now):
+            return False
+        self.read_logs_key.take(key, 1, now)
+        self.read_logs_all.take(b"", 1, now)
+        return True

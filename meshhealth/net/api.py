@@ -292,7 +292,7 @@ async def readings(request: web.Request) -> web.Response:
         collect, node.store, enrolments, patient, stream, d, after=after
     )
     if n:
-        node.log_access(req, patient, stream, lo, hi, "read", "", d.grant, n)
+        node.log_read(req, patient, stream, lo, hi, d.grant, n)
     else:  # an answer with nothing in it is logged like a refusal: once, then counted
         node.log_refusal(req, patient, stream, lo, hi, "read", "", d.grant)
     return web.Response(body=body, content_type=MSGPACK)

@@ -177,6 +177,7 @@ class NonceCache:
 class _Refusals(Generic[E]):
     period: int
     pending: int = 0  # refusals after the logged first one
+    amount: int = 0  # what they add up to (readings served, for reads)
     evidence: E | None = None  # the first of them
 
 
@@ -202,6 +203,7 @@ class RefusalLog(Generic[E]):
         now_ms: int,
         *,
         capped: bool = True,
+        amount: int = 0,
     ) -> bool:
         """A refusal happened: True if it is to be logged now (the first of its kind this
         period); else it is counted for the period's summary, or dropped past the caps.
@@ -216,6 +218,7 @@ class RefusalLog(Generic[E]):
         r = self._open.get(key)
         if r is not None and r.period == period:
             r.pending += 1
+            r.amount += amount
             if r.evidence is None:
                 r.evidence = evidence
             return False
@@ -232,16 +235,16 @@ class RefusalLog(Generic[E]):
             self._logged += 1
         return True
 
-    def due(self, now_ms: int) -> list[tuple[tuple[bytes, bytes, str], int, E]]:
+    def due(self, now_ms: int) -> list[tuple[tuple[bytes, bytes, str], int, E, int]]:
         """The summaries of periods that are over: ((reader, patient, reason), count, the
-        first counted refusal's evidence); each is returned once."""
+        first counted refusal's evidence, the sum of their amounts); each returned once."""
         period = now_ms // self.period_ms
         out = []
         for key, r in list(self._open.items()):
             if r.period < period:
                 del self._open[key]
                 if r.pending and r.evidence is not None:
-                    out.append((key, r.pending, r.evidence))
+                    out.append((key, r.pending, r.evidence, r.amount))
         return out
 
     def __len__(self) -> int:

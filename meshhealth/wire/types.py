@@ -706,8 +706,10 @@ class AccessLogV2(Signed):
     for this; a node cannot invent a read, only misreport its answer.
 
     ``count`` > 1 is a summary: that many refusals (or answers with no
-    reading) of this reader, patient and reason in one period, carrying the
-    first of them as evidence (:class:`meshhealth.net.limits.RefusalLog`).
+    reading, or reads past the logging budget of an unregistered patient, then
+    ``readings`` is their total) of this reader, patient and reason in one
+    period, carrying the first of them as evidence
+    (:class:`meshhealth.net.limits.RefusalLog`).
     """
 
     TAG: ClassVar[str] = "L2"
@@ -761,8 +763,6 @@ class AccessLogV2(Signed):
             raise MalformedMessage("an access log's outcome is read or denied")
         if len(self.grant) not in (0, 32):
             raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
-        if self.count > 1 and self.readings:
-            raise MalformedMessage("only refusals and empty answers are summarised")
 
     @property
     def request(self) -> bytes:
