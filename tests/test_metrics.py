@@ -249,9 +249,13 @@ def test_a_full_gossip_buffer_leaves_the_catchup_backlog_computable():
 
     from meshhealth.net import gossip_shell as gs
 
+    from collections import Counter
+
     shell = gs.GossipShell.__new__(gs.GossipShell)
     shell.buffer, shell.buffered = {}, 0
-    shell.core = SimpleNamespace(_want={}, head=lambda chain: {b"a": 3}.get(chain, -1))
+    shell.buffer_bytes, shell.buffer_by_peer, shell.limits = 0, Counter(), gs.GossipLimits()
+    shell.counters = Counter()
+    shell.core = SimpleNamespace(wanted=dict, head=lambda chain: {b"a": 3}.get(chain, -1))
     shell._hold(gs.Arrival(b"p", b"a", 7, (b"", b""), 0))
     assert shell.missing() == {b"a": 4}
     shell.buffered = gs.MAX_BUFFERED  # full: the next block is dropped (pulled again later)

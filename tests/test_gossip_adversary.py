@@ -1,0 +1,245 @@
+"""A malicious authority against real node processes: memory, lies and bad frames.
+
+The test holds authority keys of the network and speaks the real handshake
+(tests/netfaults.py), so everything it sends passes authentication and meets
+only the node's own checks and bounds.  Bounds are configured small so each
+attack runs in seconds, driven past them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netfaults import GossipPeer
+from test_network import launch
+
+from meshhealth.bench.procs import BrokerProcess, NodeProcess
+from meshhealth.chain.block import build_block, encode_body
+from meshhealth.cli.demo import setup_network
+from meshhealth.config import Genesis, NodeConfig
+from meshhealth.crypto.keys import Identity, load_identity
+from meshhealth.gossip import wire
+from meshhealth.gossip.messages import Pull, Push
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+MiB = 1024 * 1024
+RSS_MARGIN = 30 * MiB  # interpreter, allocator slack and the frames being decoded
+
+
+def write(cfg: NodeConfig) -> NodeConfig:
+    (cfg.base / "node.toml").write_text(cfg.dumps())
+    return cfg
+
+
+def gossip(cfg: NodeConfig, **kw: Any) -> NodeConfig:
+    return write(replace(cfg, gossip=replace(cfg.gossip, **kw)))
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def eventually(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await asyncio.to_thread(check)
+        if got:
+            return got
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def counter(node: NodeProcess, name: str) -> int:
+    return int(node.status()["gossip"].get(name, 0))
+
+
+def height(node: NodeProcess, chain: bytes) -> int:
+    return int(node.status()["chains"].get(chain.hex(), {"height": -1})["height"])
+
+
+def block(
+    key: Identity,
+    network: bytes,
+    h: int,
+    *,
+    prev: bytes | None = None,
+    entries: tuple[bytes, ...] = (),
+    chain: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """A block of ``key``'s chain (raw header, raw body); with ``chain``, one that claims
+    another chain but carries ``key``'s signature (it cannot verify)."""
+    b = build_block(
+        key.signing,
+        network=network,
+        height=h,
+        prev=network if prev is None and h == 0 else (prev or os.urandom(32)),
+        ts_ms=time.time_ns() // 1_000_000,
+        entries=entries,
+    )
+    hdr = b.header if chain is None else replace(b.header, node=chain)
+    return hdr.encode(), encode_body(b.entries)
+
+
+def junk_entries(n_bytes: int) -> tuple[bytes, ...]:
+    return tuple(os.urandom(64 * 1024) for _ in range(n_bytes // (64 * 1024)))
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    b = BrokerProcess(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()
+
+
+# --- issue 11 #7: one authority exhausts an honest node's memory -------------------------
+
+BUFFER_PEER, BUFFER_TOTAL = 10 * MiB, 16 * MiB
+SEND_PEER, SEND_TOTAL = 9 * MiB, 12 * MiB
+
+
+@pytest.fixture(scope="module")
+def memnet(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Victim A (small memory bounds) and honest B, real processes; the test holds the
+    keys of authorities C and D."""
+    root = tmp_path_factory.mktemp("memnet")
+    cfgs = setup_network(root / "net", 4, broker=broker.url, shared_group="mh")
+    a_url, b_url = (f"http://127.0.0.1:{c.api.port}" for c in cfgs[:2])
+    cfgs[0] = gossip(
+        cfgs[0],
+        peers=[b_url],
+        peer_exchange=False,
+        buffer_peer_mb=BUFFER_PEER / MiB,
+        buffer_total_mb=BUFFER_TOTAL / MiB,
+        send_peer_mb=SEND_PEER / MiB,
+        send_total_mb=SEND_TOTAL / MiB,
+        slow_peer_s=3.0,
+    )
+    cfgs[1] = gossip(cfgs[1], peers=[a_url], peer_exchange=False)
+    nodes = launch(cfgs[:2], root)
+    keys = [load_identity(c.key_path) for c in cfgs]
+    try:
+        yield nodes, keys, Genesis.load(cfgs[0].genesis_path).network_id
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+async def test_junk_and_out_of_order_blocks_are_held_within_bytes_per_peer_and_total(memnet):
+    (a, b), keys, net = memnet
+    c, d = keys[2], keys[3]
+    pid = a.status()["pid"]
+    before = a.status()["gossip"]
+    async with GossipPeer(a.url, c, net) as pc, GossipPeer(a.url, d, net) as pd:
+        await asyncio.sleep(1.0)
+        base = rss(pid)
+        # junk that cannot be valid (signed by D, claiming C's chain), twice the total bound:
+        # refused before it is buffered
+        for i in range(2 * BUFFER_TOTAL // MiB):
+            raw = block(d, net, 100 + i, entries=junk_entries(MiB), chain=c.public)
+            await pc.send(wire.encode(Push(c.public, 100 + i, 0), [raw]))
+        # validly signed blocks far above the head, from two peers: twice the per-peer
+        # bound each, so 2.5 times the total
+        for peer, key in ((pc, c), (pd, d)):
+            for i in range(2 * BUFFER_PEER // MiB):
+                raw = block(key, net, 200 + i, entries=junk_entries(MiB))
+                await peer.send(wire.encode(Push(key.public, 200 + i, 0), [raw]))
+        signed = 2 * 2 * BUFFER_PEER // MiB
+
+        def settled() -> dict[str, Any] | None:
+            g = a.status()["gossip"]
+            held = g["buffered"] - before.get("buffered", 0)
+            dropped = g.get("buffer_dropped", 0) - before.get("buffer_dropped", 0)
+            junk = g.get("invalid_block", 0) - before.get("invalid_block", 0)
+            return g if junk >= 2 * BUFFER_TOTAL // MiB and held + dropped >= signed else None
+
+        g = await eventually(settled, 60, "the node to take every block")
+        grown = rss(pid) - base
+    assert g["buffered_bytes"] <= BUFFER_TOTAL, g
+    assert g["buffered_bytes"] >= BUFFER_TOTAL - 2 * MiB, g  # it did fill up to the bound
+    for short in (c.public.hex()[:8], d.public.hex()[:8]):
+        assert g["buffered_bytes_by_peer"].get(short, 0) <= BUFFER_PEER, g
+    assert g["buffer_dropped"] > before.get("buffer_dropped", 0)
+    assert grown < BUFFER_TOTAL + RSS_MARGIN, (grown, g)
+    # the node still syncs with its honest peer: a real block of D reaches B through A
+    async with GossipPeer(a.url, d, net) as pd:
+        await pd.send(wire.encode(Push(d.public, 0, 0), [block(d, net, 0)]))
+        await eventually(lambda: height(b, d.public) == 0, 30, "B to get D's block via A")
+    assert a.proc is not None and a.proc.poll() is None
+
+
+async def test_a_peer_that_stops_reading_is_bounded_in_bytes_and_cut_off(memnet):
+    (a, b), keys, net = memnet
+    c, d = keys[2], keys[3]
+    pid = a.status()["pid"]
+    # give A something worth pulling: three 1 MiB blocks of C's chain, valid entries
+    # signed by C (access logs), applied in order
+    from meshhealth.wire import AccessLog
+
+    now = time.time_ns() // 1_000_000
+    prev = net
+    async with GossipPeer(a.url, c, net) as pc:
+        for h in range(3):
+            logs = tuple(
+                AccessLog.create(
+                    c.signing,
+                    network=net,
+                    node=c.public,
+                    reader=os.urandom(32),
+                    patient=os.urandom(32),
+                    stream="hr",
+                    from_ms=now - 1000,
+                    to_ms=now,
+                    ts_ms=now,
+                    outcome="denied",
+                    reason=b"x" * 64,
+                    grant=b"",
+                    readings=0,
+                    request=os.urandom(32),
+                ).encode()
+                for _ in range(3000)
+            )
+            bk = build_block(c.signing, network=net, height=h, prev=prev, ts_ms=now, entries=logs)
+            prev = bk.hash
+            await pc.send(
+                wire.encode(Push(c.public, h, 0), [(bk.header.encode(), encode_body(logs))])
+            )
+        await eventually(lambda: height(a, c.public) >= 2, 60, "A to store C's blocks")
+    before = a.status()["gossip"]
+    base = rss(pid)
+    peak = 0
+    async with GossipPeer(a.url, c, net) as slow_c, GossipPeer(a.url, d, net) as slow_d:
+        # each Pull is answered with ~3 MiB; neither peer reads a byte of it
+        slow_c.stop_reading()
+        slow_d.stop_reading()
+        for _ in range(20):
+            for peer in (slow_c, slow_d):
+                await peer.send(wire.encode(Pull(c.public, 0, 2)))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            g = a.status()["gossip"]
+            peak = max(peak, g["send_queued_bytes"])
+            if g.get("slow_peer_disconnected", 0) > before.get("slow_peer_disconnected", 0):
+                break
+            await asyncio.sleep(0.2)
+        grown = rss(pid) - base
+    g = a.status()["gossip"]
+    assert peak <= SEND_TOTAL, (peak, g)
+    assert g["dropped_slow_peer"] > before.get("dropped_slow_peer", 0), g
+    # the peer whose frames filled its share was cut (the other's fit in the kernel's
+    # socket buffers: it is slow only once those are full)
+    assert g.get("slow_peer_disconnected", 0) >= before.get("slow_peer_disconnected", 0) + 1, g
+    assert grown < SEND_TOTAL + RSS_MARGIN, (grown, g)
+    assert g["send_queued_bytes"] < SEND_PEER  # the cut-off peers' queues were freed
+    # and A goes on replicating to its honest peer
+    await eventually(lambda: height(b, c.public) >= 2, 30, "B to get C's blocks from A")
