@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netfaults import GossipPeer
+from netfaults import FaultProxy, GossipPeer, GossipServer
 from test_network import launch
 
 from meshhealth.bench.procs import BrokerProcess, NodeProcess
-from meshhealth.chain.block import build_block, encode_body
+from meshhealth.chain.block import block_hash, build_block, encode_body
 from meshhealth.cli.demo import setup_network
 from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.gossip import wire
-from meshhealth.gossip.messages import Pull, Push
+from meshhealth.gossip.messages import FullHeads, Pull, Push
+from meshhealth.wire import BlockHeader
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 MiB = 1024 * 1024
@@ -88,6 +91,10 @@ def block(
     )
     hdr = b.header if chain is None else replace(b.header, node=chain)
     return hdr.encode(), encode_body(b.entries)
+
+
+def build_hash(header: bytes) -> bytes:
+    return block_hash(BlockHeader.decode(header))
 
 
 def junk_entries(n_bytes: int) -> tuple[bytes, ...]:
@@ -243,3 +250,184 @@ async def test_a_peer_that_stops_reading_is_bounded_in_bytes_and_cut_off(memnet)
     assert g["send_queued_bytes"] < SEND_PEER  # the cut-off peers' queues were freed
     # and A goes on replicating to its honest peer
     await eventually(lambda: height(b, c.public) >= 2, 30, "B to get C's blocks from A")
+
+
+# --- issue 11 #12: a lying peer stalls a restarting node -----------------------------------
+
+
+async def listen_forever(ws: Any) -> None:
+    async for _ in ws:  # reads what it is sent, answers nothing
+        pass
+
+
+def node_process(cfg: NodeConfig, log: Path) -> NodeProcess:
+    return NodeProcess(cfg.base / "node.toml", log, cfg.api.port)
+
+
+def stop_within(node: NodeProcess, grace: float) -> float:
+    """SIGTERM the node; the seconds it took to exit (it must, within ``grace``)."""
+    assert node.proc is not None
+    t0 = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    try:
+        node.proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        node.proc.wait(5)
+        raise AssertionError(f"the node ignored SIGTERM for {grace} s") from None
+    return time.monotonic() - t0
+
+
+async def test_a_lie_about_our_own_chain_neither_stalls_start_up_nor_deafens_sigterm(
+    broker, tmp_path
+):
+    cfgs = setup_network(tmp_path / "net", 2, broker=broker.url)
+    net = Genesis.load(cfgs[0].genesis_path).network_id
+    victim, liar = (load_identity(c.key_path) for c in cfgs)
+    lie = wire.encode(FullHeads(((victim.public, 1_000_000),)))
+
+    async def say_our_chain_is_long(ws: Any) -> None:
+        await ws.send_bytes(lie)
+        await listen_forever(ws)
+
+    server = GossipServer(liar, net, say_our_chain_is_long)
+    await server.start(cfgs[1].api.port)
+    sync_s = 3.0
+    cfg = gossip(
+        cfgs[0], peers=[server.url], peer_exchange=False, startup_sync_s=sync_s, claim_timeout_s=2
+    )
+    node = node_process(cfg, tmp_path / "victim.log")
+    try:
+        t0 = time.monotonic()
+        await asyncio.to_thread(node.start, sync_s + 15)  # returns once it ingests
+        took = time.monotonic() - t0
+        g = node.status()["gossip"]
+        assert server.connections >= 1
+        assert g["synced"] and g.get("own_claims_unbacked", 0) >= 1, g
+        assert took < sync_s + 10, took
+        assert node.status()["ingest"]["height"] < 1_000_000
+        assert await asyncio.to_thread(stop_within, node, 10) < 10
+
+        # restarted with a claim it would wait a minute to see backed: SIGTERM still stops it
+        cfg = gossip(cfg, startup_sync_s=60, claim_timeout_s=60)
+        await asyncio.to_thread(node.start, 30, until="api")
+        await eventually(lambda: server.connections >= 2, 20, "the node to dial the liar again")
+        await eventually(
+            lambda: node.status()["gossip"].get("own_claims_checked", 0) >= 1, 20, "the claim"
+        )
+        assert not node.status()["gossip"]["synced"]
+        assert await asyncio.to_thread(stop_within, node, 10) < 10
+    finally:
+        node.stop()
+        await server.close()
+
+
+async def test_a_lie_about_another_chain_does_not_stall_catch_up_from_honest_peers(
+    broker, tmp_path
+):
+    cfgs = setup_network(tmp_path / "net", 4, broker=broker.url)
+    net = Genesis.load(cfgs[0].genesis_path).network_id
+    keys = [load_identity(c.key_path) for c in cfgs]
+    liar, producer = keys[2], keys[3]
+    honest_cfg = gossip(cfgs[1], peers=[], peer_exchange=False)
+    honest = node_process(honest_cfg, tmp_path / "honest.log")
+    proxy = FaultProxy(honest_cfg.api.port)  # the victim reaches the honest node only later
+    await proxy.start()
+    proxy.cut()
+    lie = wire.encode(FullHeads(((producer.public, 1_000_000),)))
+
+    async def say_its_chain_is_long(ws: Any) -> None:
+        await ws.send_bytes(lie)
+        await listen_forever(ws)
+
+    server = GossipServer(liar, net, say_its_chain_is_long)
+    await server.start(cfgs[2].api.port)
+    victim_cfg = gossip(
+        cfgs[0], peers=[proxy.url, server.url], peer_exchange=False, startup_sync_s=1
+    )
+    victim = node_process(victim_cfg, tmp_path / "victim.log")
+    try:
+        await asyncio.to_thread(honest.start, 30)
+        top = 19
+        async with GossipPeer(honest.url, producer, net) as p:
+            prev = net
+            for h in range(top + 1):
+                raw = block(producer, net, h, prev=prev)
+                prev = build_hash(raw[0])
+                await p.send(wire.encode(Push(producer.public, h, 0), [raw]))
+            await eventually(
+                lambda: height(honest, producer.public) == top, 30, "the honest node's copy"
+            )
+        await asyncio.to_thread(victim.start, 30)
+        # the victim believes the liar first, and asks it for the chain
+        await eventually(lambda: victim.status()["gossip"]["core"]["pulls_sent"] >= 1, 20, "a pull")
+        assert height(victim, producer.public) == -1
+        proxy.heal()
+        await eventually(
+            lambda: height(victim, producer.public) == top, 40, "catch-up from the honest peer"
+        )
+        core = victim.status()["gossip"]["core"]
+        assert core["claims_dropped"] >= 1, core  # the liar lost its standing on that chain
+    finally:
+        victim.stop()
+        honest.stop()
+        await proxy.close()
+        await server.close()
+
+
+# --- issue 11 #2 (the gossip shell's half): nothing a peer sends escapes the hierarchy ----
+
+
+def far_future_block(producer: Identity, network: bytes) -> tuple[bytes, bytes]:
+    """Block 0 of ``producer``'s chain: a patient enrols a device, and the device's reading
+    is dated t = 10^17 ms (its hour overflowed the 32-bit readings index: a struct.error)."""
+    from device_agents.device import Device
+    from device_agents.sensors import PatientPhysiology, samples
+    from meshhealth.sharing.enrollment import enrollment
+    from meshhealth.sharing.keychain import KeyChain
+
+    t, epoch_ms = 10**17, 7 * 24 * 3600 * 1000
+    patient = Identity.generate("patient")
+    chains = {"hr": KeyChain.new("hr", t // epoch_ms, epoch_ms)}
+    dev = Device(Identity.generate("device"), patient.public)
+    tx = enrollment(patient, chains, dev.id, t // epoch_ms, time.time_ns() // 1_000_000)
+    dev.accept_enrollment(tx)
+    (_, reading), *_ = dev.readings("hr", samples(PatientPhysiology(7), "hr", t, t + 5000))
+    entries = (tx.encode(), reading)
+    b = build_block(
+        producer.signing, network=network, height=0, prev=network, ts_ms=t + 60_000, entries=entries
+    )
+    return b.header.encode(), encode_body(entries)
+
+
+async def test_a_block_that_breaks_admission_on_an_outbound_connection_does_not_kill_the_node(
+    broker, tmp_path
+):
+    cfgs = setup_network(tmp_path / "net", 2, broker=broker.url)
+    net = Genesis.load(cfgs[0].genesis_path).network_id
+    bad = load_identity(cfgs[1].key_path)
+    frame = wire.encode(Push(bad.public, 0, 0), [far_future_block(bad, net)])
+
+    async def send_it(ws: Any) -> None:
+        await ws.send_bytes(frame)
+        await listen_forever(ws)
+
+    server = GossipServer(bad, net, send_it)
+    await server.start(cfgs[1].api.port)
+    cfg = gossip(cfgs[0], peers=[server.url], peer_exchange=False, startup_sync_s=1)
+    node = node_process(cfg, tmp_path / "victim.log")  # it dials the bad authority
+    try:
+        await asyncio.to_thread(node.start, 30)
+        await eventually(lambda: counter(node, "invalid_block") >= 1, 20, "the block to be refused")
+        await asyncio.sleep(2)  # the node dials the bad authority again: still up
+        assert node.proc is not None and node.proc.poll() is None, node.log.read_text()[-3000:]
+        st = node.status()
+        assert st["chains"].get(bad.public.hex(), {"height": -1})["height"] == -1
+        assert (
+            st["gossip"]["core"]["peers"].get("suspect", 0)
+            + st["gossip"]["core"]["peers"].get("dead", 0)
+            >= 1
+        )  # penalised
+    finally:
+        node.stop()
+        await server.close()
