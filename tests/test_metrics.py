@@ -245,11 +245,10 @@ async def test_metrics_of_a_running_network(mosquitto: Any, tmp_path: Path) -> N
 def test_a_full_gossip_buffer_leaves_the_catchup_backlog_computable():
     """A block refused by a full buffer must not leave an empty entry behind (the backlog
     computation, which the dashboard, /metrics and the catch-up log all call, failed on it)."""
+    from collections import Counter
     from types import SimpleNamespace
 
     from meshhealth.net import gossip_shell as gs
-
-    from collections import Counter
 
     shell = gs.GossipShell.__new__(gs.GossipShell)
     shell.buffer, shell.buffered = {}, 0
