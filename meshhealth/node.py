@@ -263,6 +263,7 @@ class Node:
                         self.broker_url,
                     )
                     await stopping
+                self.gossip.close()
                 pipe.cancel()
                 gossip.cancel()
                 sampler.cancel()

@@ -85,6 +85,7 @@ class GossipPeer:
         self.url, self.identity, self.network = url, identity, network
         self._session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._deaf = False
 
     async def __aenter__(self) -> GossipPeer:
         self._session = aiohttp.ClientSession()
@@ -116,9 +117,13 @@ class GossipPeer:
         conn = self.ws._response.connection  # aiohttp has no public handle on it
         assert conn is not None and conn.transport is not None
         conn.transport.pause_reading()
+        self._deaf = True
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.ws is not None:
+        conn = None if self.ws is None else self.ws._response.connection
+        if self._deaf and conn is not None and conn.transport is not None:
+            conn.transport.abort()  # a close handshake would wait for a reply it cannot read
+        elif self.ws is not None:
             await self.ws.close()
         if self._session is not None:
             await self._session.close()

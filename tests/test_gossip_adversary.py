@@ -252,6 +252,45 @@ async def test_a_peer_that_stops_reading_is_bounded_in_bytes_and_cut_off(memnet)
     await eventually(lambda: height(b, c.public) >= 2, 30, "B to get C's blocks from A")
 
 
+async def test_unproven_handshakes_and_connections_per_peer_are_bounded(memnet):
+    """Before its proof a connection can hold a 16 MiB frame: few may be open at once;
+    after it, one peer keeps at most one connection each way."""
+    import aiohttp
+
+    from meshhealth.net import gossip_shell as gs
+
+    (a, _), keys, net = memnet
+    before = a.status()["gossip"]
+    async with aiohttp.ClientSession() as session:
+        idle = []
+        for _ in range(gs.MAX_HANDSHAKES_PER_SOURCE):  # they never say Hello
+            idle.append(await session.ws_connect(f"{a.url}/v1/gossip"))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{a.url}/v1/gossip")
+        assert refused.value.status == 503
+        for ws in idle:
+            await ws.close()
+    peers = [GossipPeer(a.url, keys[2], net) for _ in range(gs.MAX_LINKS_PER_PEER + 2)]
+    try:
+        for p in peers:
+            await p.__aenter__()
+        g = await eventually(
+            lambda: (
+                (
+                    (g := a.status()["gossip"]).get("connections_replaced", 0)
+                    >= before.get("connections_replaced", 0) + 2
+                )
+                and g
+            ),
+            20,
+            "older connections of the same peer to be closed",
+        )
+        assert g["handshake_busy"] > before.get("handshake_busy", 0)
+    finally:
+        for p in peers:
+            await p.__aexit__()
+
+
 # --- issue 11 #12: a lying peer stalls a restarting node -----------------------------------
 
 
@@ -368,6 +407,10 @@ async def test_a_lie_about_another_chain_does_not_stall_catch_up_from_honest_pee
         )
         core = victim.status()["gossip"]["core"]
         assert core["claims_dropped"] >= 1, core  # the liar lost its standing on that chain
+        # a node with a peer connected to it stops promptly too (its API server waited for
+        # the open gossip websocket before: 13-15 s)
+        assert len(honest.status()["gossip"]["connections"]) == 1
+        assert await asyncio.to_thread(stop_within, honest, 5) < 5
     finally:
         victim.stop()
         honest.stop()

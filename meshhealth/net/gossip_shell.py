@@ -99,6 +99,13 @@ class Arrival:
 
 
 MAX_DIAL_BACKOFF_S = 10.0
+# before a peer has proved its key, all it can make us hold is the frame it is sending
+# (up to 16 MiB: aiohttp fixes a websocket's frame bound when it opens): so few at a time
+MAX_HANDSHAKES = 16  # inbound handshakes in progress, in all
+MAX_HANDSHAKES_PER_SOURCE = 4  # ... and from one address
+HANDSHAKE_S = 10.0
+MAX_LINKS_PER_PEER = 2  # connections to one peer (one each way); a newer one ends the oldest
+MAX_OBSERVERS = 32  # read-only peers connected at once
 MAX_REPLY_BYTES = 4 * MiB  # a pull reply stops adding blocks here (one always fits)
 
 
@@ -189,6 +196,8 @@ class GossipShell:
         # (chain, height, ms from the producer's seal to our commit), newest last
         self.latency: deque[tuple[bytes, int, float]] = deque(maxlen=LATENCY_SAMPLES)
         self._dialing: set[str] = set()
+        self._handshakes: Counter[str] = Counter()  # inbound, in progress, per source address
+        self._links: dict[bytes, list[Connection]] = {}  # every live connection, per peer
         self._applying: dict[tuple[bytes, int], bytes] = {}  # block -> header, being applied
         self._session: aiohttp.ClientSession | None = None
         self._tasks: asyncio.TaskGroup | None = None
@@ -267,6 +276,13 @@ class GossipShell:
             for url in self.peer_urls:
                 self._dial(url)
             tg.create_task(self._ticks())
+
+    def close(self) -> None:
+        """Drop every gossip connection (on stop: the API server would otherwise wait for
+        the open websockets' handlers before it shuts down)."""
+        for links in list(self._links.values()):
+            for conn in links:
+                conn.abort()
 
     def _dial(self, url: str) -> None:
         if url in self._dialing or self._tasks is None or self._session is None:
@@ -387,26 +403,59 @@ class GossipShell:
         if not peer_is_node(request.transport):
             self.counters["tls_refused"] += 1
             raise web.HTTPForbidden(text="gossip over TLS needs a node certificate of our CA")
+        source = request.remote or "?"
+        if (
+            sum(self._handshakes.values()) >= MAX_HANDSHAKES
+            or self._handshakes[source] >= MAX_HANDSHAKES_PER_SOURCE
+        ):
+            self.counters["handshake_busy"] += 1
+            raise web.HTTPServiceUnavailable(text="too many gossip handshakes in progress")
+        self._handshakes[source] += 1
         ws = web.WebSocketResponse(max_msg_size=wire.MAX_GOSSIP, heartbeat=10)
-        await ws.prepare(request)
         try:
-            theirs, peer = await self._receive_hello(ws)
-            mine = self._hello()
-            await ws.send_bytes(mine.encode())
-            await ws.send_bytes(
-                hs.prove(self.node.identity.signing, "HR", self.node.network, theirs, mine).encode()
-            )
-            proof = hs.Proof.decode(await asyncio.wait_for(ws.receive_bytes(), 10))
-            hs.check_proof(proof, peer.id, "HI", self.node.network, theirs, mine)
+            await ws.prepare(request)
+            async with asyncio.timeout(HANDSHAKE_S):
+                theirs, peer = await self._receive_hello(ws)
+                mine = self._hello()
+                await ws.send_bytes(mine.encode())
+                await ws.send_bytes(
+                    hs.prove(
+                        self.node.identity.signing, "HR", self.node.network, theirs, mine
+                    ).encode()
+                )
+                proof = hs.Proof.decode(await ws.receive_bytes())
+                hs.check_proof(proof, peer.id, "HI", self.node.network, theirs, mine)
         except (RemoteError, TimeoutError, aiohttp.WSMessageTypeError) as exc:
             self.counters["handshake_refused"] += 1
             log.info("gossip: refused a peer: %s", exc)
             await ws.close()
             return ws
+        finally:
+            self._handshakes[source] -= 1
+            if self._handshakes[source] <= 0:
+                del self._handshakes[source]
         await self._serve(Connection(peer.id, peer.authority, ws))
         return ws
 
     async def _serve(self, conn: Connection) -> None:
+        observers = sum(1 for c in self._links.values() if not c[0].authority)
+        if not conn.authority and conn.peer not in self._links and observers >= MAX_OBSERVERS:
+            self.counters["observers_refused"] += 1
+            await conn.ws.close()
+            return
+        links = self._links.setdefault(conn.peer, [])
+        links.append(conn)
+        while len(links) > MAX_LINKS_PER_PEER:
+            self.counters["connections_replaced"] += 1
+            links.pop(0).abort()
+        try:
+            await self._serve_link(conn)
+        finally:
+            links.remove(conn)
+            if not links and self._links.get(conn.peer) is links:
+                del self._links[conn.peer]
+
+    async def _serve_link(self, conn: Connection) -> None:
         old = self.conns.get(conn.peer)
         self.conns[conn.peer] = conn
         self.counters["connected"] += 1
