@@ -136,7 +136,7 @@ class GossipConfig:
     startup_sync_s: float = 10.0
     # a peer claiming our own chain is ahead of our replica must send our own signed header
     # at that height within this long, or its claim is ignored and it is penalised
-    claim_timeout_s: float = 5.0
+    claim_timeout_s: float = 10.0
     # memory a peer can make us hold (see GossipLimits in meshhealth.net.gossip_shell):
     # blocks waiting for their parent or links, per sending peer and in total (MiB) ...
     buffer_peer_mb: float = 32.0

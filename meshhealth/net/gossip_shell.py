@@ -124,7 +124,7 @@ class GossipLimits:
     send_peer_bytes: int = 32 * MiB  # frames queued to one peer
     send_total_bytes: int = 128 * MiB
     slow_peer_s: float = 30.0  # a peer that takes no frame for this long is disconnected
-    claim_timeout_s: float = 5.0  # to back a claim about our own chain with our header
+    claim_timeout_s: float = 10.0  # to back a claim about our own chain with our header
 
 
 def arrival_cost(a: Arrival) -> int:
@@ -132,6 +132,8 @@ def arrival_cost(a: Arrival) -> int:
     cost = len(a.raw[0]) + len(a.raw[1]) + 256
     if a.entries is not None:
         cost += sum(len(e) + 40 for e in a.entries)  # a bytes object's overhead, and its slot
+    if a.checked is not None:
+        cost += len(a.raw[1])  # the checks' results (a reading's fields, rebuilt) at most
     return cost
 
 
@@ -187,8 +189,9 @@ class GossipShell:
         # what each authority peer says our own chain's head is (start-up sync): only
         # heights we hold, or that the peer backed with our own signed header there
         self.own_reports: dict[bytes, int] = {}
-        # claims our own chain is ahead of our replica, until backed: peer -> (height, deadline)
-        self.own_claims: dict[bytes, tuple[int, float]] = {}
+        # claims our own chain is ahead of our replica, until backed:
+        # peer -> (height, deadline, when to ask again for our header there)
+        self.own_claims: dict[bytes, tuple[int, float, float]] = {}
         self.liars: set[bytes] = set()  # peers that could not back a claim about our chain
         self.synced = not peer_urls
         if not self.synced:
@@ -480,7 +483,6 @@ class GossipShell:
                 await writer
             self._queued(conn, -conn.queued_bytes)  # what it never sent is freed with it
             conn.queue.clear()
-            self.own_claims.pop(conn.peer, None)
             if self.conns.get(conn.peer) is conn:
                 if old is not None and not old.ws.closed:
                     self.conns[conn.peer] = old
@@ -576,8 +578,8 @@ class GossipShell:
             self.own_claims.pop(conn.peer, None)
             return
         if conn.peer in self.own_claims:
-            return  # one claim at a time, asked for once
-        self.own_claims[conn.peer] = (height, now + self.limits.claim_timeout_s)
+            return  # one claim per peer, with one deadline (reconnecting does not renew it)
+        self.own_claims[conn.peer] = (height, now + self.limits.claim_timeout_s, now + 1.0)
         self.counters["own_claims_checked"] += 1
         self.dispatch([Send(conn.peer, Pull(self.me, height, height))])
 
@@ -616,11 +618,16 @@ class GossipShell:
         self.core.penalise(peer, time.monotonic())
 
     def _expire_own_claims(self) -> None:
+        """Claims not backed by their deadline make their peers liars; until then, ask
+        again every second (a busy peer's reply may have been dropped)."""
         now = time.monotonic()
-        for peer, (height, deadline) in list(self.own_claims.items()):
+        for peer, (height, deadline, ask) in list(self.own_claims.items()):
             if deadline <= now:
                 del self.own_claims[peer]
                 self._distrust_own_claim(peer, height, "no header in time")
+            elif ask <= now:
+                self.own_claims[peer] = (height, deadline, now + 1.0)
+                self.dispatch([Send(peer, Pull(self.me, height, height))])
 
     def _on_peer_list(self, conn: Connection, msg: PeerList) -> None:
         """Dial authorities we had no address for (an observer's hints are ignored)."""
