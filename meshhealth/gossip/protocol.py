@@ -142,6 +142,17 @@ class Gossip:
             self.peers[peer] = Peer(peer, last_heard=now)
             self._alive_cache = None
 
+    def forget(self, peer: NodeId) -> None:
+        """Drop a peer (an observer that left) and its claims."""
+        if self.peers.pop(peer, None) is not None:
+            self._alive_cache = None
+        self.addresses.pop(peer, None)
+        for chain, claims in list(self._want.items()):
+            claims.pop(peer, None)
+            if not claims:
+                del self._want[chain]
+        self._distrust = {k: t for k, t in self._distrust.items() if k[0] != peer}
+
     def on_connected(self, peer: NodeId, now: float) -> list[Send]:
         """A connection to ``peer`` came up: compare full head vectors at once.
 

@@ -55,7 +55,16 @@ from meshhealth.chain.lattice import equivocation
 from meshhealth.errors import InvalidBlock, RemoteError
 from meshhealth.gossip import handshake as hs
 from meshhealth.gossip import wire
-from meshhealth.gossip.messages import Blocks, FullHeads, PeerList, Pull, Push, Send
+from meshhealth.gossip.messages import (
+    Blocks,
+    FullHeads,
+    Heads,
+    Message,
+    PeerList,
+    Pull,
+    Push,
+    Send,
+)
 from meshhealth.gossip.protocol import Gossip, GossipParams
 from meshhealth.ingest import verify
 from meshhealth.ingest.replica import MissingLinks, admit_remote
@@ -457,6 +466,8 @@ class GossipShell:
             links.remove(conn)
             if not links and self._links.get(conn.peer) is links:
                 del self._links[conn.peer]
+                if not conn.authority:
+                    self.core.forget(conn.peer)  # an observer leaves nothing behind
 
     async def _serve_link(self, conn: Connection) -> None:
         old = self.conns.get(conn.peer)
@@ -563,7 +574,20 @@ class GossipShell:
         else:
             if isinstance(msg, FullHeads) and conn.authority:
                 self._on_own_report(conn, dict(msg.heads).get(self.me, -1), now)
-            self.dispatch(self.core.on_message(conn.peer, msg, now))
+            self.dispatch(self.core.on_message(conn.peer, self._claims_we_take(conn, msg), now))
+
+    def _claims_we_take(self, conn: Connection, msg: Message) -> Message:
+        """Head claims only about authorities' chains, and only from authorities (an
+        observer's blocks are refused anyway): the core keeps one claim per peer and
+        chain, so a frame of 65,536 made-up chains must not reach it."""
+        if not isinstance(msg, FullHeads | Heads):
+            return msg
+        claims = msg.heads if isinstance(msg, FullHeads) else msg.recent
+        ours = tuple((c, h) for c, h in claims if conn.authority and c in self.authorities)
+        if len(ours) == len(claims):
+            return msg
+        self.counters["claims_ignored"] += len(claims) - len(ours)
+        return FullHeads(ours) if isinstance(msg, FullHeads) else replace(msg, recent=ours)
 
     # --- what peers say about our own chain (start-up sync) ------------------------------
 
