@@ -289,6 +289,17 @@ async def test_unproven_handshakes_and_connections_per_peer_are_bounded(memnet):
     finally:
         for p in peers:
             await p.__aexit__()
+    # head claims about chains that are no authority's are not kept (one per peer and
+    # chain would be): a full vector of made-up chains changes nothing
+    made_up = tuple((os.urandom(32), 5) for _ in range(wire.MAX_HEADS))
+    async with GossipPeer(a.url, keys[3], net) as p:
+        await p.send(wire.encode(FullHeads(made_up)))
+        await eventually(
+            lambda: counter(a, "claims_ignored") >= before.get("claims_ignored", 0) + len(made_up),
+            20,
+            "the claims to be ignored",
+        )
+    assert a.status()["gossip"]["core"]["heads"] <= 4
 
 
 # --- issue 11 #12: a lying peer stalls a restarting node -----------------------------------
