@@ -555,6 +555,8 @@ class GossipShell:
             if not self._accepts(conn, msg.chain):
                 return
             if msg.chain == self.me:
+                if self.synced:
+                    return  # we are our chain's only writer: nothing to check or apply
                 self._check_own_claim(conn.peer, msg.to_height, raws[-1][0])
             # check every entry of the batch in the verifier processes at once, then
             # apply the blocks in order, each as soon as its own entries are done
