@@ -74,7 +74,7 @@ class GossipParams:
     pull_timeout_s: float = 2.0
     # a peer whose pull for a chain went unanswered: its claims about that chain are
     # ignored this long, and the catch-up goes on from the other peers' claims
-    distrust_s: float = 30.0
+    distrust_s: float = 10.0
 
 
 class PeerStatus(Enum):
