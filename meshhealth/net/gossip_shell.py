@@ -146,6 +146,20 @@ def arrival_cost(a: Arrival) -> int:
     return cost
 
 
+def check_signed_block(
+    network: bytes, chain: bytes, height: int, raw: wire.RawBlock, entries: list[bytes] | None
+) -> None:
+    """What a block must pass to wait in the buffer: a header of ``chain`` at ``height`` in
+    our network, signed by that chain's producer, and a body that matches it (count and
+    Merkle root).  Its entries and links are checked when it applies.  Raises
+    :class:`RemoteError` (``InvalidBlock``, ``MalformedMessage``, ``InvalidSignature``)."""
+    header = BlockHeader.decode(raw[0])
+    if (header.node, header.height, header.network) != (chain, height, network):
+        raise InvalidBlock("header names another place", node=chain, height=height)
+    header.verify()
+    verify_body(header, list(decode_body(raw[1])) if entries is None else entries)
+
+
 @dataclass
 class Connection:
     peer: bytes
@@ -700,16 +714,7 @@ class GossipShell:
         signed by the chain's producer at that height, and its body must match it.  Junk
         is never buffered (its sender is penalised)."""
         try:
-            header = BlockHeader.decode(a.raw[0])
-            if (header.node, header.height, header.network) != (
-                a.chain,
-                a.height,
-                self.node.network,
-            ):
-                raise InvalidBlock("header names another place", node=a.chain, height=a.height)
-            header.verify()
-            entries = list(decode_body(a.raw[1])) if a.entries is None else a.entries
-            verify_body(header, entries)
+            check_signed_block(self.node.network, a.chain, a.height, a.raw, a.entries)
         except PEER_FAULTS as exc:
             self._peer_fault(a.src, "invalid_block", f"block {a.chain.hex()[:8]}#{a.height}", exc)
             return False
