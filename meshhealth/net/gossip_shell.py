@@ -335,6 +335,7 @@ class GossipShell:
         deadline = time.monotonic() + timeout
         first: float | None = None
         ok, behind, next_log = self.synced, False, time.monotonic() + timeout
+        next_want = time.monotonic() + 1.0
         while not ok:
             self._expire_own_claims()
             mine = (self.node.store.head(self.me) or (-1, b""))[0]
@@ -346,6 +347,13 @@ class GossipShell:
                 ok = settled and not behind and not self.own_claims
             if ok or (not behind and not self.own_claims and time.monotonic() >= deadline):
                 break
+            if behind and time.monotonic() >= next_want:
+                # keep fetching from every peer that proved a head above ours (the core
+                # drops a claim whose pull went unanswered; a proved one must come back)
+                next_want = time.monotonic() + 1.0
+                for peer, h in self.own_reports.items():
+                    if h > mine:
+                        self.dispatch(self.core.want(peer, self.me, h, time.monotonic()))
             if behind and time.monotonic() >= next_log:
                 log.warning(
                     "still fetching our own chain from peers: we hold %d, they hold %d",
