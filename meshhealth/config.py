@@ -149,7 +149,7 @@ class GossipConfig:
     send_peer_mb: float = 32.0
     send_total_mb: float = 128.0
     # a peer that has not taken a frame from us for this long is disconnected
-    slow_peer_s: float = 30.0
+    slow_peer_s: float = 60.0
 
 
 @dataclass(frozen=True)
