@@ -477,11 +477,16 @@ async def test_a_block_that_breaks_admission_on_an_outbound_connection_does_not_
         assert node.proc is not None and node.proc.poll() is None, node.log.read_text()[-3000:]
         st = node.status()
         assert st["chains"].get(bad.public.hex(), {"height": -1})["height"] == -1
-        assert (
-            st["gossip"]["core"]["peers"].get("suspect", 0)
-            + st["gossip"]["core"]["peers"].get("dead", 0)
-            >= 1
-        )  # penalised
+        peers = st["gossip"]["core"]["peers"]
+        assert peers.get("suspect", 0) + peers.get("dead", 0) >= 1  # penalised
+        # and the same frame on a connection it accepted: refused and counted the same way
+        refused = counter(node, "invalid_block")
+        async with GossipPeer(node.url, bad, net) as p:
+            await p.send(frame)
+            await eventually(
+                lambda: counter(node, "invalid_block") > refused, 20, "the inbound copy refused"
+            )
+        assert node.proc.poll() is None
     finally:
         node.stop()
         await server.close()
