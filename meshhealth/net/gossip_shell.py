@@ -581,9 +581,15 @@ class GossipShell:
                     return  # we are our chain's only writer: nothing to check or apply
                 self._check_own_claim(conn.peer, msg.to_height, raws[-1][0])
             # check every entry of the batch in the verifier processes at once, then
-            # apply the blocks in order, each as soon as its own entries are done
+            # apply the blocks in order, each as soon as its own entries are done; only
+            # blocks that follow our head (a batch from above it waits unchecked, and a
+            # block we hold needs no check)
+            head_h = (self.node.store.head(msg.chain) or (-1, b""))[0]
             bodies: list[list[bytes] | None] = []
-            for raw in raws:
+            for h, raw in zip(range(msg.from_height, msg.to_height + 1), raws, strict=True):
+                if h <= head_h or msg.from_height > head_h + 1:
+                    bodies.append(None)
+                    continue
                 try:
                     bodies.append(list(decode_body(raw[1])))
                 except RemoteError:
@@ -695,18 +701,28 @@ class GossipShell:
             return False
         return True
 
+    @staticmethod
+    def _discard(a: Arrival) -> None:
+        """A block we drop: its entries' checks, if still queued, are not worth doing (and
+        must not hold its entries in the verifier's queue)."""
+        if a.checked is not None:
+            a.checked.cancel()  # a no-op once they are done
+
     async def _receive(self, conn: Connection, a: Arrival, *, forward: bool) -> None:
         now, chain, height = time.monotonic(), a.chain, a.height
         if not self._accepts(conn, chain):
+            self._discard(a)
             return
         if chain == self.me:
             if self.synced:
+                self._discard(a)
                 return  # our own chain: we are its only writer (until start-up sync, a reader)
             if forward:
                 self._check_own_claim(conn.peer, height, a.raw[0])
         head = self.node.store.head(chain)
         head_h, head_hash = (-1, self.node.network) if head is None else head
         if height <= head_h:
+            self._discard(a)
             self._check_equivocation(conn.peer, chain, height, a.raw[0])
             self.core.on_duplicate(conn.peer, now)
             return
@@ -724,6 +740,7 @@ class GossipShell:
         try:
             check_signed_block(self.node.network, a.chain, a.height, a.raw, a.entries)
         except PEER_FAULTS as exc:
+            self._discard(a)
             self._peer_fault(a.src, "invalid_block", f"block {a.chain.hex()[:8]}#{a.height}", exc)
             return False
         self._hold(a)
@@ -771,14 +788,20 @@ class GossipShell:
         if busy is not None:
             if busy != a.raw[0]:
                 self._hold_checked(a)
+            else:
+                self._discard(a)
             self.counters["duplicate_in_flight"] += 1
             self.core.on_duplicate(a.src, time.monotonic())
             return False
         self._applying[key] = a.raw[0]
         try:
-            return await self._apply_once(a, prev, forward)
+            applied = await self._apply_once(a, prev, forward)
         finally:
             del self._applying[key]
+        held = self.buffer.get(a.chain, {}).get(a.height)
+        if not applied and (held is None or held.checked is not a.checked):
+            self._discard(a)
+        return applied
 
     async def _apply_once(self, a: Arrival, prev: bytes, forward: bool) -> bool:
         now = time.monotonic()
@@ -844,6 +867,7 @@ class GossipShell:
             or self.buffer_bytes + cost > lim.buffer_total_bytes
         ):
             self.counters["buffer_dropped"] += 1
+            self._discard(a)
             return
         self.buffer[a.chain] = held  # only a chain with a block in it has an entry
         held[a.height] = a
@@ -880,6 +904,7 @@ class GossipShell:
                 for stale in [h for h in self.buffer.get(c, {}) if h <= head_h]:
                     old = self._take(c, stale)
                     if old is not None:
+                        self._discard(old)
                         self._check_equivocation(old.src, c, stale, old.raw[0])
                 block = self._take(c, head_h + 1)
                 if block is not None and await self._apply(block, head_hash, False):
