@@ -490,3 +490,48 @@ async def test_a_block_that_breaks_admission_on_an_outbound_connection_does_not_
     finally:
         node.stop()
         await server.close()
+
+
+async def test_checks_of_a_dropped_block_are_not_run(tmp_path, monkeypatch):
+    """issue 11 #7: the shell cancels the entry checks of a block it drops (refused, a
+    duplicate, no room in the buffer); the verifier queue skips them instead of holding
+    their entries until it gets to them (it used to check every one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core_helpers import make_batcher, make_world
+
+    from meshhealth.ingest import pipeline as pl
+    from meshhealth.store.lmdb_store import Store
+
+    calls: list[int] = []
+    real = pl.verify.check_entries
+
+    def counted(entries: list[bytes]) -> Any:
+        calls.append(len(entries))
+        time.sleep(0.05)
+        return real(entries)
+
+    monkeypatch.setattr(pl.verify, "check_entries", counted)
+    store = Store(tmp_path / "store")
+    try:
+        p = pl.Pipeline(
+            make_batcher(make_world()),
+            store,
+            workers=1,
+            chunk_size=64,
+            max_backlog=1000,
+            receipts_topic="r/{device}",
+            publish=lambda t, b: None,
+        )
+        p._pool = ThreadPoolExecutor(1)
+        body = [os.urandom(40) for _ in range(20 * pl.VERIFY_PART)]
+        (fut,) = p.verify_blocks([body])
+        fut.cancel()  # what GossipShell._discard does
+        (kept,) = p.verify_blocks([body[: pl.VERIFY_PART]])
+        await asyncio.wait_for(kept, 10)
+        await asyncio.sleep(0.3)
+        assert len(calls) <= 3, calls  # the parts in flight when it was cancelled, and ours
+        assert not p._verify_queue and p._verifying == 0
+        p._pool.shutdown()
+    finally:
+        store.close()
