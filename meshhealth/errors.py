@@ -61,6 +61,10 @@ class RateLimited(RemoteError):
         self.retry_after_s = retry_after_s
 
 
+class HandshakeError(RemoteError):
+    """A gossip peer is not who it claims, is in another network, or is not allowed."""
+
+
 class AccessDenied(RemoteError):
     """The caller is not allowed to do or read this."""
 
