@@ -41,6 +41,7 @@ from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, SeqMark
 from meshhealth.wire import (
     AccessLog,
+    AccessLogV2,
     Control,
     EnrollDevice,
     EquivocationProof,
@@ -256,7 +257,7 @@ class Batcher:
         batch.txs.append((h(raw), len(batch.entries) - 1))
         return True
 
-    def admit_log(self, log: AccessLog, now_ms: int) -> None:
+    def admit_log(self, log: AccessLog | AccessLogV2, now_ms: int) -> None:
         """Put an access log this node signed in its next block (the patient's audit trail);
         raises :class:`Rejected` (``busy``) when the next blocks are full."""
         raw = log.encode()

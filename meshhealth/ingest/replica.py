@@ -49,7 +49,6 @@ from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import MAX_HEIGHT, Commit, IndexedReading, index_hour_ok
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
-    AccessLog,
     BlockHeader,
     Control,
     EnrollDevice,
@@ -58,7 +57,7 @@ from meshhealth.wire import (
     Reading,
     decode_entry,
 )
-from meshhealth.wire.types import CONTROL_CLASSES
+from meshhealth.wire.types import ACCESS_LOGS, CONTROL_CLASSES
 
 
 class MissingLinks(Exception):
@@ -189,7 +188,7 @@ def _admit_remote(
             new_txs.append(e)
             txs.append((h(raw), i))
             continue
-        if isinstance(e, AccessLog):
+        if isinstance(e, ACCESS_LOGS):
             if e.node != node or e.network != b.network:
                 raise bad(f"entry {i}: an access log signed by another node")
             if e.ts_ms > latest_ms:

@@ -37,14 +37,15 @@ async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | Non
 
 
 async def post_tx(
-    session: aiohttp.ClientSession, node_urls: list[str], raw: bytes, *, busy_retries: int = 3
+    session: aiohttp.ClientSession, node_urls: list[str], raw: bytes, *, max_wait_s: float = 30.0
 ) -> str:
-    """Submit a control transaction, failing over across nodes; a node whose next blocks
-    are full (503 ``busy``) is asked again after its ``Retry-After`` (at most 2 s)."""
+    """Submit a control transaction, failing over across nodes; a node that answers 429
+    (a quota) or 503 (its next blocks are full) is asked again after its ``Retry-After``,
+    while the waits add up to ``max_wait_s``."""
     last = ""
+    waited = 0.0
     for url in node_urls:
-        for attempt in range(busy_retries + 1):
-            wait = "1"
+        while True:
             try:
                 async with session.post(
                     f"{url}/v1/tx", data=raw, headers={"Content-Type": "application/msgpack"}
@@ -53,14 +54,21 @@ async def post_tx(
                     if resp.status in (202, 409):
                         return str(body.get("tx", ""))
                     last = f"{url}: {resp.status} {body.get('error')}"
-                    wait = resp.headers.get("Retry-After", "1")
+                    wait = _retry_after(resp) if resp.status in (429, 503) else None
             except (aiohttp.ClientError, TimeoutError) as exc:
-                last = f"{url}: {exc}"
+                last, wait = f"{url}: {exc}", None
+            if wait is None or waited + wait > max_wait_s:
                 break
-            if resp.status != 503 or attempt == busy_retries:
-                break
-            await asyncio.sleep(min(2.0, float(wait) if wait.isdigit() else 1.0))
+            await asyncio.sleep(wait)
+            waited += wait
     raise NetworkError(f"no node accepted the transaction ({last})")
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    try:
+        return max(0.1, float(resp.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
 
 
 async def get_first(
