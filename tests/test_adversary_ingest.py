@@ -108,6 +108,15 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
             c.ingest, max_block_bytes=BLOCK_BOUND, max_seq_gap=SEQ_GAP, block_interval_s=0.2
         ),
         gossip=replace(c.gossip, startup_sync_s=0.5),
+        # the API's per-source and strangers' budgets (issue 11 #4) cap such floods per
+        # hour and per node; an attacker with time, addresses or several nodes to post to
+        # gets past them, so here they are lifted to drive the attacks in seconds
+        api=replace(
+            c.api,
+            tx_source_bytes_per_s=16 * 2**20,
+            tx_source_burst_bytes=64 * 2**20,
+            stranger_bytes_per_hour=64 * 2**20,
+        ),
     )
     (cfg.base / "node.toml").write_text(cfg.dumps())
     node = NodeProcess(cfg.base / "node.toml", root / "honest.log", cfg.api.port)
