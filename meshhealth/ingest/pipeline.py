@@ -268,13 +268,17 @@ class Pipeline:
 
     async def prune_erased(self) -> None:
         """Carry out the erasures applied since the last call: the patients' stored
-        payloads become leaf hashes (in the writer thread, like every other write)."""
+        payloads become leaf hashes (in the writer thread, like every other write), and
+        then the store is compacted so that no freed page keeps the payloads' bytes."""
         loop = asyncio.get_running_loop()
         while self.batcher.erasures_due:
             patient, upto = self.batcher.erasures_due.pop()
             n = await loop.run_in_executor(self._writer, self.store.prune_patient, patient, upto)
             self.pruned += n
             log.info("erased %d readings of patient %s", n, patient.hex()[:8])
+        if self.store.compact_due():  # once per batch of erasures, not once per patient
+            took = await loop.run_in_executor(self._writer, self.store.compact)
+            log.info("compacted the store after an erasure in %.3f s", took)
 
     def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
         """Start checking the entries of several blocks; one future per block.
