@@ -70,6 +70,9 @@ class Device:
         cur = self.cursors[stream]
         old = self.previous.get(stream)
         start = cur.epoch * cur.epoch_ms
+        if old is not None and samples and samples[0][0] >= start:
+            del self.previous[stream]  # switched for good: forget the retired chain's key
+            old = None
         if old is not None and samples and samples[0][0] < start:  # from before the rechain
             before = [s for s in samples if s[0] < start]
             return self._encrypt(stream, old, before, max_samples) + self._encrypt(

@@ -141,6 +141,9 @@ class Store:
             else self._open_ro()
         )
 
+    def _open_ro(self) -> dict[str, Any]:
+        return {name: self.env.open_db(name.encode(), create=False) for name in _DBS}
+
     @contextmanager
     def _read(self) -> Iterator[Any]:
         with self._gate.shared(), self.env.begin() as txn:

@@ -1,0 +1,107 @@
+"""Erasure erases (issue 11 #11): after ``patient erase`` on a real three-node network
+no byte of an erased reading's ciphertext is left in any file under any node's
+directory (LMDB frees pages without blanking them), and the patient's key file keeps
+no seed from which an erased epoch's key derives; the devices move to the new chain
+and forget the old one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_cli import mh
+from test_network import hr_sim, start_nodes
+from test_sharing_read import EPOCH, eventually, nodes_args, raw_readings
+
+from meshhealth.cli.patient_cmds import all_chains
+from meshhealth.crypto.keys import load_identity
+from meshhealth.sharing.provider import chain_keys
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+
+
+def files_holding(root: Path, needles: list[bytes]) -> set[bytes]:
+    """Which of ``needles`` occur in any file under ``root`` (data.mdb, lock.mdb, keys,
+    configs, anything a node left there)."""
+    blobs = [f.read_bytes() for f in root.rglob("*") if f.is_file()]
+    return {n for n in needles if any(n in b for b in blobs)}
+
+
+def store_status(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(url + "/v1/status", timeout=10) as r:
+        return json.loads(r.read())["store"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(240)
+async def test_erase_leaves_no_ciphertext_on_any_node_and_no_old_seed(mosquitto, tmp_path):
+    nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
+    urls = [n.url for n in nodes]
+    try:
+        sim = hr_sim(cfgs, nodes, mosquitto.url, tmp_path / "sim", backfill_s=60, epoch_ms=EPOCH)
+        sim.rekey_poll_s = 0.5
+        try:
+            await sim.enroll()
+            live = asyncio.create_task(sim.run(asyncio.Event(), duration_s=14, drain_timeout=30))
+            pkey = next((tmp_path / "sim" / "patients").glob("*.key"))
+            patient = load_identity(pkey).public
+            other = next(p.identity.public for p in sim.patients if p.identity.public != patient)
+
+            def stored_everywhere() -> bool:
+                return all(len(raw_readings(c.data_path, patient)) >= 40 for c in cfgs)
+
+            assert await eventually(stored_everywhere, 40)
+            old_chains = all_chains(str(pkey))
+            erased = {r.ciphertext: r for c in cfgs for r in raw_readings(c.data_path, patient)}
+            r = mh(
+                "patient", "erase", "--key", str(pkey), "--yes", "--switch-after", "3",
+                *nodes_args(urls[1]),
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert "sealed to 1 device(s)" in r.stdout, r.stdout
+            await asyncio.wait_for(live, 90)
+        finally:
+            sim.close()
+
+        upto = max(r.t_ms for r in erased.values())  # all stored before the erasure
+
+        def erased_and_compacted() -> bool:
+            return all(
+                all(r.t_ms > upto for r in raw_readings(c.data_path, patient)) for c in cfgs
+            ) and all(store_status(u)["compactions"] >= 1 for u in urls)
+
+        assert await eventually(erased_and_compacted, 40), (
+            [store_status(u) for u in urls],
+            [sorted(r.t_ms - upto for r in raw_readings(c.data_path, patient))[:5] for c in cfgs],
+            [n.log.read_text()[-3000:] for n in nodes],
+        )
+        gone = list(erased)
+        assert len(gone) >= 40
+        kept = [r.ciphertext for r in raw_readings(cfgs[0].data_path, other)][:50]
+        assert kept
+        for c in cfgs:
+            root = c.data_path.parent  # the node's whole directory, store and all
+            assert files_holding(root, gone) == set(), root
+            assert files_holding(root, kept) == set(kept), root  # the control
+            assert sorted(p.name for p in c.data_path.iterdir()) == ["data.mdb", "lock.mdb"]
+
+        # the key file: no old seed, nothing that derives an erased reading's key
+        text = pkey.read_bytes()
+        for c in old_chains:
+            assert c.seed not in text and c.seed.hex().encode() not in text
+        now_chains = all_chains(str(pkey))
+        keys = chain_keys(now_chains)({(r.chain_id, r.epoch) for r in erased.values()})
+        assert keys == {}, "the key file still opens erased readings"
+        for c in now_chains:  # a kept old chain starts after every erased epoch of it
+            assert all(c.start_epoch > r.epoch for r in erased.values() if r.chain_id == c.chain_id)
+        new_ids = {c.chain_id for c in now_chains} - {c.chain_id for c in old_chains}
+        assert len(new_ids) == len({c.stream for c in old_chains})  # every stream rechained
+        # the device switched and forgot the retired chain
+        (dev,) = next(p for p in sim.patients if p.identity.public == patient).devices
+        assert {c.chain_id for c in dev.cursors.values()} <= new_ids
+        assert dev.previous == {}
+    finally:
+        for n in nodes:
+            n.stop()
