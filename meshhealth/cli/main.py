@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshhealth.cli import passphrase
 from meshhealth.cli.logs import FORMATS, setup_logging
 from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genesis", help="join an existing network file instead of creating one")
     s.add_argument("--api-port", type=int, default=8700)
     s.add_argument("--broker", help="mqtt://host:port of Mosquitto (default: embedded broker)")
-    s.add_argument("--passphrase", help="seal the node key with this passphrase (Argon2id)")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=cmd_init)
 
     net = sub.add_parser("network", help="network (genesis) files").add_subparsers(
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
     s.add_argument("--epoch-ms", type=int, default=3_600_000, help="key epoch (default 1 h)")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=lambda a: cmd_keygen(a, "patient"))
     s = pat.add_parser("enroll-device", help="let a device publish streams for this patient")
     s.add_argument("--key", required=True, help="the patient's key file")
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--streams", help="comma-separated (default: all of the patient's)")
     s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
     s.add_argument("--out", help="also write the signed transaction here (for the device)")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=_sync(_enroll))
     from meshhealth.cli import patient_cmds
 
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = nd.add_parser("run", help="run a node until SIGINT/SIGTERM")
     s.add_argument("--config", default="node.toml")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=_sync(_node_run))
 
     dev = sub.add_parser("device", help="device keys and simulated wearables").add_subparsers(
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = dev.add_parser("keygen", help="create a device key")
     s.add_argument("--out", required=True)
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=lambda a: cmd_keygen(a, "device"))
     s = dev.add_parser("simulate", help="N patients x M devices publishing over MQTT")
     s.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -399,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ca:
         os.environ[CA_ENV] = str(Path(args.ca).resolve())  # read by every client session
     try:
+        passphrase.resolve(args)
         return int(args.fn(args) or 0)
     except MeshHealthError as exc:
         return fail(exc, args.log_format)
