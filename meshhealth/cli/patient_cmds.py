@@ -239,11 +239,18 @@ async def erase(a: argparse.Namespace) -> int:
         devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
         switch = now + int(a.switch_after * 1000)
         moves = [
-            make_rechain(patient, chain, devices.get(s, set()), keep, now_ms=now, switch_ms=switch)
+            make_rechain(patient, chain, devices[s], keep, now_ms=now, switch_ms=switch)
             for s, chain in chains.items()
+            if devices.get(s)
+        ]
+        # a stream no device publishes needs no transaction: only a new seed in the file
+        quiet = [
+            KeyChain.new(s, epoch_of(switch, c.epoch_ms), c.epoch_ms)
+            for s, c in chains.items()
+            if not devices.get(s)
         ]
         # the new seeds go to the key file before anything can be sealed under them
-        add_chains(a.key, patient, a.passphrase, [chain for _, chain in moves])
+        add_chains(a.key, patient, a.passphrase, [chain for _, chain in moves] + quiet)
         tid = await post_tx(session, a.node, tx.encode())
         print(f"erasure of patient {patient.public.hex()[:8]} submitted: tx {tid}")
         for rc, chain in moves:
