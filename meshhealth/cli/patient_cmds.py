@@ -313,7 +313,7 @@ async def serve(a: argparse.Namespace) -> int:
 
     patient, _ = load_patient(a.key, a.passphrase)  # says so if the file holds no key chain
     genesis = Path(a.genesis) if a.genesis else None
-    reader = Reader(patient, a.node, genesis=genesis, workers=a.workers)
+    reader = Reader(patient, a.node, genesis=genesis, workers=a.workers, limits=limits_of(a))
     chains = all_chains(a.key, a.passphrase)
     return await listen(patient_view.app(reader, chains), a.host, a.port, "patient")
 
@@ -328,7 +328,38 @@ def add_serve_args(s: Any) -> None:
         "--host", default="127.0.0.1", help="loopback address to listen on (127.0.0.1, ::1)"
     )
     s.add_argument("--port", type=int, default=0, help="listen port (default 0: a free one)")
+    s.add_argument(
+        "--max-window-days",
+        type=float,
+        default=7.0,
+        help="the longest window one request may ask for (default 7)",
+    )
+    s.add_argument(
+        "--max-fetch-mb",
+        type=float,
+        default=32.0,
+        help="node answer bytes one request may take in (default 32 MiB)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one request may take (default 60)",
+    )
     add_reader_args(s)
+
+
+def limits_of(a: argparse.Namespace) -> Any:
+    """The viewer's bounds from ``serve``'s flags."""
+    from meshhealth.viewer.server import DAY_MS, Limits
+
+    if a.max_window_days <= 0 or a.max_fetch_mb <= 0 or a.request_timeout <= 0:
+        raise ConfigError("--max-window-days, --max-fetch-mb and --request-timeout must be > 0")
+    return Limits(
+        window_ms=int(a.max_window_days * DAY_MS),
+        max_bytes=int(a.max_fetch_mb * (1 << 20)),
+        timeout_s=a.request_timeout,
+    )
 
 
 def add_reader_args(s: Any) -> None:

@@ -26,6 +26,7 @@ from meshhealth.cli.patient_cmds import (
     add_reader_args,
     add_serve_args,
     all_chains,
+    limits_of,
     open_key_file,
     parse_time,
 )
@@ -148,7 +149,7 @@ async def serve(a: argparse.Namespace) -> int:
 
     me = open_key_file(a.key, a.passphrase).identity
     genesis = Path(a.genesis) if a.genesis else None
-    reader = Reader(me, a.node, genesis=genesis, workers=a.workers)
+    reader = Reader(me, a.node, genesis=genesis, workers=a.workers, limits=limits_of(a))
     return await listen(provider_view.app(reader), a.host, a.port, "viewer")
 
 
