@@ -41,6 +41,9 @@ Publish = Callable[[str, bytes], None]
 VERIFY_PART = 512  # entries per verifier call when checking peers' blocks
 
 
+COMPACT_EVERY_S = 30.0  # the least time between two compactions after erasures
+
+
 @dataclass
 class _VerifyJob:
     """Part ``index`` of one block's entries; the block's future completes with its last part."""
@@ -105,6 +108,7 @@ class Pipeline:
         self.sealed_readings = 0  # readings in our own blocks since start (metrics)
         self.commit_seconds = 0.0
         self.pruned = 0  # readings erased from this store since start
+        self._next_compact = 0.0  # monotonic time the next compaction may start
         self._pool: Executor | None = None
         # held while a block (ours or a peer's) is admitted and committed: one writer of state
         self.apply_lock = asyncio.Lock()
@@ -276,8 +280,12 @@ class Pipeline:
             n = await loop.run_in_executor(self._writer, self.store.prune_patient, patient, upto)
             self.pruned += n
             log.info("erased %d readings of patient %s", n, patient.hex()[:8])
-        if self.store.compact_due():  # once per batch of erasures, not once per patient
+        # once per batch of erasures, not once per patient, and at most every
+        # COMPACT_EVERY_S (each costs a pass over the whole store with writes held up):
+        # a patient erasing again and again cannot keep the writer busy compacting
+        if self.store.compact_due() and time.monotonic() >= self._next_compact:
             took = await loop.run_in_executor(self._writer, self.store.compact)
+            self._next_compact = time.monotonic() + COMPACT_EVERY_S
             log.info("compacted the store after an erasure in %.3f s", took)
 
     def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
