@@ -44,7 +44,7 @@ async def test_erase_leaves_no_ciphertext_on_any_node_and_no_old_seed(mosquitto,
         sim.rekey_poll_s = 0.5
         try:
             await sim.enroll()
-            live = asyncio.create_task(sim.run(asyncio.Event(), duration_s=14, drain_timeout=30))
+            live = asyncio.create_task(sim.run(asyncio.Event(), duration_s=14, drain_timeout=5))
             pkey = next((tmp_path / "sim" / "patients").glob("*.key"))
             patient = load_identity(pkey).public
             other = next(p.identity.public for p in sim.patients if p.identity.public != patient)
