@@ -20,8 +20,6 @@ from meshhealth.cli.patient_cmds import all_chains
 from meshhealth.crypto.keys import load_identity
 from meshhealth.sharing.provider import chain_keys
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
-
 
 def files_holding(root: Path, needles: list[bytes]) -> set[bytes]:
     """Which of ``needles`` occur in any file under ``root`` (data.mdb, lock.mdb, keys,
@@ -35,6 +33,8 @@ def store_status(url: str) -> dict[str, int]:
         return json.loads(r.read())["store"]  # type: ignore[no-any-return]
 
 
+@pytest.mark.integration
+@pytest.mark.asyncio
 @pytest.mark.timeout(240)
 async def test_erase_leaves_no_ciphertext_on_any_node_and_no_old_seed(mosquitto, tmp_path):
     nodes, cfgs = start_nodes(tmp_path / "net", 3, mosquitto.url)
@@ -105,3 +105,29 @@ async def test_erase_leaves_no_ciphertext_on_any_node_and_no_old_seed(mosquitto,
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_erased_chains_keep_no_seed_of_an_erased_epoch() -> None:
+    from meshhealth.cli.patient_cmds import erased_chains
+    from meshhealth.sharing.keychain import KeyChain, ratchet
+
+    ms = 1000
+    hr, bp_old = KeyChain.new("hr", 100, ms), KeyChain.new("bp", 90, ms)
+    bp = KeyChain.new("bp", 103, ms)
+    bp_next = KeyChain.new("bp", 106, ms)  # a revoke's rechain, switching after the erasure
+    new_hr = KeyChain.new("hr", 105, ms)  # the erasure's own rechain: starts in its epoch
+    temp = KeyChain.new("temp", 100, ms)  # no device: no successor on chain
+    upto = 105 * ms + 400  # the erasure cuts through epoch 105
+    chains = [hr, bp_old, bp, temp, bp_next, new_hr]
+    kept = erased_chains(chains, upto, frozenset({new_hr.chain_id}))
+    by_id = {c.chain_id: c for c in kept}
+    assert set(by_id) == {bp.chain_id, temp.chain_id, bp_next.chain_id, new_hr.chain_id}
+    # hr: its successor takes over inside the erased epoch, so hr opens nothing left
+    # bp_old: superseded long before
+    assert by_id[new_hr.chain_id] == new_hr  # made by the erasure: kept whole
+    assert by_id[bp_next.chain_id] == bp_next  # starts after it: nothing erased under it
+    for old in (bp, temp):  # in use after the erasure: cut to epoch 106
+        cut = by_id[old.chain_id]
+        assert (cut.start_epoch, cut.seed) == (106, ratchet(old.seed, 106 - old.start_epoch))
+        with pytest.raises(KeyError):
+            cut.key(105)

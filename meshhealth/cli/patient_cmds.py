@@ -259,25 +259,29 @@ async def erase(a: argparse.Namespace) -> int:
                 f"stream {rc.stream}: new key chain {chain.chain_id.hex()} from {_iso(switch)}, "
                 f"sealed to {len(rc.devices)} device(s) and {len(rc.grants)} open grant(s)"
             )
-    kept = erased_chains(all_chains(a.key, a.passphrase), now)
+    fresh = frozenset(c.chain_id for c in [chain for _, chain in moves] + quiet)
+    kept = erased_chains(all_chains(a.key, a.passphrase), now, fresh)
     write_chains(a.key, patient, a.passphrase, kept)
     print(f"key file {a.key}: {len(kept)} key chain(s) kept, none reaching erased data")
     return 0
 
 
-def erased_chains(chains: list[KeyChain], upto_ms: int) -> list[KeyChain]:
-    """The key chains after an erasure up to ``upto_ms``: each cut to start at the first
-    epoch wholly after it, so no kept seed derives an erased epoch's key; a chain whose
-    readings all fall before that (a successor starts by then) goes entirely.  The
-    readings of the epoch the erasure cuts through that came after it can no longer be
-    opened from the key file (at most one epoch: ``--switch-after`` is shorter)."""
+def erased_chains(
+    chains: list[KeyChain], upto_ms: int, fresh: frozenset[bytes] = frozenset()
+) -> list[KeyChain]:
+    """The key chains after an erasure up to ``upto_ms``: each (but the ``fresh`` ones the
+    erasure made, which opened nothing erased) cut to start at the first epoch wholly
+    after it, so no kept seed derives an erased epoch's key; a chain whose readings all
+    fall before that (a successor starts earlier: nodes refuse a retired chain's readings
+    after its successor's switch) goes entirely.  Readings of the epoch the erasure cuts
+    through from after it can no longer be opened from the key file: at most one epoch."""
     out: list[KeyChain] = []
     for i, c in enumerate(chains):
         first = epoch_of(upto_ms, c.epoch_ms) + 1
         later = [n.start_epoch for n in chains[i + 1 :] if n.stream == c.stream]
-        if c.start_epoch >= first:
+        if c.chain_id in fresh or c.start_epoch >= first:
             out.append(c)
-        elif not later or min(later) > first:
+        elif not later or min(later) >= first:
             out.append(
                 KeyChain(c.stream, c.chain_id, c.key(first), first, c.epoch_ms)
             )  # K(first) opens epochs from first on, nothing before
