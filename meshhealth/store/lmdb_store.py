@@ -26,6 +26,13 @@ A block is committed with everything it implies (header, body, head,
 index, seq marks, enrolments) in **one** write transaction: after a crash
 either all of it is there or none of it.  ``MapFullError`` doubles the map
 and retries instead of failing.
+
+Erasure (``prune_patient``) rewrites bodies with the erased entries as leaf
+hashes, but LMDB keeps the old pages' bytes (free pages, and the tails of
+recycled page buffers), so ``compact`` then rewrites the whole environment
+from its live records and swaps it in.  Every read goes through ``_read``: a
+gate that holds readers back for the few milliseconds of the swap, so a read
+must not wait for the writer thread while it holds a transaction open.
 """
 
 from __future__ import annotations
