@@ -135,3 +135,43 @@ def test_passphrase_from_a_file_or_the_environment(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "wrong passphrase for" in bad.stderr, bad.stderr
     none = run(*grants)
     assert none.returncode == 2 and "is sealed: give --passphrase-file" in none.stderr
+
+
+def test_on_a_terminal_the_passphrase_is_asked_for(tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import termios
+
+    def on_tty(*args: str, answers: list[str]) -> tuple[int, str]:
+        main, sub = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshhealth.cli.main", *args],
+            stdin=sub,
+            stdout=sub,
+            stderr=sub,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            env={k: v for k, v in os.environ.items() if k != keys.PASSPHRASE_ENV},
+        )
+        os.close(sub)
+        out = b""
+        for answer in answers:
+            while b"passphrase" not in out.split(b"\n")[-1].lower():
+                out += os.read(main, 1024)
+            os.write(main, answer.encode() + b"\n")
+            out += b"\n"
+        try:
+            while chunk := os.read(main, 1024):
+                out += chunk
+        except OSError:  # EIO: the child closed the terminal
+            pass
+        os.close(main)
+        return proc.wait(timeout=60), out.decode(errors="replace")
+
+    key = tmp_path / "t.key"
+    code, said = on_tty("patient", "new", "--out", str(key), "--seal", answers=["s3cret", "s3cret"])
+    assert code == 0, said
+    assert "s3cret" not in said  # not echoed
+    assert read_key_file(key, passphrase="s3cret").extra["keychains"]
+    code, said = on_tty("patient", "grants", "--key", str(key), "--node", DEAD, answers=["bad"])
+    assert code == 2 and "wrong passphrase" in said, said
