@@ -18,6 +18,7 @@ from test_sharing_read import EPOCH, eventually, nodes_args, raw_readings
 
 from meshhealth.cli.patient_cmds import all_chains
 from meshhealth.crypto.keys import load_identity
+from meshhealth.sharing.keychain import ratchet
 from meshhealth.sharing.provider import chain_keys
 
 
@@ -98,6 +99,15 @@ async def test_erase_leaves_no_ciphertext_on_any_node_and_no_old_seed(mosquitto,
             assert all(c.start_epoch > r.epoch for r in erased.values() if r.chain_id == c.chain_id)
         new_ids = {c.chain_id for c in now_chains} - {c.chain_id for c in old_chains}
         assert len(new_ids) == len({c.stream for c in old_chains})  # every stream rechained
+        # no file of the devices' or patients' (outboxes, key files) holds a key of an
+        # erased epoch: neither a seed nor any ratchet step up to the last erased epoch
+        last = max(r.epoch for r in erased.values())
+        old_keys = [
+            ratchet(c.seed, e - c.start_epoch)
+            for c in old_chains
+            for e in range(c.start_epoch, last + 1)
+        ]
+        assert old_keys and files_holding(tmp_path / "sim", old_keys) == set()
         # the device switched and forgot the retired chain
         (dev,) = next(p for p in sim.patients if p.identity.public == patient).devices
         assert {c.chain_id for c in dev.cursors.values()} <= new_ids
@@ -131,3 +141,24 @@ def test_erased_chains_keep_no_seed_of_an_erased_epoch() -> None:
         assert (cut.start_epoch, cut.seed) == (106, ratchet(old.seed, 106 - old.start_epoch))
         with pytest.raises(KeyError):
             cut.key(105)
+
+
+def test_compacting_the_outbox_drops_a_forgotten_key_from_its_file(tmp_path: Path) -> None:
+    """The device side of erasure: once a device forgot a retired chain, its outbox is
+    rewritten, so the states written with that chain's key are gone from the file too."""
+    import os as _os
+
+    from device_agents.outbox import Outbox
+
+    box = Outbox(tmp_path / "outbox")
+    dev, old_key, new_key = b"d" * 32, _os.urandom(32), _os.urandom(32)
+    box.put(dev, 1, b"reading-1", [b"seed", old_key])
+    box.put(dev, 2, b"reading-2", [b"seed", new_key])  # the state that forgot it
+    box.env.sync(True)
+    assert files_holding(tmp_path, [old_key]) == {old_key}  # a freed page keeps it
+    box.compact()
+    assert files_holding(tmp_path, [old_key, new_key]) == {new_key}
+    assert box.states() == {dev: [b"seed", new_key]}
+    assert [s for s, _ in box.pending(dev)] == [1, 2] and box.count(dev) == 2
+    assert box.ack(dev, 1) == 1 and box.count() == 1  # and it goes on working
+    box.close()
