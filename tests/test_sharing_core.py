@@ -742,6 +742,24 @@ def test_compaction_after_prune_leaves_no_erased_byte_in_any_file(built: Built) 
     assert store.meta("after") == b"1"
 
 
+def test_a_compaction_a_crash_cut_short_is_done_on_the_next_start(built: Built) -> None:
+    bt, store = built, built.store
+    gone = [r.ciphertext for r in bt.of(bt.p1).values() if r.t_ms <= UPTO]
+    assert store.prune_patient(bt.p1.public, UPTO) == len(gone)
+    path = store.path
+    store.close()  # the crash: pruned, not yet compacted, a half-written copy left behind
+    (path / "data.mdb.compact").write_bytes(b"half a copy")
+    again = Store(path)
+    try:
+        assert not (path / "data.mdb.compact").exists()
+        assert again.compact_due()  # what Node start-up checks, then compacts
+        again.compact()
+        assert files_holding(path, gone) == set() and not again.compact_due()
+    finally:
+        again.close()
+    bt.store = Store(path)  # the fixture closes this one
+
+
 def answer_readings(bt: Built, data: bytes) -> tuple[int | None, list[Reading]]:
     """Check an RS1 answer as a reader would; its next page and readings."""
     tag, nxt, enrolments, blocks = unpack(data, max_len=1 << 26)
