@@ -246,7 +246,8 @@ class Store:
 
     def meta(self, key: str) -> bytes | None:
         with self._read() as txn:
-            return txn.get(key.encode(), db=self.db["meta"])
+            v = txn.get(key.encode(), db=self.db["meta"])
+        return None if v is None else bytes(v)
 
     def reading_count(self) -> int:
         return int.from_bytes(self.meta("readings") or b"\0", "big")
