@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
-    from meshhealth.cli import bench, demo, doctor
+    from meshhealth.cli import bench, demo, doctor, store_cmds
 
+    store_cmds.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
     doctor.add_parser(sub)

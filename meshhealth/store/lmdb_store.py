@@ -30,6 +30,7 @@ and retries instead of failing.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -64,6 +65,30 @@ _DBS = (
 
 def chain_key(node: bytes, height: int) -> bytes:
     return node + struct.pack(">Q", height)
+
+
+def open_by(path: Path) -> int | None:
+    """The pid of a process that has the LMDB store at ``path`` open, or None.
+
+    Every process that opens an environment holds a shared POSIX record lock on
+    the first byte of ``lock.mdb`` until it closes it (LMDB's ``mdb_env_excl_lock``);
+    the kernel drops it when the process dies, even by ``kill -9``.  Asking for
+    the exclusive lock (``F_GETLK``, which takes nothing) tells whether anyone
+    holds it, and who.  Call it before this process opens the store itself:
+    POSIX locks are per process, so our own would not show.
+    """
+    import fcntl
+
+    lockfile = path / "lock.mdb"
+    if not lockfile.exists():
+        return None
+    fd = os.open(lockfile, os.O_RDWR)
+    try:
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    finally:
+        os.close(fd)
+    return None if got[0] == fcntl.F_UNLCK else int(got[4])
 
 
 class Store:
@@ -379,6 +404,72 @@ class Store:
         for key in changed:
             txn.put(key, encode_body(bodies[key]), db=self.db["bodies"])
         return n
+
+    # --- checking and rebuilding the derived databases (meshhealth.store.derived) --
+
+    def iter_all_raw(self) -> Iterator[tuple[bytes, bytes, bytes | None]]:
+        """(node(32) + height(8), header bytes, body bytes) of every stored block, in key
+        order (chain by chain, by height): the chains, whatever ``heads`` says."""
+        with self.env.begin() as txn:
+            bodies = txn.cursor(db=self.db["bodies"])
+            for k, v in txn.cursor(db=self.db["headers"]):
+                b = bodies.get(k)
+                yield bytes(k), bytes(v), (bytes(b) if b is not None else None)
+
+    def bodies_without_header(self) -> list[bytes]:
+        with self.env.begin() as txn:
+            headers = self.db["headers"]
+            return [
+                bytes(k)
+                for k in txn.cursor(db=self.db["bodies"]).iternext(values=False)
+                if txn.get(k, db=headers) is None
+            ]
+
+    def raw_items(self, db: str) -> dict[bytes, bytes]:
+        """Every record of one database, as stored."""
+        with self.env.begin() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db=self.db[db])}
+
+    def replace_derived(
+        self,
+        *,
+        heads: dict[bytes, bytes],
+        readings: dict[tuple[bytes, str, int, bytes, int], list[int]],
+        seqmarks: dict[bytes, bytes],
+        acl: dict[bytes, bytes],
+        audit: dict[bytes, bytes],
+        links: dict[bytes, bytes],
+        reading_count: int,
+    ) -> None:
+        """Empty every derived database and write these records, in one transaction
+        (``meshhealth store reindex``, with the node stopped); the names the readings
+        index interns are minted afresh."""
+
+        def write(txn: Any) -> None:
+            for name in ("heads", "readings", "names", "seqmarks", "acl", "audit", "links"):
+                txn.drop(self.db[name], delete=False)
+            self._names.clear()
+            for db, records in (
+                ("heads", heads),
+                ("seqmarks", seqmarks),
+                ("acl", acl),
+                ("audit", audit),
+                ("links", links),
+            ):
+                for k, v in records.items():
+                    txn.put(k, v, db=self.db[db])
+            for (patient, stream, hour, node, height), idx in sorted(readings.items()):
+                bkey = (
+                    self._name_id(txn, b"p", patient, 4)
+                    + self._name_id(txn, b"s", stream.encode(), 1)
+                    + struct.pack(">I", hour)
+                    + self._name_id(txn, b"n", node, 2)
+                    + struct.pack(">I", height)
+                )
+                txn.put(bkey, pack(idx), db=self.db["readings"])
+            txn.put(b"readings", reading_count.to_bytes(8, "big"), db=self.db["meta"])
+
+        self._write(write)
 
     def disk_bytes(self) -> int:
         """Bytes of the store actually in use (pages up to the high-water mark)."""
