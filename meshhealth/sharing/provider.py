@@ -414,12 +414,10 @@ def _unpack_answer(body: bytes) -> tuple[int | None, list[bytes], list[Any]]:
 
 def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """Worker processes for signature checks and decryption, started now."""
-    import multiprocessing
+    from meshhealth.workers import forkserver_pool  # they die with us, even by kill -9
 
     n = workers or os.cpu_count() or 1
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["meshhealth.sharing.provider"])
-    pool = ProcessPoolExecutor(n, mp_context=ctx)
+    pool = forkserver_pool(n, ["meshhealth.sharing.provider"])
     list(pool.map(abs, range(n)))  # start every worker now, not on the first fetch
     return pool
 
