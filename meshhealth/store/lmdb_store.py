@@ -458,7 +458,7 @@ class Store:
             ):
                 for k, v in records.items():
                     txn.put(k, v, db=self.db[db])
-            for (patient, stream, hour, node, height), idx in sorted(readings.items()):
+            for (patient, stream, hour, node, height), idx in readings.items():
                 bkey = (
                     self._name_id(txn, b"p", patient, 4)
                     + self._name_id(txn, b"s", stream.encode(), 1)
