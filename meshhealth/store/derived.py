@@ -31,8 +31,11 @@ two chains, the stored location may be either of them.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import decode_body
@@ -40,7 +43,7 @@ from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, RemoteError
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.store.lmdb_store import HOUR_MS, Store
+from meshhealth.store.lmdb_store import HOUR_MS, Store, chain_key
 from meshhealth.wire import AccessLog, BlockHeader, EquivocationProof, Reading, decode_entry
 from meshhealth.wire.codec import unpack
 from meshhealth.wire.types import CONTROL_CLASSES
@@ -52,15 +55,56 @@ NAME_WIDTH = {b"n": 2, b"p": 4, b"s": 1}  # chain, patient, stream ids in the re
 
 # (patient, stream, hour, chain, height): one readings index record
 BucketKey = tuple[bytes, str, int, bytes, int]
+Blocks = Iterator[tuple[bytes, BlockHeader, tuple[bytes, ...]]]
+
+
+def _blocks(store: Store) -> Blocks:
+    """(node + height, header, entries) of every decodable stored block, in key order
+    (the undecodable ones and missing bodies are ``verify_chain``'s to report)."""
+    for key, raw_header, raw_body in store.iter_all_raw():
+        if raw_body is None:
+            continue
+        try:
+            yield key, BlockHeader.decode(raw_header), decode_body(raw_body)
+        except RemoteError:
+            continue
+
+
+def _decoded(entries: tuple[bytes, ...]) -> Iterator[tuple[int, Any]]:
+    for i, raw in enumerate(entries):
+        if is_pruned(raw):
+            yield i, None
+            continue
+        try:
+            yield i, decode_entry(raw)
+        except RemoteError:
+            continue
+
+
+def block_buckets(key: bytes, entries: tuple[bytes, ...]) -> dict[BucketKey, list[int]]:
+    """The readings index records one block implies (every reading it still holds)."""
+    node, height = key[:32], struct.unpack(">Q", key[32:])[0]
+    out: dict[BucketKey, list[int]] = {}
+    for i, e in _decoded(entries):
+        if isinstance(e, Reading):
+            out.setdefault((e.patient, e.stream, e.t_ms // HOUR_MS, node, height), []).append(i)
+    return out
+
+
+def all_buckets(store: Store) -> Iterator[tuple[BucketKey, list[int]]]:
+    for key, _, entries in _blocks(store):
+        yield from block_buckets(key, entries).items()
 
 
 @dataclass
 class Scan:
-    """What the derived databases must hold, from the blocks alone."""
+    """What the derived databases must hold, from the blocks alone.  The readings index,
+    the largest, is not held here: :func:`check` and :func:`rebuild` stream it block by
+    block, so memory is one block's records, not the store's."""
 
     heads: dict[bytes, bytes] = field(default_factory=dict)  # node -> height(8) + hash
-    readings: dict[BucketKey, list[int]] = field(default_factory=dict)
-    seqs: dict[bytes, set[int]] = field(default_factory=dict)  # device -> seqs in the blocks
+    marks: dict[bytes, SeqMark] = field(default_factory=dict)  # device -> seqs in the blocks
+    distinct_readings: int = 0  # (device, seq) pairs in the blocks
     acl: dict[bytes, list[bytes]] = field(default_factory=dict)  # tx hash -> locations
     audit: dict[bytes, list[bytes]] = field(default_factory=dict)  # audit key -> locations
     links: dict[bytes, bytes] = field(default_factory=dict)  # node + chain -> height(8)
@@ -68,52 +112,30 @@ class Scan:
     access: AccessState = field(default_factory=AccessState)  # every control tx, replayed
     problems: list[str] = field(default_factory=list)  # in the chains themselves
 
-    @property
-    def distinct_readings(self) -> int:
-        return sum(len(s) for s in self.seqs.values())
-
-    def marks(self) -> dict[bytes, SeqMark]:
-        out: dict[bytes, SeqMark] = {}
-        for device, seqs in self.seqs.items():
-            m = out[device] = SeqMark()
-            for s in sorted(seqs):
-                m.add(s)
-        return out
-
 
 def _loc(key: bytes, index: int) -> bytes:
     return key + struct.pack(">I", index)
 
 
 def scan(store: Store) -> Scan:
-    """Read every stored block once (undecodable ones are left to ``verify_chain``)."""
+    """Read every stored block once."""
     sc = Scan()
-    for key, raw_header, raw_body in store.iter_all_raw():
-        node, height = key[:32], struct.unpack(">Q", key[32:])[0]
-        sc.heads[node] = struct.pack(">Q", height) + h(raw_header)
-        if raw_body is None:
-            continue  # verify_chain reports it
-        try:
-            header = BlockHeader.decode(raw_header)
-            entries = decode_body(raw_body)
-        except RemoteError:
-            continue
+    for key, raw_header, _ in store.iter_all_raw():
+        sc.heads[key[:32]] = key[32:] + h(raw_header)
+    for key, header, entries in _blocks(store):
+        node = key[:32]
         for link in header.links:  # the latest block of a chain that links another wins
             sc.links[node + link.node] = struct.pack(">Q", link.height)
-        for i, raw in enumerate(entries):
-            if is_pruned(raw):
+        for i, e in _decoded(entries):
+            if e is None:
                 sc.pruned += 1
-                continue
-            try:
-                e = decode_entry(raw)
-            except RemoteError:
-                continue
-            if isinstance(e, Reading):
-                bkey = (e.patient, e.stream, e.t_ms // HOUR_MS, node, height)
-                sc.readings.setdefault(bkey, []).append(i)
-                sc.seqs.setdefault(e.device, set()).add(e.seq)
+            elif isinstance(e, Reading):
+                m = sc.marks.setdefault(e.device, SeqMark())
+                if not m.has(e.seq):
+                    m.add(e.seq)
+                    sc.distinct_readings += 1
             elif isinstance(e, (*CONTROL_CLASSES, EquivocationProof)):
-                sc.acl.setdefault(h(raw), []).append(_loc(key, i))
+                sc.acl.setdefault(h(entries[i]), []).append(_loc(key, i))
                 if isinstance(e, CONTROL_CLASSES):
                     sc.access.apply(e)
             elif isinstance(e, AccessLog):
@@ -155,11 +177,48 @@ def _names(records: dict[bytes, bytes], out: list[str]) -> dict[tuple[bytes, byt
     return good
 
 
-def _stored_readings(
-    records: dict[bytes, bytes], names: dict[tuple[bytes, bytes], bytes], out: list[str]
-) -> dict[BucketKey, tuple[bytes, list[int]]]:
-    got: dict[BucketKey, tuple[bytes, list[int]]] = {}
-    for k, v in records.items():
+def _bucket(b: BucketKey) -> str:
+    patient, stream, hour, node, height = b
+    return f"patient {patient.hex()[:16]} {stream} hour {hour} chain {node.hex()[:8]}#{height}"
+
+
+def _indexes(v: bytes) -> list[int] | None:
+    try:
+        idx = unpack(v, max_len=1 << 20)
+    except MalformedMessage:
+        return None
+    ok = isinstance(idx, list) and all(type(i) is int for i in idx)
+    return idx if ok else None
+
+
+def _check_readings(store: Store, names: dict[tuple[bytes, bytes], bytes], out: list[str]) -> None:
+    """Every record the blocks imply, looked up (missing, altered); then, only if the
+    stored count differs from what matched, every stored record (extra, malformed)."""
+    ids = {(kind, name): lid for (kind, lid), name in names.items()}
+    matched = 0
+    for bkey, idx in all_buckets(store):
+        patient, stream, hour, node, height = bkey
+        pid, sid = ids.get((b"p", patient)), ids.get((b"s", stream.encode()))
+        nid = ids.get((b"n", node))
+        if pid is None or sid is None or nid is None:
+            out.append(f"readings: {_bucket(bkey)}: missing (entries {idx}; no id for its names)")
+            continue
+        skey = pid + sid + struct.pack(">I", hour) + nid + struct.pack(">I", height)
+        v = store.raw_get("readings", skey)
+        if v is None:
+            out.append(f"readings: {skey.hex()} ({_bucket(bkey)}): missing (entries {idx})")
+        elif _indexes(v) != idx:
+            out.append(
+                f"readings: {skey.hex()} ({_bucket(bkey)}): altered "
+                f"(entries {_indexes(v)} instead of {idx})"
+            )
+            matched += 1  # found, if wrong: not an extra
+        else:
+            matched += 1
+    if store.count("readings") == matched:
+        return
+    cache: tuple[bytes, dict[BucketKey, list[int]]] = (b"", {})
+    for k, _ in store.iter_items("readings"):
         if len(k) != 15:
             out.append(f"readings: {k.hex()}: key of {len(k)} bytes, not 15")
             continue
@@ -168,27 +227,24 @@ def _stored_readings(
         if patient is None or stream is None or node is None:
             out.append(f"readings: {k.hex()}: names an unknown patient, stream or chain id")
             continue
-        try:
-            idx = unpack(v, max_len=1 << 20)
-            if not isinstance(idx, list) or not all(type(i) is int for i in idx):
-                raise MalformedMessage("not a list of entry indexes")
-        except MalformedMessage as exc:
-            out.append(f"readings: {k.hex()}: undecodable value ({exc})")
-            continue
+        height = struct.unpack(">I", k[11:15])[0]
         bkey = (
             patient,
             stream.decode(errors="replace"),
             struct.unpack(">I", k[5:9])[0],
             node,
-            struct.unpack(">I", k[11:15])[0],
+            height,
         )
-        got[bkey] = (k, idx)
-    return got
-
-
-def _bucket(b: BucketKey) -> str:
-    patient, stream, hour, node, height = b
-    return f"patient {patient.hex()[:16]} {stream} hour {hour} chain {node.hex()[:8]}#{height}"
+        ckey = chain_key(node, height)
+        if cache[0] != ckey:
+            raw = store.raw_block(node, height)
+            body = None
+            if raw is not None:
+                with contextlib.suppress(RemoteError):
+                    body = decode_body(raw[1])
+            cache = (ckey, block_buckets(ckey, body) if body is not None else {})
+        if bkey not in cache[1]:
+            out.append(f"readings: {k.hex()} ({_bucket(bkey)}): extra record, no such readings")
 
 
 def _exact(db: str, want: dict[bytes, bytes], have: dict[bytes, bytes], out: list[str]) -> None:
@@ -213,42 +269,44 @@ def _located(
             out.append(f"{db}: {k.hex()}: altered (points at {have[k].hex()}, not at the entry)")
 
 
+def _covers(stored: SeqMark, want: SeqMark) -> bool:
+    """Whether ``stored`` marks every seq ``want`` marks."""
+    if stored.contiguous < want.contiguous and not all(
+        stored.has(s) for s in range(stored.contiguous + 1, want.contiguous + 1)
+    ):
+        return False
+    return all(stored.has(s) for s in want.above)
+
+
+def _decode_mark(v: bytes) -> SeqMark | str:
+    try:
+        return SeqMark.decode(v)
+    except (MalformedMessage, TypeError, ValueError) as exc:
+        return str(exc) or exc.__class__.__name__
+
+
 def check(store: Store, sc: Scan) -> list[str]:
     """Every way the derived databases differ from what the blocks imply; [] when none."""
     out = list(sc.problems)
-    raw = {db: store.raw_items(db) for db in DERIVED}
+    raw = {db: store.raw_items(db) for db in DERIVED if db != "readings"}
     _exact("heads", sc.heads, raw["heads"], out)
     _exact("links", sc.links, raw["links"], out)
     _located("acl", sc.acl, raw["acl"], out)
     _located("audit", sc.audit, raw["audit"], out)
-    names = _names(raw["names"], out)
-    have = _stored_readings(raw["readings"], names, out)
-    for b in sorted(sc.readings.keys() - have.keys()):
-        out.append(f"readings: {_bucket(b)}: missing (entries {sc.readings[b]})")
-    for b in sorted(have.keys() - sc.readings.keys()):
-        out.append(f"readings: {have[b][0].hex()} ({_bucket(b)}): extra record")
-    for b in sorted(sc.readings.keys() & have.keys()):
-        if have[b][1] != sc.readings[b]:
-            out.append(
-                f"readings: {have[b][0].hex()} ({_bucket(b)}): altered "
-                f"(entries {have[b][1]} instead of {sc.readings[b]})"
-            )
-    marks = sc.marks()
+    _check_readings(store, _names(raw["names"], out), out)
     for device, v in sorted(raw["seqmarks"].items()):
-        try:
-            stored = SeqMark.decode(v)
-        except (MalformedMessage, TypeError, ValueError) as exc:
-            out.append(f"seqmarks: {device.hex()}: undecodable ({exc})")
-            continue
-        want = marks.get(device)
-        if want is None:
+        stored = _decode_mark(v)
+        want = sc.marks.get(device)
+        if isinstance(stored, str):
+            out.append(f"seqmarks: {device.hex()}: undecodable ({stored})")
+        elif want is None:
             if not sc.pruned:
                 out.append(f"seqmarks: {device.hex()}: extra record, no reading of this device")
-        elif not all(stored.has(s) for s in sc.seqs[device]):
+        elif not _covers(stored, want):
             out.append(f"seqmarks: {device.hex()}: altered (misses seqs stored in the blocks)")
         elif not sc.pruned and (stored.contiguous, stored.above) != (want.contiguous, want.above):
             out.append(f"seqmarks: {device.hex()}: altered (marks seqs no block holds)")
-    for device in sorted(marks.keys() - raw["seqmarks"].keys()):
+    for device in sorted(sc.marks.keys() - raw["seqmarks"].keys()):
         out.append(f"seqmarks: {device.hex()}: missing")
     count = int.from_bytes(raw["meta"].get(b"readings", b""), "big")
     lo = sc.distinct_readings
@@ -264,30 +322,29 @@ def check(store: Store, sc: Scan) -> list[str]:
 
 
 def rebuild(store: Store, sc: Scan) -> dict[str, int]:
-    """Rewrite every derived database from ``sc`` in one transaction; records per database.
-    Kept from the stored ones where the blocks cannot tell (see the module docstring)."""
+    """Rewrite every derived database from ``sc`` and the blocks, in one transaction;
+    records per database.  Kept from the stored ones where the blocks cannot tell (see
+    the module docstring)."""
     raw = {db: store.raw_items(db) for db in ("acl", "audit", "seqmarks", "meta")}
 
     def place(want: dict[bytes, list[bytes]], have: dict[bytes, bytes]) -> dict[bytes, bytes]:
         return {k: (have[k] if have.get(k) in locs else locs[0]) for k, locs in want.items()}
 
-    marks = sc.marks()
+    marks = {d: m.copy() for d, m in sc.marks.items()}
     if sc.pruned:  # erased readings' seqs are only in the stored marks: keep them
         for device, v in raw["seqmarks"].items():
-            try:
-                stored = SeqMark.decode(v)
-            except (MalformedMessage, TypeError, ValueError):
+            stored = _decode_mark(v)
+            if isinstance(stored, str):
                 continue
             m = marks.get(device, SeqMark())
-            top = max(m.contiguous, stored.contiguous)
-            merged = marks[device] = SeqMark(top)
+            merged = marks[device] = SeqMark(max(m.contiguous, stored.contiguous))
             for s in sorted(m.above | stored.above):
                 merged.add(s)
     count = int.from_bytes(raw["meta"].get(b"readings", b""), "big")
     count = min(max(count, sc.distinct_readings), sc.distinct_readings + sc.pruned)
-    store.replace_derived(
+    buckets = store.replace_derived(
         heads=sc.heads,
-        readings=sc.readings,
+        readings=lambda: all_buckets(store),
         seqmarks={d: m.encode() for d, m in marks.items()},
         acl=place(sc.acl, raw["acl"]),
         audit=place(sc.audit, raw["audit"]),
@@ -296,7 +353,7 @@ def rebuild(store: Store, sc: Scan) -> dict[str, int]:
     )
     return {
         "heads": len(sc.heads),
-        "readings": len(sc.readings),
+        "readings": buckets,
         "seqmarks": len(marks),
         "acl": len(sc.acl),
         "audit": len(sc.audit),
@@ -304,4 +361,4 @@ def rebuild(store: Store, sc: Scan) -> dict[str, int]:
     }
 
 
-__all__ = ["DERIVED", "PRIMARY", "Scan", "check", "rebuild", "scan"]
+__all__ = ["DERIVED", "PRIMARY", "Scan", "all_buckets", "block_buckets", "check", "rebuild", "scan"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -427,25 +427,42 @@ class Store:
 
     def raw_items(self, db: str) -> dict[bytes, bytes]:
         """Every record of one database, as stored."""
+        return dict(self.iter_items(db))
+
+    def iter_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
         with self.env.begin() as txn:
-            return {bytes(k): bytes(v) for k, v in txn.cursor(db=self.db[db])}
+            for k, v in txn.cursor(db=self.db[db]):
+                yield bytes(k), bytes(v)
+
+    def raw_get(self, db: str, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            v = txn.get(key, db=self.db[db])
+        return None if v is None else bytes(v)
+
+    def count(self, db: str) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.db[db])["entries"])
 
     def replace_derived(
         self,
         *,
         heads: dict[bytes, bytes],
-        readings: dict[tuple[bytes, str, int, bytes, int], list[int]],
+        readings: Callable[[], Iterable[tuple[tuple[bytes, str, int, bytes, int], list[int]]]],
         seqmarks: dict[bytes, bytes],
         acl: dict[bytes, bytes],
         audit: dict[bytes, bytes],
         links: dict[bytes, bytes],
         reading_count: int,
-    ) -> None:
+    ) -> int:
         """Empty every derived database and write these records, in one transaction
         (``meshhealth store reindex``, with the node stopped); the names the readings
-        index interns are minted afresh."""
+        index interns are minted afresh, in the order of ``readings()`` (called again if the
+        map grows and the transaction is retried; it may read the blocks, which this
+        does not change).
+        Returns the readings index records written."""
 
-        def write(txn: Any) -> None:
+        def write(txn: Any) -> int:
+            n = 0
             for name in ("heads", "readings", "names", "seqmarks", "acl", "audit", "links"):
                 txn.drop(self.db[name], delete=False)
             self._names.clear()
@@ -458,7 +475,7 @@ class Store:
             ):
                 for k, v in records.items():
                     txn.put(k, v, db=self.db[db])
-            for (patient, stream, hour, node, height), idx in readings.items():
+            for (patient, stream, hour, node, height), idx in readings():
                 bkey = (
                     self._name_id(txn, b"p", patient, 4)
                     + self._name_id(txn, b"s", stream.encode(), 1)
@@ -467,9 +484,11 @@ class Store:
                     + struct.pack(">I", height)
                 )
                 txn.put(bkey, pack(idx), db=self.db["readings"])
+                n += 1
             txn.put(b"readings", reading_count.to_bytes(8, "big"), db=self.db["meta"])
+            return n
 
-        self._write(write)
+        return int(self._write(write))
 
     def disk_bytes(self) -> int:
         """Bytes of the store actually in use (pages up to the high-water mark)."""
