@@ -108,3 +108,10 @@ def test_an_erase_is_not_damage_and_a_rebuild_keeps_the_erased_seqs(store: Store
     device = first(store.raw_items("seqmarks"))
     edit(store, "seqmarks", lambda r: r.__setitem__(device, SeqMark().encode()))
     assert any(p.startswith("seqmarks: ") and "misses" in p for p in problems(store))
+
+
+def test_every_database_of_the_store_is_verified() -> None:
+    """A new database must say how ``chain verify`` checks it (here, in store/derived)."""
+    from meshhealth.store.lmdb_store import _DBS
+
+    assert sorted(_DBS) == sorted(derived.PRIMARY + derived.DERIVED)
