@@ -41,12 +41,17 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import decode_body
 from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
-from meshhealth.errors import MalformedMessage, RemoteError
+from meshhealth.errors import MalformedMessage, MeshHealthError, RemoteError
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import HOUR_MS, Store, chain_key
 from meshhealth.wire import AccessLog, BlockHeader, EquivocationProof, Reading, decode_entry
 from meshhealth.wire.codec import unpack
 from meshhealth.wire.types import CONTROL_CLASSES
+
+try:  # every access log version the audit index holds
+    from meshhealth.wire.types import ACCESS_LOGS  # type: ignore[attr-defined]
+except ImportError:  # before a second version
+    ACCESS_LOGS = (AccessLog,)
 
 # every database of the store; the first two are the chains, the rest derived
 PRIMARY = ("headers", "bodies")
@@ -138,7 +143,7 @@ def scan(store: Store) -> Scan:
                 sc.acl.setdefault(h(entries[i]), []).append(_loc(key, i))
                 if isinstance(e, CONTROL_CLASSES):
                     sc.access.apply(e)
-            elif isinstance(e, AccessLog):
+            elif isinstance(e, ACCESS_LOGS):
                 akey = e.patient + struct.pack(">Q", e.ts_ms) + e.request[:8]
                 sc.audit.setdefault(akey, []).append(_loc(key, i))
     for key in store.bodies_without_header():
@@ -281,7 +286,7 @@ def _covers(stored: SeqMark, want: SeqMark) -> bool:
 def _decode_mark(v: bytes) -> SeqMark | str:
     try:
         return SeqMark.decode(v)
-    except (MalformedMessage, TypeError, ValueError) as exc:
+    except (MeshHealthError, TypeError, ValueError) as exc:
         return str(exc) or exc.__class__.__name__
 
 
