@@ -82,7 +82,10 @@ def open_by(path: Path) -> int | None:
     lockfile = path / "lock.mdb"
     if not lockfile.exists():
         return None
-    fd = os.open(lockfile, os.O_RDWR)
+    try:
+        fd = os.open(lockfile, os.O_RDONLY)  # F_GETLK asks; it needs no write access
+    except OSError as exc:
+        raise StorageError(f"cannot read {lockfile}: {exc}") from exc
     try:
         probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
         got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
