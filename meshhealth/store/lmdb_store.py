@@ -67,33 +67,6 @@ def chain_key(node: bytes, height: int) -> bytes:
     return node + struct.pack(">Q", height)
 
 
-def open_by(path: Path) -> int | None:
-    """The pid of a process that has the LMDB store at ``path`` open, or None.
-
-    Every process that opens an environment holds a shared POSIX record lock on
-    the first byte of ``lock.mdb`` until it closes it (LMDB's ``mdb_env_excl_lock``);
-    the kernel drops it when the process dies, even by ``kill -9``.  Asking for
-    the exclusive lock (``F_GETLK``, which takes nothing) tells whether anyone
-    holds it, and who.  Call it before this process opens the store itself:
-    POSIX locks are per process, so our own would not show.
-    """
-    import fcntl
-
-    lockfile = path / "lock.mdb"
-    if not lockfile.exists():
-        return None
-    try:
-        fd = os.open(lockfile, os.O_RDONLY)  # F_GETLK asks; it needs no write access
-    except OSError as exc:
-        raise StorageError(f"cannot read {lockfile}: {exc}") from exc
-    try:
-        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
-        got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
-    finally:
-        os.close(fd)
-    return None if got[0] == fcntl.F_UNLCK else int(got[4])
-
-
 class Store:
     def __init__(self, path: Path, *, map_size_mb: int = 64, readonly: bool = False) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -408,6 +381,19 @@ class Store:
             txn.put(key, encode_body(bodies[key]), db=self.db["bodies"])
         return n
 
+    def disk_bytes(self) -> int:
+        """Bytes of the store actually in use (pages up to the high-water mark)."""
+        info, stat = self.env.info(), self.env.stat()
+        return int((info["last_pgno"] + 1) * stat["psize"])
+
+    def statistics(self) -> dict[str, Any]:
+        info = self.env.info()
+        return {
+            "map_size": info["map_size"],
+            "used_bytes": self.disk_bytes(),
+            "readings": self.reading_count(),
+        }
+
     # --- checking and rebuilding the derived databases (meshhealth.store.derived) --
 
     def iter_all_raw(self) -> Iterator[tuple[bytes, bytes, bytes | None]]:
@@ -493,15 +479,29 @@ class Store:
 
         return int(self._write(write))
 
-    def disk_bytes(self) -> int:
-        """Bytes of the store actually in use (pages up to the high-water mark)."""
-        info, stat = self.env.info(), self.env.stat()
-        return int((info["last_pgno"] + 1) * stat["psize"])
 
-    def statistics(self) -> dict[str, Any]:
-        info = self.env.info()
-        return {
-            "map_size": info["map_size"],
-            "used_bytes": self.disk_bytes(),
-            "readings": self.reading_count(),
-        }
+def open_by(path: Path) -> int | None:
+    """The pid of a process that has the LMDB store at ``path`` open, or None.
+
+    Every process that opens an environment holds a shared POSIX record lock on
+    the first byte of ``lock.mdb`` until it closes it (LMDB's ``mdb_env_excl_lock``);
+    the kernel drops it when the process dies, even by ``kill -9``.  Asking for
+    the exclusive lock (``F_GETLK``, which takes nothing) tells whether anyone
+    holds it, and who.  Call it before this process opens the store itself:
+    POSIX locks are per process, so our own would not show.
+    """
+    import fcntl
+
+    lockfile = path / "lock.mdb"
+    if not lockfile.exists():
+        return None
+    try:
+        fd = os.open(lockfile, os.O_RDONLY)  # F_GETLK asks; it needs no write access
+    except OSError as exc:
+        raise StorageError(f"cannot read {lockfile}: {exc}") from exc
+    try:
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    finally:
+        os.close(fd)
+    return None if got[0] == fcntl.F_UNLCK else int(got[4])
