@@ -138,6 +138,18 @@ class GossipConfig:
     peer_exchange: bool = True  # learn other authorities' URLs from peers, and dial them
     # on start, wait up to this long to learn our own chain's head from peers before sealing
     startup_sync_s: float = 10.0
+    # a peer claiming our own chain is ahead of our replica must send our own signed header
+    # at that height within this long, or its claim is ignored and it is penalised
+    claim_timeout_s: float = 10.0
+    # memory a peer can make us hold (see GossipLimits in meshhealth.net.gossip_shell):
+    # blocks waiting for their parent or links, per sending peer and in total (MiB) ...
+    buffer_peer_mb: float = 32.0
+    buffer_total_mb: float = 128.0
+    # ... and frames queued to send (pull replies, pushes, digests), per peer and in total
+    send_peer_mb: float = 32.0
+    send_total_mb: float = 128.0
+    # a peer that has not taken a frame from us for this long is disconnected
+    slow_peer_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +281,21 @@ class NodeConfig:
             raise ConfigError(f"{source}: gossip.tick_s must be in [0.01, 60]")
         if not 0 <= g.startup_sync_s <= 3600:
             raise ConfigError(f"{source}: gossip.startup_sync_s must be in [0, 3600]")
+        if not 0.1 <= g.claim_timeout_s <= 600:
+            raise ConfigError(f"{source}: gossip.claim_timeout_s must be in [0.1, 600]")
+        if not 1 <= g.slow_peer_s <= 3600:
+            raise ConfigError(f"{source}: gossip.slow_peer_s must be in [1, 3600]")
+        # a maximal block (8 MiB + 64 KiB) must fit in one peer's send queue; a block
+        # too big for the buffer is not held but pulled again once its parent is in
+        for key, peer, total, least in (
+            ("buffer", g.buffer_peer_mb, g.buffer_total_mb, 1),
+            ("send", g.send_peer_mb, g.send_total_mb, 9),
+        ):
+            if not least <= peer <= total <= 65_536:
+                raise ConfigError(
+                    f"{source}: gossip.{key}_peer_mb and gossip.{key}_total_mb must satisfy "
+                    f"{least} <= {key}_peer_mb <= {key}_total_mb <= 65536"
+                )
         for url in [*g.peers, *([g.advertise_url] if g.advertise_url else [])]:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{source}: gossip URL {url!r} must start with http(s)://")

@@ -51,6 +51,10 @@ class Rejected(RemoteError):
         self.detail = detail
 
 
+class HandshakeError(RemoteError):
+    """A gossip peer is not who it claims, is in another network, or is not allowed."""
+
+
 class AccessDenied(RemoteError):
     """The caller is not allowed to do or read this."""
 

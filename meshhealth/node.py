@@ -101,9 +101,18 @@ class Node:
         )
         self.pipeline.receipt_replicated = m.receipt_replicated
         from meshhealth.gossip.protocol import GossipParams
-        from meshhealth.net.gossip_shell import GossipShell
+        from meshhealth.net.gossip_shell import GossipLimits, GossipShell
 
         gc = cfg.gossip
+        mib = 1024 * 1024
+        limits = GossipLimits(
+            buffer_peer_bytes=int(gc.buffer_peer_mb * mib),
+            buffer_total_bytes=int(gc.buffer_total_mb * mib),
+            send_peer_bytes=int(gc.send_peer_mb * mib),
+            send_total_bytes=int(gc.send_total_mb * mib),
+            slow_peer_s=gc.slow_peer_s,
+            claim_timeout_s=gc.claim_timeout_s,
+        )
         self.gossip = GossipShell(
             self,
             gc.peers,
@@ -112,6 +121,7 @@ class Node:
             advertise_url=gc.advertise_url or f"{cfg.api_scheme}://{cfg.api.host}:{cfg.api.port}",
             peer_exchange=gc.peer_exchange,
             client_ssl=self.tls.peers,
+            limits=limits,
         )
         self.api_requests: Counter[tuple[str, int]] = Counter()  # (method, status) -> count
         self.history = History()  # the dashboard's recent ingest rates
@@ -228,23 +238,33 @@ class Node:
                 catchup = tg.create_task(report_catchup(self))
                 if ready is not None:
                     ready.set()  # the API answers; ingest starts once our own head is known
-                if not await self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s):
-                    log.warning(
-                        "node %s: no peer told us our own chain's head within %.0f s; "
-                        "sealing from our local head %d",
+                # SIGTERM ends the start-up sync too: a node still fetching its own chain
+                # (or told a lie about it) stops within its grace time, sealing nothing
+                sync = tg.create_task(self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s))
+                stopping = tg.create_task(stop.wait())
+                await asyncio.wait({sync, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not sync.done():
+                    sync.cancel()
+                    log.info("node %s: stopped during start-up sync", self.identity.short)
+                elif not stop.is_set():
+                    if not sync.result():
+                        log.warning(
+                            "node %s: no peer told us our own chain's head within %.0f s; "
+                            "sealing from our local head %d",
+                            self.identity.short,
+                            self.cfg.gossip.startup_sync_s,
+                            self.batcher.height,
+                        )
+                    await self.mqtt.start(self.broker_url)
+                    stack.push_async_callback(self.mqtt.stop)
+                    log.info(
+                        "node %s up: api %s, broker %s",
                         self.identity.short,
-                        self.cfg.gossip.startup_sync_s,
-                        self.batcher.height,
+                        self.api_url,
+                        self.broker_url,
                     )
-                await self.mqtt.start(self.broker_url)
-                stack.push_async_callback(self.mqtt.stop)
-                log.info(
-                    "node %s up: api %s, broker %s",
-                    self.identity.short,
-                    self.api_url,
-                    self.broker_url,
-                )
-                await stop.wait()
+                    await stopping
+                self.gossip.close()
                 pipe.cancel()
                 gossip.cancel()
                 sampler.cancel()

@@ -319,6 +319,8 @@ class Pipeline:
             job = batch.popleft()
             if batch:
                 self._verify_queue.append(batch)  # round-robin over the waiting batches
+            if job.block.done():
+                continue  # its block was dropped (the caller cancelled it): no work, no memory
             self._verifying += 1
             fut = loop.run_in_executor(self._pool, verify.check_entries, job.entries)
             fut.add_done_callback(job.done)

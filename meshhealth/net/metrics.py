@@ -108,6 +108,8 @@ FAMILIES = (
     _c("gossip_blocks_applied", "Peers' blocks admitted to the replica."),
     _c("gossip_invalid_blocks", "Peers' blocks refused as invalid."),
     _g("gossip_buffered_blocks", "Peers' blocks waiting in the buffer for a parent or link."),
+    _g("gossip_buffered_bytes", "Bytes those blocks hold (bounded per peer and in total)."),
+    _g("gossip_send_queued_bytes", "Bytes queued to peers (bounded per peer and in total)."),
     _g("gossip_catchup_missing_blocks", "Blocks a catch-up still has to bring, all chains."),
     # store
     _g("store_used_bytes", "Bytes of the LMDB map in use."),
@@ -169,6 +171,8 @@ def read(node: Node) -> Iterator[tuple[str, Labels, float]]:
     yield m + "gossip_blocks_applied_total", (), counters["blocks_applied"]
     yield m + "gossip_invalid_blocks_total", (), counters["invalid_block"]
     yield m + "gossip_buffered_blocks", (), shell.buffered
+    yield m + "gossip_buffered_bytes", (), shell.buffer_bytes
+    yield m + "gossip_send_queued_bytes", (), shell.send_bytes
     # every chain a catch-up is after, also those not yet in the replica
     yield m + "gossip_catchup_missing_blocks", (), sum(shell.missing().values())
 
