@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meshhealth.cli import patient_cmds
 
     patient_cmds.add_parsers(pat, _sync)
+    from meshhealth.cli import register_cmd
+
+    register_cmd.add_parser(pat, _sync)
     from meshhealth.cli import provider_cmds
 
     provider_cmds.add_parsers(sub, pat, _sync)

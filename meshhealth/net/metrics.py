@@ -120,6 +120,12 @@ FAMILIES = (
     _c("api_requests", "HTTP API requests answered, by method and status code.", "method", "code"),
     _c("api_auth_failures", "Signed requests refused as unauthenticated."),
     _c("access_logs", "Reads and refused reads this node logged to the audit trail."),
+    _c("api_limited", "API requests refused 429 by a limit, by reason.", "reason"),
+    _c(
+        "access_refusals_unlogged",
+        "Refused reads not logged on chain: past a patient's or the node's cap per period.",
+    ),
+    _g("api_nonces", "Signed-request nonces held (each about 256 bytes)."),
 )
 
 
@@ -186,6 +192,11 @@ def read(node: Node) -> Iterator[tuple[str, Labels, float]]:
         yield m + "api_requests_total", (method, str(code)), n
     yield m + "api_auth_failures_total", (), node.auth_failures
     yield m + "access_logs_total", (), node.access_logs
+    limited = node.limits.limited
+    for reason in sorted({"rate_limited", "stranger_budget", "patient_budget", *limited}):
+        yield m + "api_limited_total", (reason,), limited[reason]
+    yield m + "access_refusals_unlogged_total", (), node.refusals.unlogged
+    yield m + "api_nonces", (), len(node.guard.nonces)
 
 
 class NodeCollector(Collector):
