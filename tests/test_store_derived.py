@@ -115,3 +115,15 @@ def test_every_database_of_the_store_is_verified() -> None:
     from meshhealth.store.lmdb_store import _DBS
 
     assert sorted(_DBS) == sorted(derived.PRIMARY + derived.DERIVED)
+
+
+def test_a_readings_record_for_readings_no_block_holds_is_extra(store: Store) -> None:
+    build_chain(store)
+
+    def forge(r: dict[bytes, bytes]) -> None:  # valid ids, a block height that holds no such
+        k = first(r)
+        r[k[:11] + (99).to_bytes(4, "big")] = r[k]
+
+    edit(store, "readings", forge)
+    (found,) = problems(store)
+    assert found.startswith("readings: ") and "extra record" in found and "#99" in found

@@ -44,14 +44,9 @@ from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, MeshHealthError, RemoteError
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import HOUR_MS, Store, chain_key
-from meshhealth.wire import AccessLog, BlockHeader, EquivocationProof, Reading, decode_entry
+from meshhealth.wire import BlockHeader, EquivocationProof, Reading, decode_entry
 from meshhealth.wire.codec import unpack
-from meshhealth.wire.types import CONTROL_CLASSES
-
-try:  # every access log version the audit index holds
-    from meshhealth.wire.types import ACCESS_LOGS  # type: ignore[attr-defined]
-except ImportError:  # before a second version
-    ACCESS_LOGS = (AccessLog,)
+from meshhealth.wire.types import ACCESS_LOGS, CONTROL_CLASSES
 
 # every database of the store; the first two are the chains, the rest derived
 PRIMARY = ("headers", "bodies")
@@ -227,22 +222,17 @@ def _check_readings(store: Store, names: dict[tuple[bytes, bytes], bytes], out: 
         if len(k) != 15:
             out.append(f"readings: {k.hex()}: key of {len(k)} bytes, not 15")
             continue
-        patient, stream = names.get((b"p", k[:4])), names.get((b"s", k[4:5]))
-        node = names.get((b"n", k[9:11]))
-        if patient is None or stream is None or node is None:
+        who, what = names.get((b"p", k[:4])), names.get((b"s", k[4:5]))
+        chain = names.get((b"n", k[9:11]))
+        if who is None or what is None or chain is None:
             out.append(f"readings: {k.hex()}: names an unknown patient, stream or chain id")
             continue
-        height = struct.unpack(">I", k[11:15])[0]
-        bkey = (
-            patient,
-            stream.decode(errors="replace"),
-            struct.unpack(">I", k[5:9])[0],
-            node,
-            height,
-        )
-        ckey = chain_key(node, height)
+        at = struct.unpack(">I", k[11:15])[0]
+        hour = struct.unpack(">I", k[5:9])[0]
+        bkey = (who, what.decode(errors="replace"), hour, chain, at)
+        ckey = chain_key(chain, at)
         if cache[0] != ckey:
-            raw = store.raw_block(node, height)
+            raw = store.raw_block(chain, at)
             body = None
             if raw is not None:
                 with contextlib.suppress(RemoteError):
