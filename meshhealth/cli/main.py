@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshhealth.cli import passphrase
 from meshhealth.cli.logs import FORMATS, setup_logging
 from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
@@ -46,6 +47,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     cfg = replace(
         cfg, api=replace(cfg.api, port=a.api_port), mqtt=replace(cfg.mqtt, broker=a.broker or "")
     )
+    if not a.broker:
+        cfg = replace(cfg, mqtt=replace(cfg.mqtt, embedded_port=embedded_port(a.embedded_port)))
     (d / "node.toml").write_text(cfg.dumps())
     print(
         f"node {ident.short} initialised in {d}\n  key     {d / 'node.key'} (mode 0600)\n"
@@ -53,6 +56,24 @@ def cmd_init(a: argparse.Namespace) -> int:
         f"run it with: meshhealth node run --config {d / 'node.toml'}"
     )
     return 0
+
+
+def embedded_port(wanted: int) -> int:
+    """``wanted`` if the embedded broker can listen there now, else a free port (said on
+    stderr, with the other way out: use the broker that holds the port)."""
+    from meshhealth.cli.doctor import port_free
+    from meshhealth.cli.netutil import free_port
+
+    if port_free("127.0.0.1", wanted):
+        return wanted
+    port = free_port()
+    print(
+        f"note: port {wanted} is in use (a local Mosquitto?): the embedded broker will listen "
+        f"on 127.0.0.1:{port} (mqtt.embedded_port); to use the broker on {wanted} instead, "
+        f'set mqtt.broker = "mqtt://127.0.0.1:{wanted}"',
+        file=sys.stderr,
+    )
+    return port
 
 
 def cmd_network_create(a: argparse.Namespace) -> int:
@@ -263,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genesis", help="join an existing network file instead of creating one")
     s.add_argument("--api-port", type=int, default=8700)
     s.add_argument("--broker", help="mqtt://host:port of Mosquitto (default: embedded broker)")
-    s.add_argument("--passphrase", help="seal the node key with this passphrase (Argon2id)")
+    s.add_argument(
+        "--embedded-port",
+        type=int,
+        default=1883,
+        help="port of the embedded broker (a free one is picked if this one is taken)",
+    )
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=cmd_init)
 
     net = sub.add_parser("network", help="network (genesis) files").add_subparsers(
@@ -293,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
     s.add_argument("--epoch-ms", type=int, default=3_600_000, help="key epoch (default 1 h)")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=lambda a: cmd_keygen(a, "patient"))
     s = pat.add_parser("enroll-device", help="let a device publish streams for this patient")
     s.add_argument("--key", required=True, help="the patient's key file")
@@ -306,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also take in its readings from this time on (Unix ms or ISO 8601), to import "
         "older data; default: only readings from the enrolment on",
     )
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=_sync(_enroll))
     from meshhealth.cli import patient_cmds
 
@@ -323,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = nd.add_parser("run", help="run a node until SIGINT/SIGTERM")
     s.add_argument("--config", default="node.toml")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=_sync(_node_run))
 
     dev = sub.add_parser("device", help="device keys and simulated wearables").add_subparsers(
@@ -331,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = dev.add_parser("keygen", help="create a device key")
     s.add_argument("--out", required=True)
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=lambda a: cmd_keygen(a, "device"))
     s = dev.add_parser("simulate", help="N patients x M devices publishing over MQTT")
     s.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -408,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
-    from meshhealth.cli import bench, demo, doctor
+    from meshhealth.cli import bench, demo, doctor, store_cmds
 
+    store_cmds.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
     doctor.add_parser(sub)
@@ -422,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ca:
         os.environ[CA_ENV] = str(Path(args.ca).resolve())  # read by every client session
     try:
+        passphrase.resolve(args)
         return int(args.fn(args) or 0)
     except MeshHealthError as exc:
         return fail(exc, args.log_format)

@@ -331,7 +331,14 @@ class Batcher:
             raise LocalError("refusing to seal a block header over its bound")
         for link in links:
             del self._links_due[link.node]
-        commit = Commit(block, tuple(batch.readings), touched, tuple(batch.txs), tuple(batch.audit))
+        # readings batched before their patient's erasure reached us (from a peer's block
+        # while they waited here): sealed as received, stored as leaf hashes only
+        prune = frozenset(
+            r.index for r in batch.readings if self.access.erased.get(r.patient, -1) >= r.t_ms
+        )
+        commit = Commit(
+            block, tuple(batch.readings), touched, tuple(batch.txs), tuple(batch.audit), prune
+        )
         self.height, self.prev = block.header.height, block.hash
         self._batches.pop(0)
         if not self._batches:

@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import EquivocationProof, decode_control
 from meshhealth.wire.types import MAX_READING
+from meshhealth.workers import forkserver_pool
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ Publish = Callable[[str, bytes], None]
 
 
 VERIFY_PART = 512  # entries per verifier call when checking peers' blocks
+
+
+COMPACT_EVERY_S = 30.0  # the least time between two compactions after erasures
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Pipeline:
         self.sealed_readings = 0  # readings in our own blocks since start (metrics)
         self.commit_seconds = 0.0
         self.pruned = 0  # readings erased from this store since start
+        self._next_compact = 0.0  # monotonic time the next compaction may start
         self._pool: Executor | None = None
         # held while a block (ours or a peer's) is admitted and committed: one writer of state
         self.apply_lock = asyncio.Lock()
@@ -170,10 +174,9 @@ class Pipeline:
 
     async def run(self) -> None:
         if self.workers > 0:
-            ctx = multiprocessing.get_context("forkserver")
-            # workers need only the verifier, not the node's aiohttp/MQTT stack
-            ctx.set_forkserver_preload(["meshhealth.ingest.verify"])
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            # workers need only the verifier, not the node's aiohttp/MQTT stack; they (and
+            # the forkserver and resource tracker) exit when the node does, even by kill -9
+            self._pool = forkserver_pool(self.workers, ["meshhealth.ingest.verify"])
             # start every worker now, not when the first readings (or a catch-up) arrive
             loop = asyncio.get_running_loop()
             await asyncio.gather(
@@ -292,13 +295,21 @@ class Pipeline:
 
     async def prune_erased(self) -> None:
         """Carry out the erasures applied since the last call: the patients' stored
-        payloads become leaf hashes (in the writer thread, like every other write)."""
+        payloads become leaf hashes (in the writer thread, like every other write), and
+        then the store is compacted so that no freed page keeps the payloads' bytes."""
         loop = asyncio.get_running_loop()
         while self.batcher.erasures_due:
             patient, upto = self.batcher.erasures_due.pop()
             n = await loop.run_in_executor(self._writer, self.store.prune_patient, patient, upto)
             self.pruned += n
             log.info("erased %d readings of patient %s", n, patient.hex()[:8])
+        # once per batch of erasures, not once per patient, and at most every
+        # COMPACT_EVERY_S (each costs a pass over the whole store with writes held up):
+        # a patient erasing again and again cannot keep the writer busy compacting
+        if self.store.compact_due() and time.monotonic() >= self._next_compact:
+            took = await loop.run_in_executor(self._writer, self.store.compact)
+            self._next_compact = time.monotonic() + COMPACT_EVERY_S
+            log.info("compacted the store after an erasure in %.3f s", took)
 
     def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
         """Start checking the entries of several blocks; one future per block.
