@@ -19,11 +19,11 @@ from typing import Any
 
 from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
-from meshhealth.errors import ConfigError, NetworkError
-from meshhealth.net.client import client_session, get_first, post_tx
+from meshhealth.errors import AccessDenied, ConfigError, NetworkError
+from meshhealth.net.client import client_session, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain
-from meshhealth.sharing.provider import PARALLEL_FROM
+from meshhealth.sharing.provider import PARALLEL_FROM, signed_get
 from meshhealth.wire import EnrollDevice, Erase, Grant, Rechain, Revoke, decode_control
 from meshhealth.wire.codec import unpack
 
@@ -120,9 +120,8 @@ async def revoke(a: argparse.Namespace) -> int:
         return 2
     now = time.time_ns() // 1_000_000
     async with client_session(10) as session:
-        doc = json.loads(
-            await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
-        )
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        doc = json.loads(await signed_get(session, a.node, patient, path))
         grants = {
             bytes.fromhex(g["id"]): (Grant.decode(bytes.fromhex(g["tx"])).verify(), g["revoked"])
             for g in doc["grants"]
@@ -136,7 +135,8 @@ async def revoke(a: argparse.Namespace) -> int:
         print(f"revoked grant {a.grant[:16]}")
         if a.no_rechain or not (target.open or target.until_ms > now):
             return 0
-        raw = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
+        path = f"/v1/patients/{patient.public.hex()}/enrollments"
+        raw = await signed_get(session, a.node, patient, path)
         devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
         keep = [
             (gid, g)
@@ -195,8 +195,9 @@ async def grants(a: argparse.Namespace) -> int:
     patient = load_identity(Path(a.key), passphrase=a.passphrase)
     async with client_session(10) as session:
         try:
-            body = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
-        except NetworkError as exc:
+            path = f"/v1/patients/{patient.public.hex()}/grants"
+            body = await signed_get(session, a.node, patient, path)
+        except (NetworkError, AccessDenied) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     doc = json.loads(body)

@@ -151,6 +151,14 @@ class NodeClient:
         raise NetworkError("no node answered")  # each_node raises first; kept for the checker
 
 
+async def signed_get(
+    session: aiohttp.ClientSession, urls: list[str], me: Identity, path: str
+) -> bytes:
+    """The body of the first node that answers ``GET path`` signed by ``me`` with 200 (the
+    grant and enrolment listings answer only the party they name)."""
+    return (await NodeClient(session, urls, me).first(path))[1]
+
+
 class Refused(AccessDenied):
     """Every node that answered refused the request; ``reason`` is the node's label
     (``no_grant``, ``revoked``, ``expired``, ``outside_grant``, ``erased``, ...)."""
@@ -469,7 +477,7 @@ async def grants_to(
     """The keys of every grant any patient made to ``me`` (following the rechains that
     carried an open grant to new key chains), and whether it is revoked; from the first
     node that lists them, each transaction checked against its patient's signature."""
-    doc = json.loads(await get_first(session, urls, f"/v1/grantees/{me.public.hex()}/grants"))
+    doc = json.loads(await signed_get(session, urls, me, f"/v1/grantees/{me.public.hex()}/grants"))
     out = []
     for g in doc["grants"]:
         tx = decode_control(bytes.fromhex(g["tx"]))
