@@ -59,17 +59,21 @@ def test_raw_blocks_and_proofs_are_for_authorities_only(tmp_path, mosquitto, nod
 
     assert _until(revoked)
 
-    # the authority finds the grant in its chain, block by block
+    # the authority finds the grant in its chain, block by block (once it is sealed)
     me = node.status()["node"]
-    head = node.status()["chains"][me]["height"]
-    found = None
-    for height in range(head + 1):
-        status, body = signed_raw(authority, url, f"/v1/chains/{me}/{height}")
-        assert status == 200, body
-        _, raw_body = unpack(body, max_len=1 << 24)
-        for i, entry in enumerate(decode_body(raw_body)):
-            if h(entry).hex() == gid:
-                found = (height, i)
+
+    def find_grant() -> tuple[int, int] | None:
+        chain = node.status()["chains"].get(me)
+        for height in range(chain["height"] + 1 if chain else 0):
+            status, body = signed_raw(authority, url, f"/v1/chains/{me}/{height}")
+            assert status == 200, body
+            _, raw_body = unpack(body, max_len=1 << 24)
+            for i, entry in enumerate(decode_body(raw_body)):
+                if h(entry).hex() == gid:
+                    return height, i
+        return None
+
+    found = _until(find_grant)
     assert found is not None, "the grant is in no block"
     height, index = found
     block, proof = f"/v1/chains/{me}/{height}", f"/v1/chains/{me}/{height}/proof/{index}"
