@@ -80,6 +80,11 @@ def test_raw_blocks_and_proofs_are_for_authorities_only(tmp_path, mosquitto, nod
     doc = signed_json(authority, url, proof)
     assert h(bytes.fromhex(doc["entry"])).hex() == gid and doc["index"] == index
     assert signed_json(authority, url, block + "?format=json")["height"] == height
+    assert signed_raw(authority, url, block + "?format=xml")[0] == 400  # not the raw block
+    assert signed_raw(authority, url, f"/v1/chains/{me}/-1")[0] == 400  # was a 500
+    assert signed_raw(authority, url, f"/v1/chains/{me}/{1 << 64}/proof/0")[0] == 400
+    assert signed_raw(authority, url, f"/v1/chains/{me}/{height}/proof/-1")[0] == 400
+    assert signed_raw(authority, url, f"/v1/chains/{me}/{height}/proof/99999")[0] == 404
 
     # nobody else: unsigned, a stranger, the revoked provider, even the patient
     for path in (block, proof, block + "?format=json"):

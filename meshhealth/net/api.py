@@ -152,12 +152,15 @@ async def block(request: web.Request) -> web.Response:
     and access logs, which everyone else reads through the signed, logged API."""
     node = _key(request.match_info["node"])
     height = _height(request.match_info["height"])
+    fmt = request.query.get("format")
+    if fmt not in (None, "json"):
+        raise MalformedMessage("format: only json")
     if (refused := await _signed_by_one_of(request, what="raw blocks")) is not None:
         return refused
     raw = request.app[NODE].store.raw_block(node, height)
     if raw is None:
         return _err(404, "not_found", "no such block")
-    if request.query.get("format") == "json":
+    if fmt == "json":
         hdr = BlockHeader.decode(raw[0])
         return web.json_response(
             {

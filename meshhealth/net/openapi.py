@@ -530,8 +530,8 @@ def _paths() -> dict[str, Doc]:
                         "content": {MSGPACK: {}, JSON: {"schema": _schema("BlockHeader")}},
                     },
                     "400": _error(
-                        "The key is not 64 hex, or the height not an integer in [0, 2^64) "
-                        "(reason `malformed`)."
+                        "The key is not 64 hex, the height not an integer in [0, 2^64), or "
+                        "`format` not `json` (reason `malformed`)."
                     ),
                     "403": _not_authority,
                     "404": _error("No such block (reason `not_found`)."),
