@@ -5,8 +5,20 @@ MQTT connection for all of them).  It never forgets a reading before a
 node-signed receipt covers it:
 
 * every reading goes to the outbox first, then to MQTT (QoS 1);
-* a receipt (checked: signed by an authority of our network) deletes the
-  readings it covers;
+* a receipt deletes the readings it covers only if it is an A2 receipt
+  (:class:`~meshhealth.wire.ReceiptV2`) signed by an authority of our network,
+  names the block holding them, and covers no seq above the highest this
+  device sent.  Any other receipt is refused and counted, and never moves the
+  outbox: an authority cannot make a device drop readings it never published
+  (A1 receipts, from nodes before A2, name no block: refused as ``old_receipts``;
+  upgrade the nodes before the devices).  The latest receipt that moved the
+  outbox is kept per (device, authority), as signed evidence of what that
+  authority claims to store;
+* with ``confirmations=k > 1`` (only where the network has N >= 4 authorities)
+  a reading is deleted only once receipts from ``k`` distinct authorities cover
+  it, so one authority that receipts and then withholds cannot make a device
+  drop anything alone.  With N = 3 that would let one authority that withholds
+  its receipts freeze every outbox, so it is refused there (and off by default);
 * when a device's receipts stop advancing for ``resend_after`` seconds, its
   unreceipted readings are re-sent (the interval backs off up to 60 s and
   resets on progress); after a reconnect everything unreceipted is re-sent.
@@ -30,7 +42,7 @@ from device_agents.device import Device
 from device_agents.outbox import Outbox
 from meshhealth.errors import ConfigError, MeshHealthError
 from meshhealth.ingest.mqtt import parse_broker_url
-from meshhealth.wire import Receipt
+from meshhealth.wire import Receipt, decode_receipt
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,10 @@ RECEIPTS_TOPIC = "mh/v1/receipts/{device}"
 class _Track:
     acked: int = 0  # highest seq a receipt covered
     sent_upto: int = 0  # highest seq published on the current connection
+    # highest seq published (by this process, or produced before it started): no receipt
+    # may go above it
+    sent_max: int = 0
+    held: dict[bytes, int] = field(default_factory=dict)  # authority -> seq it receipted
     progress_at: float = field(default_factory=time.monotonic)
     backoff: float = 0.0
 
@@ -61,7 +77,16 @@ class Agent:
         username: str = "",
         password: str = "",
         tls_context: ssl.SSLContext | None = None,
+        confirmations: int = 1,
     ) -> None:
+        if not 1 <= confirmations <= max(1, len(authorities)):
+            raise ConfigError(f"confirmations must be in [1, {len(authorities)}] (the authorities)")
+        if confirmations > 1 and len(authorities) < 4:
+            raise ConfigError(
+                "confirmations > 1 needs at least 4 authorities: with 3, one authority "
+                "withholding its receipts would freeze every outbox"
+            )
+        self.confirmations = confirmations
         self.outbox = outbox
         self.devices = {d.id: d for d in devices}
         self.host, self.port, self.tls = parse_broker_url(broker_url)
@@ -73,7 +98,8 @@ class Agent:
         self.client_id = client_id
         self.resend_after, self.window = resend_after, window
         self.username, self.password = username, password
-        self.track = {d: _Track() for d in self.devices}
+        # what a previous run produced may have been sent: it counts as sent
+        self.track = {d.id: _Track(sent_max=d.next_seq - 1) for d in self.devices.values()}
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.stats = {
@@ -81,6 +107,8 @@ class Agent:
             "resent": 0,
             "receipts": 0,
             "bad_receipts": 0,
+            "old_receipts": 0,  # A1: names no block
+            "receipts_beyond_sent": 0,  # a seq above the highest we sent: a lie
             "acked": 0,
             "connects": 0,
         }
@@ -163,7 +191,7 @@ class Agent:
 
     async def _on_receipt(self, payload: bytes) -> None:
         try:
-            rc = Receipt.decode(payload).verify()
+            rc = decode_receipt(payload).verify()
         except MeshHealthError:
             self.stats["bad_receipts"] += 1
             return
@@ -171,11 +199,31 @@ class Agent:
         if t is None or rc.network != self.network or rc.node not in self.authorities:
             self.stats["bad_receipts"] += 1
             return
+        if isinstance(rc, Receipt):
+            self.stats["old_receipts"] += 1
+            return
+        if rc.seq > t.sent_max:
+            self.stats["receipts_beyond_sent"] += 1
+            log.warning(
+                "device %s: authority %s receipted seq %d, above the %d we sent: refused",
+                rc.device.hex()[:8],
+                rc.node.hex()[:8],
+                rc.seq,
+                t.sent_max,
+            )
+            return
         self.stats["receipts"] += 1
-        if rc.seq > t.acked:
-            n = await asyncio.to_thread(self.outbox.ack, rc.device, rc.seq)
+        upto = rc.seq
+        if self.confirmations > 1:
+            t.held[rc.node] = max(t.held.get(rc.node, 0), rc.seq)
+            if len(t.held) < self.confirmations:
+                return
+            # the highest seq that `confirmations` distinct authorities each cover
+            upto = sorted(t.held.values(), reverse=True)[self.confirmations - 1]
+        if upto > t.acked:
+            n = await asyncio.to_thread(self.outbox.ack, rc.device, upto, rc.node, payload)
             self.stats["acked"] += n
-            t.acked = rc.seq
+            t.acked = upto
             t.sent_upto = max(t.sent_upto, t.acked)
             t.progress_at, t.backoff = time.monotonic(), 0.0
             self._wake.set()
@@ -202,6 +250,7 @@ class Agent:
                 for seq, raw in batch:
                     await client.publish(topic, raw, qos=1)
                     t.sent_upto = seq
+                    t.sent_max = max(t.sent_max, seq)
                     self.stats["published"] += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)

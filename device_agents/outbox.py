@@ -5,6 +5,9 @@ Keys::
     b"r" + device(32) + seq(8)  -> encoded, signed reading
     b"d" + device(32)           -> the device's state (key seed, patient,
                                    next seq, stream key cursors)
+    b"a" + device(32) + node(32) -> the latest receipt (A2, signed) of that
+                                   authority that deleted readings: what it
+                                   claims to store, and in which block
 
 A reading and the device's next sequence number are written in one
 transaction, so a restarted agent never reuses a sequence number (which
@@ -77,10 +80,13 @@ class Outbox:
 
         self._write(fn)
 
-    def ack(self, device: bytes, upto: int) -> int:
-        """Drop every reading of ``device`` with seq <= ``upto``; returns how many."""
+    def ack(self, device: bytes, upto: int, node: bytes = b"", receipt: bytes = b"") -> int:
+        """Drop every reading of ``device`` with seq <= ``upto``; returns how many.
+        ``receipt`` (signed by authority ``node``) is kept, in the same transaction."""
 
         def fn(txn: Any) -> int:
+            if receipt:
+                txn.put(b"a" + device + node, receipt)
             cur = txn.cursor()
             n = 0
             prefix = b"r" + device
@@ -92,6 +98,19 @@ class Outbox:
             return n
 
         return int(self._write(fn))
+
+    def receipts(self, device: bytes) -> dict[bytes, bytes]:
+        """Authority -> the latest receipt of it that deleted ``device``'s readings."""
+        with self.env.begin() as txn:
+            cur = txn.cursor()
+            prefix = b"a" + device
+            out = {}
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:33] != prefix:
+                        break
+                    out[bytes(k[33:])] = bytes(v)
+            return out
 
     def pending(
         self, device: bytes, after: int = 0, limit: int = 1 << 30

@@ -85,7 +85,9 @@ class Simulation:
         rekey_poll_s: float = 2.0,
         mqtt_tls: ssl.SSLContext | None = None,
         http_tls: ssl.SSLContext | None = None,
+        confirmations: int = 1,
     ) -> None:
+        self.confirmations = confirmations
         for s in streams:
             if s not in STREAMS:
                 raise ValueError(f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
@@ -143,6 +145,7 @@ class Simulation:
             client_id=cid,
             resend_after=self.resend_after,
             tls_context=self.mqtt_tls,
+            confirmations=self.confirmations,
         )
 
     @property
@@ -212,12 +215,15 @@ class Simulation:
         async with self._http(10) as session:
             for p in self.patients:
                 for d in p.devices:
+                    now = time.time_ns() // 1_000_000
                     tx = enrollment(
                         p.identity,
                         p.chains,
                         d.id,
                         epoch_of(self.start_ms, next(iter(p.chains.values())).epoch_ms),
-                        time.time_ns() // 1_000_000,
+                        now,
+                        # the backfill is history from before now: an import window covers it
+                        import_from_ms=min(self.start_ms, now),
                     )
                     await post_tx(session, self.node_urls, tx.encode())
                     d.accept_enrollment(tx)

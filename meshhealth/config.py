@@ -99,6 +99,10 @@ class MqttConfig:
     readings_topic: str = "mh/v1/readings/+"
     receipts_topic: str = "mh/v1/receipts/{device}"
     shared_group: str = ""  # MQTT 5 shared subscription group
+    # also send receipts for readings that reached us in other authorities' blocks, so a
+    # device that waits for receipts from several authorities (agent ``confirmations``) gets
+    # them; needs the devices' broker to be this node's broker too
+    receipt_replicated: bool = False
     # TLS to the broker (an mqtts:// URL): the CA that issued the broker's certificate
     # (default: the system roots), and our client certificate and key, if the broker
     # wants one (deploy/certs.sh node NAME issues it)

@@ -99,6 +99,7 @@ class Node:
             receipts_topic=m.receipts_topic,
             publish=self.mqtt.publish,
         )
+        self.pipeline.receipt_replicated = m.receipt_replicated
         from meshhealth.gossip.protocol import GossipParams
         from meshhealth.net.gossip_shell import GossipShell
 

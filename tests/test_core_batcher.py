@@ -31,7 +31,7 @@ from meshhealth.ingest.batcher import Batcher, make_receipt
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.ingest.verify import check_chunk, check_one, rebuild
 from meshhealth.sharing.keychain import encode_samples, encrypt
-from meshhealth.wire import EnrollDevice, Reading, Receipt
+from meshhealth.wire import EnrollDevice, Reading, Receipt, ReceiptV2
 from meshhealth.wire.types import MAX_READING
 
 SKEW = 30_000
@@ -264,11 +264,11 @@ def test_seal_chains_heights_and_prev_links() -> None:
     )
     assert rep.readings == sum(len(c.readings) for c in commits)
     # a receipt for the device covers its contiguous seqs
-    rc = make_receipt(
-        w.authority.signing, w.network, st_.dev.id, b.marks[st_.dev.id], b.height, now
-    )
-    assert Receipt.decode(rc.encode()).verify() == rc
+    head = (w.node, b.height, b.prev)
+    rc = make_receipt(w.authority.signing, w.network, st_.dev.id, b.marks[st_.dev.id], head, now)
+    assert ReceiptV2.decode(rc.encode()).verify() == rc
     assert rc.seq == st_.dev.next_seq - 1 and rc.height == 3
+    assert (rc.chain, rc.hash) == (w.node, commits[-1].block.hash)
 
 
 # --- the stateless verifier -------------------------------------------------

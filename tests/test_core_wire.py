@@ -19,6 +19,7 @@ from meshhealth.wire import (
     Link,
     Reading,
     Receipt,
+    ReceiptV2,
     StreamKey,
     codec,
     decode_entry,
@@ -91,7 +92,7 @@ stream_key_lists = st.lists(stream_keys, min_size=1, max_size=32, unique_by=lamb
 links = st.builds(Link, KEY, U64, KEY)
 link_lists = st.lists(links, max_size=40).map(tuple)
 
-FIELD_EXTRA = {"streams": stream_key_lists, "links": link_lists}
+FIELD_EXTRA = {"streams": stream_key_lists, "links": link_lists, "chain": KEY, "hash": KEY}
 
 
 def strategy_for(name: str) -> st.SearchStrategy[Any]:
@@ -106,9 +107,10 @@ readings = st.builds(Reading, sig=SIG, **fields_of(Reading))
 enrolments = st.builds(EnrollDevice, sig=SIG, **fields_of(EnrollDevice))
 headers = st.builds(BlockHeader, sig=SIG, **fields_of(BlockHeader))
 receipts = st.builds(Receipt, sig=SIG, **fields_of(Receipt))
-any_value = st.one_of(readings, enrolments, headers, receipts)
+receipts_v2 = st.builds(ReceiptV2, sig=SIG, **fields_of(ReceiptV2))
+any_value = st.one_of(readings, enrolments, headers, receipts, receipts_v2)
 
-ALL_TYPES = (Reading, EnrollDevice, BlockHeader, Receipt)
+ALL_TYPES = (Reading, EnrollDevice, BlockHeader, Receipt, ReceiptV2)
 
 
 def decoders() -> list[Any]:
@@ -152,7 +154,7 @@ def test_decode_entry_dispatches_readings_and_enrolments(v: Any) -> None:
 
 
 @SETTINGS
-@given(v=st.one_of(headers, receipts))
+@given(v=st.one_of(headers, receipts, receipts_v2))
 def test_decode_entry_refuses_non_entries(v: Any) -> None:
     with pytest.raises(MalformedMessage):
         decode_entry(v.encode())

@@ -100,3 +100,38 @@ def test_tampered_entry_or_unknown_device_or_missing_link_is_not_admitted() -> N
             b, linked, entries, check_entries(entries), block_hash_at=lambda n, h: None, now_ms=T0
         )
     assert not b.access.known_devices and not b.marks  # nothing changed
+
+
+def test_a_removed_devices_later_readings_are_pruned_in_a_valid_block() -> None:
+    """A's block holds readings sealed before A saw the patient's RemoveDevice; B, which
+    holds it, admits the block (its validity may not depend on arrival order) but keeps
+    only the leaf hashes of the readings from the removal on, and counts them."""
+    from meshhealth.wire import RemoveDevice
+
+    world, a, b = two_nodes()
+    dev, tx = new_device(world)
+    now = T0 + 120_000
+    a.admit_tx(tx.encode(), tx, now)
+    raws = [raw for _, raw in device_readings(dev, "hr", T0, T0 + 60_000)]
+    for raw in raws:
+        a.admit_reading(raw, Reading.decode(raw), now)
+    commit = a.seal(now)
+    cut = T0 + 30_000
+    removal = RemoveDevice.create(world.patient.signing, device=dev.id, ts_ms=cut)
+    b.admit_tx(removal.encode(), removal, now)
+    entries = commit.block.entries
+    c = admit_remote(
+        b,
+        commit.block.header,
+        entries,
+        check_entries(list(entries)),
+        block_hash_at=lambda n, h: None,
+        now_ms=now + 1000,
+    )
+    late = {i for i, e in enumerate(entries) if i and Reading.decode(e).t_last_ms >= cut}
+    assert late and c.prune == frozenset(late) and len(late) < len(raws)
+    assert b.rejects["removed_device"] == len(late)
+    # and B's own ingest refuses the device from the removal on
+    ((_, after),) = dev.readings("hr", [(T0 + 61_000, (70.0,))])
+    with pytest.raises(Exception, match="removed"):
+        b.admit_reading(after, Reading.decode(after), now + 2000)

@@ -45,6 +45,7 @@ from meshhealth.wire import (
     Erase,
     Grant,
     Reading,
+    RemoveDevice,
     Revoke,
     decode_control,
 )
@@ -99,7 +100,7 @@ class Universe:
 def _universe() -> Universe:
     """2 patients, 3 devices, 3 grantees; every kind of control transaction, signed once."""
     p1, p2 = (Identity.generate("patient") for _ in range(2))
-    d1, d2, d3 = (Identity.generate("device") for _ in range(3))
+    d1, d2, d3, d4 = (Identity.generate("device") for _ in range(4))
     g1, g2, g3 = (Identity.generate("provider") for _ in range(3))
     c1 = {s: KeyChain.new(s, START_EPOCH, M) for s in STREAMS}
     c2 = {s: KeyChain.new(s, START_EPOCH, M) for s in STREAMS}
@@ -153,6 +154,19 @@ def _universe() -> Universe:
     )
     assert len(k0.grants) == 1 and len(k1.grants) == 1 and not k2.grants
     n |= {"k_p1_hr_b": k0, "k_p1_hr_c": k1, "k_p2_spo2_b": k2}
+    n |= {
+        # device removals (D1): the earliest of a (device, patient) wins; one patient's
+        # removal of a device does not touch another patient's use of it
+        "d_p2_d2": RemoveDevice.create(p2.signing, device=d2.public, ts_ms=T0 + 6 * M),
+        "d_p2_d2_late": RemoveDevice.create(p2.signing, device=d2.public, ts_ms=T0 + 8 * M),
+        "d_p1_d2": RemoveDevice.create(p1.signing, device=d2.public, ts_ms=T0 + 5 * M),
+        # an enrolment with an import window (E2) and a later plain one (E1): the
+        # earliest floor wins
+        "e2_p1_d4": enrollment(
+            p1, {"hr": c1["hr"]}, d4.public, START_EPOCH, T0 + 5 * M, import_from_ms=T0 + 3 * M
+        ),
+        "e_p1_d4": enrollment(p1, {"hr": c1["hr"]}, d4.public, START_EPOCH, T0 + 6 * M),
+    }
     P1, P2 = p1.public, p2.public
     chains = [
         (P1, "hr", c1["hr"].chain_id),
@@ -187,9 +201,13 @@ def _universe() -> Universe:
             (d3, p2, "spo2", spo2_b.chain_id, T0 + 6 * M),
             (d3, p1, "hr", c1["hr"].chain_id, T0 + 4 * M),
             (stranger, p1, "hr", c1["hr"].chain_id, T0 + 4 * M),
+            (d2, p2, "spo2", spo2_b.chain_id, T0 + 9 * M),
+            (d4, p1, "hr", c1["hr"].chain_id, T0 + M),
+            (d4, p1, "hr", c1["hr"].chain_id, T0 + 4 * M),
+            (d4, p1, "hr", c1["hr"].chain_id, T0 + 5 * M + 30_000),
         ]
     ]
-    return Universe([p1, p2], [d1, d2, d3], [g1, g2, g3], list(n.values()), chains, readings, n)
+    return Universe([p1, p2], [d1, d2, d3, d4], [g1, g2, g3], list(n.values()), chains, readings, n)
 
 
 U = _universe()
@@ -253,6 +271,7 @@ def test_access_state_is_a_function_of_the_set(orders: tuple[list[int], list[int
     assert a.seen == b.seen and a.streams == b.streams and a.known_devices == b.known_devices
     assert a.erased == b.erased and a.revoked == b.revoked and a._moves == b._moves
     assert a.grants == b.grants and a.rechains == b.rechains and a.enrolments == b.enrolments
+    assert a.removed == b.removed and a.floors == b.floors and a.removals == b.removals
     for reader in READERS:
         for patient in (p.public for p in U.patients):
             for stream in STREAMS:
@@ -295,6 +314,8 @@ def test_the_universe_reaches_every_outcome() -> None:
         "retired_key_chain",
         "not_enrolled",
         "unknown_device",
+        "removed_device",
+        "before_enrollment",
     }, reasons
     assert {outcome(s, r, ingest=False) for r in U.readings} >= {"ok", "not_enrolled"}
     P1 = U.patients[0].public
@@ -302,6 +323,40 @@ def test_the_universe_reaches_every_outcome() -> None:
     assert s.retired_at(P1, "hr", hr_a) == T0 + 6 * M
     assert s.retired_at(P1, "hr", hr_b) == T0 + 8 * M
     assert s.retired_at(P1, "hr", hr_c) is None
+
+
+def test_removal_and_enrolment_floor_in_the_access_state() -> None:
+    """D1 refuses a device's readings of its patient from the earliest removal on, and only
+    at ingest; E2's import window lowers the floor below the enrolment time, E1's is its
+    time (less a minute of clock skew)."""
+    n = U.named
+    P1, P2 = (p.public for p in U.patients)
+    d2, d4 = U.devices[1].public, U.devices[3].public
+    full = state_of(list(range(len(U.txs))))
+    assert full.removed_at(d2, P2) == T0 + 6 * M and full.removed_at(d2, P1) == T0 + 5 * M
+    assert full.removed_at(U.devices[0].public, P1) is None
+    assert full.floors[(d4, P1)] == T0 + 3 * M
+    by = {(r.device, r.patient, r.stream, r.t_ms): r for r in U.readings}
+    assert outcome(full, by[(d2, P2, "spo2", T0 + 7 * M)]) == "removed_device"
+    assert outcome(full, by[(d2, P2, "spo2", T0 + 7 * M)], ingest=False) == "ok"
+    assert outcome(full, by[(d2, P2, "spo2", T0 + 2 * M)]) == "ok"  # before its removal
+    assert outcome(full, by[(d2, P1, "hr", T0 + 4 * M)]) == "ok"
+    assert outcome(full, by[(d4, P1, "hr", T0 + M)]) == "before_enrollment"
+    assert outcome(full, by[(d4, P1, "hr", T0 + M)], ingest=False) == "ok"
+    assert outcome(full, by[(d4, P1, "hr", T0 + 4 * M)]) == "ok"  # inside the import window
+    only_late = AccessState()
+    for k in ("e_p2_d2", "k_p2_spo2_b", "d_p2_d2_late"):
+        only_late.apply(n[k])
+    assert outcome(only_late, by[(d2, P2, "spo2", T0 + 7 * M)]) == "ok"
+    assert outcome(only_late, by[(d2, P2, "spo2", T0 + 9 * M)]) == "removed_device"
+    e1_only = AccessState()
+    e1_only.apply(n["e_p1_d4"])
+    assert outcome(e1_only, by[(d4, P1, "hr", T0 + 4 * M)]) == "before_enrollment"
+    assert outcome(e1_only, by[(d4, P1, "hr", T0 + 5 * M + 30_000)]) == "ok"  # within the skew
+    # E1 and E2 both round-trip through the control decoder and verify
+    for k in ("e2_p1_d4", "e_p1_d4", "d_p2_d2"):
+        assert decode_control(n[k].encode()).verify() == n[k]
+    assert n["e2_p1_d4"].encode()[1:4] == b"\xa2E2" and n["e_p1_d4"].encode()[1:4] == b"\xa2E1"
 
 
 def _tied() -> tuple[list[Control], bytes, bytes]:

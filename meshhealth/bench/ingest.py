@@ -70,7 +70,12 @@ class Workload:
             p = patients[i % len(patients)]
             d = Device(Identity.generate("device"), p.public)
             tx = enrollment(
-                p, {"hr": self.chains[p.public]}, d.id, epoch_of(self.t0, 3_600_000), now
+                p,
+                {"hr": self.chains[p.public]},
+                d.id,
+                epoch_of(self.t0, 3_600_000),
+                now,
+                import_from_ms=self.t0,
             )
             d.accept_enrollment(tx)
             self.devices.append(d)

@@ -24,7 +24,7 @@ from gmqtt import Client
 from gmqtt.mqtt.constants import MQTTv311
 
 from meshhealth.ingest.mqtt import parse_broker_url
-from meshhealth.wire import Receipt
+from meshhealth.wire import decode_receipt
 from meshhealth.wire.codec import unpack
 
 
@@ -43,7 +43,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
 
     def on_message(client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
         nonlocal t_done
-        rc = Receipt.decode(payload)
+        rc = decode_receipt(payload)
         now = time.time()
         sent = sent_at.get(rc.device)
         if sent is None or rc.seq <= acked[rc.device]:

@@ -66,7 +66,9 @@ def fill_store(cfg: NodeConfig, hours: int, provider: bytes) -> dict[str, Any]:
         patient = Identity.generate("patient")
         chain = KeyChain.new("hr", epoch_of(start, HOUR_MS))
         device = Device(Identity.generate("device"), patient.public)
-        enrol = enrollment(patient, {"hr": chain}, device.id, chain.start_epoch, now)
+        enrol = enrollment(
+            patient, {"hr": chain}, device.id, chain.start_epoch, now, import_from_ms=start
+        )
         device.accept_enrollment(enrol)
         grant = make_grant(
             patient, {"hr": chain}, provider, streams=["hr"], from_ms=start, until_ms=None,

@@ -14,7 +14,12 @@ any order agree — a CRDT, with no consensus round:
 * a rechain adds its chain to each device it names; a key chain of a
   (patient, stream) is *retired* from the time of the first rechain of that
   stream to another chain that is later than the rechain that created it
-  (enrolments create chains at time 0).
+  (enrolments create chains at time 0);
+* a device takes in readings of a patient from the earliest *floor* of its
+  enrolments for that patient: an enrolment's time (E1), or the start of the
+  import window it names (E2) — the minimum, so the order does not matter;
+* a removal (D1) ends a device's writing for its patient from its time on;
+  several removals end it at the earliest.
 """
 
 from __future__ import annotations
@@ -23,7 +28,20 @@ from dataclasses import dataclass, field
 
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import Rejected
-from meshhealth.wire import Control, EnrollDevice, Erase, Grant, Reading, Rechain, Revoke
+from meshhealth.wire import (
+    Control,
+    EnrollDevice,
+    Erase,
+    Grant,
+    Reading,
+    Rechain,
+    RemoveDevice,
+    Revoke,
+)
+
+# a device's clock may run behind its patient's: readings this much older than an
+# enrolment (E1) still count as after it
+ENROLL_GRACE_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +62,10 @@ class AccessState:
     revoked: set[tuple[bytes, bytes]] = field(default_factory=set)  # (patient, grant hash)
     erased: dict[bytes, int] = field(default_factory=dict)  # patient -> latest erasure ts
     rechains: dict[bytes, Rechain] = field(default_factory=dict)  # tx hash -> tx
+    removals: dict[bytes, RemoveDevice] = field(default_factory=dict)  # tx hash -> tx
+    # (device, patient) -> earliest removal time; -> earliest enrolment floor
+    removed: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
+    floors: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
     # (patient, stream) -> {(rechain ts, the chain it starts)}
     _moves: dict[tuple[bytes, str], set[tuple[int, bytes]]] = field(default_factory=dict)
 
@@ -56,6 +78,8 @@ class AccessState:
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
             self.enrolments[tid] = tx
+            dp = (tx.device, tx.patient)
+            self.floors[dp] = min(tx.floor_ms, self.floors.get(dp, tx.floor_ms))
             for s in tx.streams:
                 chains = self.streams.setdefault((tx.device, tx.patient, s.stream), {})
                 chains[s.chain_id] = ChainInfo(s.chain_id, s.start_epoch, s.epoch_ms)
@@ -65,6 +89,10 @@ class AccessState:
             self.revoked.add((tx.patient, tx.grant))
         elif isinstance(tx, Erase):
             self.erased[tx.patient] = max(tx.ts_ms, self.erased.get(tx.patient, 0))
+        elif isinstance(tx, RemoveDevice):
+            self.removals[tid] = tx
+            dp = (tx.device, tx.patient)
+            self.removed[dp] = min(tx.ts_ms, self.removed.get(dp, tx.ts_ms))
         elif isinstance(tx, Rechain):
             self.rechains[tid] = tx
             self._moves.setdefault((tx.patient, tx.stream), set()).add((tx.ts_ms, tx.chain_id))
@@ -120,8 +148,14 @@ class AccessState:
             *sorted(b"r" + p + g for p, g in self.revoked),
             *sorted(b"x" + p + t.to_bytes(8, "big") for p, t in self.erased.items()),
             *sorted(b"k" + k for k in self.rechains),
+            *sorted(b"d" + d + p + t.to_bytes(8, "big") for (d, p), t in self.removed.items()),
+            *sorted(b"f" + d + p + t.to_bytes(8, "big") for (d, p), t in self.floors.items()),
         ]
         return h(b"\0".join(parts))
+
+    def removed_at(self, device: bytes, patient: bytes) -> int | None:
+        """From when ``device`` no longer writes for ``patient`` (None: not removed)."""
+        return self.removed.get((device, patient))
 
     def check_reading(self, r: Reading, *, ingest: bool = False) -> None:
         """Raise :class:`Rejected` unless ``r`` fits an enrolment and its key chain.
@@ -129,9 +163,20 @@ class AccessState:
         ``ingest``: also refuse what a node must not *take in* from a device, but may
         find in another node's block, which was sealed before that node saw the
         transaction making it so (a block's validity must not depend on arrival
-        order): a reading of an erased patient from before the erasure, and one on
-        a key chain the patient has since replaced (a revoked grantee may hold it).
+        order): a reading of an erased patient from before the erasure, one on a
+        key chain the patient has since replaced (a revoked grantee may hold it), one
+        of a device the patient removed, from its removal on (a stolen key), and one
+        from before the device's enrolment floor (a backdated reading).  Of these, a
+        replica prunes a removed device's readings from others' blocks (see
+        :mod:`meshhealth.ingest.replica`); the rest stay valid there.
         """
+        if ingest:
+            removed = self.removed.get((r.device, r.patient))
+            if removed is not None and r.t_last_ms >= removed:
+                raise Rejected("removed_device", f"{r.device.hex()[:8]} was removed")
+            floor = self.floors.get((r.device, r.patient))
+            if floor is not None and r.t_ms < floor - ENROLL_GRACE_MS:
+                raise Rejected("before_enrollment", f"reading at {r.t_ms}, enrolled from {floor}")
         if ingest and self.erased.get(r.patient, -1) >= r.t_ms:
             raise Rejected("erased", "the patient erased their data up to this time")
         if ingest:

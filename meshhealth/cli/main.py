@@ -86,7 +86,7 @@ def cmd_keygen(a: argparse.Namespace, kind: str) -> int:
 
 
 async def _enroll(a: argparse.Namespace) -> int:
-    from meshhealth.cli.patient_cmds import load_patient
+    from meshhealth.cli.patient_cmds import load_patient, parse_time
     from meshhealth.net.client import client_session, post_tx
     from meshhealth.sharing.enrollment import enrollment
     from meshhealth.sharing.keychain import epoch_of
@@ -101,7 +101,14 @@ async def _enroll(a: argparse.Namespace) -> int:
     now = time.time_ns() // 1_000_000
     sel = {s: chains[s] for s in wanted}
     key_epoch = epoch_of(now, next(iter(sel.values())).epoch_ms)
-    tx = enrollment(patient, sel, device, key_epoch, now)
+    since = parse_time(a.import_from) if a.import_from else None
+    if since is not None:
+        if since > now:
+            print("error: --import-from is in the future", file=sys.stderr)
+            return 2
+        # the device must hold the keys of the epochs it imports into
+        key_epoch = epoch_of(since, next(iter(sel.values())).epoch_ms)
+    tx = enrollment(patient, sel, device, key_epoch, now, import_from_ms=since)
     async with client_session(10) as session:
         tid = await post_tx(session, a.node, tx.encode())
     if a.out:
@@ -213,6 +220,7 @@ async def _simulate(a: argparse.Namespace) -> int:
         seed=a.seed,
         mqtt_tls=mqtt_tls,
         http_tls=cli_context(ca),
+        confirmations=a.confirmations,
     )
     try:
         await sim.enroll()
@@ -293,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--streams", help="comma-separated (default: all of the patient's)")
     s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
     s.add_argument("--out", help="also write the signed transaction here (for the device)")
+    s.add_argument(
+        "--import-from",
+        help="also take in its readings from this time on (Unix ms or ISO 8601), to import "
+        "older data; default: only readings from the enrolment on",
+    )
     s.add_argument("--passphrase")
     s.set_defaults(fn=_sync(_enroll))
     from meshhealth.cli import patient_cmds
@@ -350,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one MQTT connection for all devices (default) or one per device",
     )
     s.add_argument("--state-dir", default="sim-state", help="outbox and patient keys")
+    s.add_argument(
+        "--confirmations",
+        type=int,
+        default=1,
+        help="delete a reading only once receipts of this many distinct authorities cover it "
+        "(default 1; more needs N >= 4 authorities and nodes with mqtt.receipt_replicated)",
+    )
     s.add_argument(
         "--ca",
         default=argparse.SUPPRESS,  # else it would hide a global `meshhealth --ca FILE`

@@ -22,9 +22,17 @@ from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_i
 from meshhealth.errors import AccessDenied, ConfigError, NetworkError
 from meshhealth.net.client import client_session, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
-from meshhealth.sharing.keychain import KeyChain
+from meshhealth.sharing.keychain import KeyChain, epoch_of
 from meshhealth.sharing.provider import PARALLEL_FROM, signed_get
-from meshhealth.wire import EnrollDevice, Erase, Grant, Rechain, Revoke, decode_control
+from meshhealth.wire import (
+    EnrollDevice,
+    Erase,
+    Grant,
+    Rechain,
+    RemoveDevice,
+    Revoke,
+    decode_control,
+)
 from meshhealth.wire.codec import unpack
 
 DAY_MS = 86_400_000
@@ -162,10 +170,15 @@ async def revoke(a: argparse.Namespace) -> int:
     return 0
 
 
-def devices_by_stream(patient: bytes, raws: list[bytes]) -> dict[str, set[bytes]]:
+def devices_by_stream(
+    patient: bytes, raws: list[bytes], *, removed: bool = False
+) -> dict[str, set[bytes]]:
     """Which devices publish which of the patient's streams, from their signed enrolments
-    and rechains (a node could only leave some out, never add one)."""
+    and rechains, leaving out the devices the patient removed (``removed``: keep them).
+    A node could only leave some out, never add one (or hide a removal: the patient's
+    own removal goes out in the same run)."""
     out: dict[str, set[bytes]] = {}
+    gone: set[bytes] = set()
     for raw in raws:
         tx = decode_control(raw)
         if tx.patient != patient:
@@ -176,7 +189,84 @@ def devices_by_stream(patient: bytes, raws: list[bytes]) -> dict[str, set[bytes]
                 out.setdefault(sk.stream, set()).add(tx.device)
         elif isinstance(tx, Rechain):
             out.setdefault(tx.stream, set()).update(k.to for k in tx.devices)
-    return out
+        elif isinstance(tx, RemoveDevice):
+            gone.add(tx.device)
+    if removed:
+        return out
+    return {s: ds - gone for s, ds in out.items()}
+
+
+async def remove_device(a: argparse.Namespace) -> int:
+    """Cut a device off (lost, stolen, retired): nodes refuse its readings from the removal
+    time on, and every stream it wrote moves to a new key chain sealed to the remaining
+    devices and open grantees only, so its key opens nothing written from then on."""
+    patient, chains = load_patient(a.key, a.passphrase)
+    device = parse_public(a.device)
+    now = time.time_ns() // 1_000_000
+    since = parse_time(a.since) if a.since else now
+    if since > now:
+        print("error: --since is in the future", file=sys.stderr)
+        return 2
+    async with client_session(10) as session:
+        path = f"/v1/patients/{patient.public.hex()}/enrollments"
+        txs = unpack(await signed_get(session, a.node, patient, path), max_len=1 << 24)
+        wrote = sorted(
+            s
+            for s, ds in devices_by_stream(patient.public, txs, removed=True).items()
+            if device in ds
+        )
+        if not wrote:
+            print(
+                f"error: no node knows device {device.hex()[:8]} as one of this patient's",
+                file=sys.stderr,
+            )
+            return 2
+        tx = RemoveDevice.create(patient.signing, device=device, ts_ms=since)
+        await post_tx(session, a.node, tx.encode())
+        print(f"removed device {device.hex()[:8]}: its readings from {_iso(since)} on are refused")
+        if a.no_rechain:
+            return 0
+        devices = devices_by_stream(patient.public, [*txs, tx.encode()])
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        doc = json.loads(await signed_get(session, a.node, patient, path))
+        keep = [
+            (bytes.fromhex(g["id"]), Grant.decode(bytes.fromhex(g["tx"])).verify())
+            for g in doc["grants"]
+            if not g["revoked"]
+        ]
+        keep = [(gid, g) for gid, g in keep if g.open and g.patient == patient.public]
+        switch = now + int(a.switch_after * 1000)
+        moves, orphaned = [], []
+        for stream in wrote:
+            if stream not in chains:
+                continue
+            if not devices.get(stream):
+                orphaned.append(stream)
+                continue
+            moves.append(
+                make_rechain(
+                    patient, chains[stream], devices[stream], keep, now_ms=now, switch_ms=switch
+                )
+            )
+        # a stream no device writes any more: a fresh chain in the key file only (a rechain
+        # names at least one device), so the next device enrolled gets a key it never held
+        fresh = [
+            KeyChain.new(s, epoch_of(switch, chains[s].epoch_ms), chains[s].epoch_ms)
+            for s in orphaned
+        ]
+        add_chains(a.key, patient, a.passphrase, [chain for _, chain in moves] + fresh)
+        for rc, chain in moves:
+            await post_tx(session, a.node, rc.encode())
+            print(
+                f"stream {rc.stream}: new key chain {chain.chain_id.hex()} from {_iso(switch)}, "
+                f"sealed to {len(rc.devices)} device(s) and {len(rc.grants)} open grant(s)"
+            )
+        for s in orphaned:
+            print(
+                f"stream {s}: no device left to write it; the key file holds a new chain for "
+                "the next device you enrol (open grants of it need granting again)"
+            )
+    return 0
 
 
 async def erase(a: argparse.Namespace) -> int:
@@ -284,6 +374,32 @@ def add_parsers(pat: Any, sync: Any) -> None:
     )
     s.add_argument("--passphrase")
     s.set_defaults(fn=sync(revoke))
+    s = pat.add_parser(
+        "remove-device",
+        help="cut a device off (lost, stolen): refuse its readings, rechain what it wrote",
+    )
+    s.add_argument("--key", required=True, help="the patient's key file")
+    s.add_argument("--device", required=True, help="the device's public key (64 hex) or key file")
+    s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
+    s.add_argument(
+        "--since",
+        help="refuse its readings from this time on (Unix ms or ISO 8601; e.g. when it was "
+        "lost; default: now)",
+    )
+    s.add_argument(
+        "--no-rechain",
+        action="store_true",
+        help="only remove: keep the key chains (the device's key keeps opening new data)",
+    )
+    s.add_argument(
+        "--switch-after",
+        type=float,
+        default=10.0,
+        help="seconds until the new key chains take over (the other devices need that long "
+        "to pick them up; default 10)",
+    )
+    s.add_argument("--passphrase")
+    s.set_defaults(fn=sync(remove_device))
     s = pat.add_parser("grants", help="list this patient's grants and whether each is active")
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)

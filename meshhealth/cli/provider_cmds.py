@@ -107,14 +107,29 @@ async def fetch(a: argparse.Namespace) -> int:
             out.write("\n")
         else:
             export.write_table(rows, out)
+            if res.skipped:
+                out.write(f"# warning: {_skipped(res.skipped)}\n")
     print(
         f"{len(rows)} samples in {len(res.readings)} verified readings from {res.node_url} "
         f"({res.blocks} blocks, {res.bytes_transferred:,} bytes"
         + (f"; {res.undecryptable} readings we hold no key for" if res.undecryptable else "")
+        + (f"; {len(res.skipped)} skipped" if res.skipped else "")
         + ")",
         file=sys.stderr,
     )
+    if res.skipped:  # CSV and FHIR stay well-formed: the warning goes beside them
+        print(f"warning: {_skipped(res.skipped)}", file=sys.stderr)
     return 0
+
+
+def _skipped(bad: list[tuple[bytes, int]]) -> str:
+    devices = sorted({d.hex()[:8] for d, _ in bad})
+    return (
+        f"{len(bad)} reading(s) signed by an enrolled device did not decrypt (or came from it "
+        "after the patient removed it) and were skipped "
+        f"(device {', '.join(devices)}; a stolen or faulty device key? see "
+        "`patient remove-device`)"
+    )
 
 
 async def audit(a: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from meshhealth.wire import (
     Erase,
     Link,
     Reading,
-    Receipt,
+    ReceiptV2,
 )
 
 
@@ -226,14 +226,19 @@ def make_receipt(
     network: bytes,
     device: bytes,
     mark: SeqMark,
-    height: int,
+    block: tuple[bytes, int, bytes],
     now_ms: int,
-) -> Receipt:
-    return Receipt.create(
+) -> ReceiptV2:
+    """An A2 receipt: ``device``'s readings up to ``mark.contiguous`` are stored, and
+    ``block`` = (chain, height, hash) holds one of them (see :class:`ReceiptV2`)."""
+    chain, height, block_hash = block
+    return ReceiptV2.create(
         key,
         network=network,
         device=device,
         seq=mark.contiguous,
-        height=max(height, 0),
+        chain=chain,
+        height=height,
+        hash=block_hash,
         ts_ms=now_ms,
     )

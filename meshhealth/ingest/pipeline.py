@@ -99,6 +99,12 @@ class Pipeline:
         self.committed: dict[bytes, SeqMark] = store.seqmarks()
         # device -> the highest seq we took from it that no receipt of ours covers yet
         self._owed: dict[bytes, int] = {}
+        # device -> (chain, height, hash) of the block whose commit last moved its
+        # contiguous mark: the block a receipt names (one entry per device in ``committed``)
+        self._held: dict[bytes, tuple[bytes, int, bytes]] = {}
+        # also receipt the readings other chains bring us (devices that wait for receipts
+        # from several authorities before deleting; off: receipts only for what we took in)
+        self.receipt_replicated = False
         self.received = 0
         self.blocks = 0
         self.committed_readings = store.reading_count()
@@ -258,11 +264,11 @@ class Pipeline:
     async def commit_remote(self, c: Commit) -> None:
         """Write a peer's admitted block (the caller holds ``apply_lock``)."""
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit_block, c)
-        self.committed.update(c.seqmarks)
+        self._note_held(c)
         await self.prune_erased()
         # a device whose readings a shared subscription split across nodes: our last
         # receipt stopped at a gap another chain has just filled; the device waits for us
-        owed = {d for d in c.seqmarks if d in self._owed}
+        owed = {d for d in c.seqmarks if d in self._owed or self.receipt_replicated}
         if owed:
             self._send_receipts(owed)
 
@@ -329,8 +335,19 @@ class Pipeline:
         self.blocks += 1
         self.committed_readings += len(c.readings)
         self.sealed_readings += len(c.readings)
-        self.committed.update(c.seqmarks)
+        self._note_held(c)
         self._send_receipts(set(c.seqmarks))
+
+    def _note_held(self, c: Commit) -> None:
+        """Take in a committed block's seq marks; where a device's contiguous mark moved,
+        this block holds the reading at the old mark + 1, which the new mark covers."""
+        hdr = c.block.header
+        where = (hdr.node, hdr.height, c.block.hash)
+        for d, mark in c.seqmarks.items():
+            old = self.committed.get(d)
+            if old is None or mark.contiguous > old.contiguous:
+                self._held[d] = where
+            self.committed[d] = mark
 
     def _send_receipts(self, devices: set[bytes]) -> None:
         b = self.batcher
@@ -339,9 +356,16 @@ class Pipeline:
         t = now_ms()
         for d in devices:
             mark = self.committed.get(d)
-            if mark is None:
+            if mark is None or mark.contiguous == 0:
                 continue
-            rc = make_receipt(b.key, b.network, d, mark, b.height, t)
+            block = self._held.get(d)
+            if block is None:
+                # committed before this process started: name our own head, which
+                # follows every block holding them in our replica
+                if b.height < 0:
+                    continue
+                block = (b.me, b.height, b.prev)
+            rc = make_receipt(b.key, b.network, d, mark, block, t)
             self.publish(self.receipts_topic.format(device=d.hex()), rc.encode())
             if mark.contiguous >= self._owed.get(d, -1):
                 self._owed.pop(d, None)

@@ -11,7 +11,9 @@ our own ingest would check it:
   a valid reading comes back as its fields, so it is not decoded twice);
 * enrolments, applied in entry order, and equivocation proofs (the node
   they accuse is marked faulty);
-* readings from enrolled devices, on a known key chain and epoch;
+* readings from enrolled devices, on a known key chain and epoch; a reading
+  of a device its patient removed (D1), timed at or after the removal, is
+  pruned (its leaf hash kept, counted as ``removed_device``), not served;
 * every *link*: the block must link only to blocks we already hold, with
   matching hashes.  Links are how causality travels.  A reading's
   enrolment may sit in a third chain, and it always sits at or below
@@ -57,6 +59,16 @@ class MissingLinks(Exception):
     def __init__(self, missing: list[tuple[bytes, int]]):
         super().__init__(f"{len(missing)} linked block(s) missing")
         self.missing = missing
+
+
+def _removed_since(a: AccessState, overlay: AccessState, r: Reading) -> int | None:
+    """When ``r``'s device was removed for its patient, if that is at or before ``r``."""
+    times = [
+        t
+        for t in (a.removed_at(r.device, r.patient), overlay.removed_at(r.device, r.patient))
+        if t is not None and r.t_last_ms >= t
+    ]
+    return min(times) if times else None
 
 
 def admit_remote(
@@ -132,6 +144,12 @@ def admit_remote(
                 raise bad(f"entry {i}: {exc.reason}") from exc
         if max(b.access.erased.get(e.patient, -1), overlay.erased.get(e.patient, -1)) >= e.t_ms:
             prune.add(i)  # its patient erased it: keep only its leaf hash
+        elif _removed_since(b.access, overlay, e) is not None:
+            # its patient removed the device (a stolen key) before this reading's time; the
+            # producer sealed it before it saw the removal, so the block stays valid, but
+            # we keep only its leaf hash and serve it to no one
+            prune.add(i)
+            b.reject("removed_device")
         mark = b.marks.get(e.device)
         seen = adds.setdefault(e.device, set())
         if (mark is not None and mark.has(e.seq)) or e.seq in seen or b.is_pending(e.device, e.seq):

@@ -187,10 +187,11 @@ async def enrollments(request: web.Request) -> web.Response:
 
 
 def key_txs(access: Any, patient: bytes) -> list[bytes]:
-    """A patient's enrolments and rechains: which device may write which key chain."""
+    """A patient's enrolments, rechains and device removals: which device may write which
+    key chain, and which no longer writes (a rechain must not seal to it)."""
     return [
         tx.encode()
-        for txs in (access.enrolments.values(), access.rechains.values())
+        for txs in (access.enrolments.values(), access.rechains.values(), access.removals.values())
         for tx in txs
         if tx.patient == patient
     ]

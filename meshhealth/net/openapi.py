@@ -472,8 +472,9 @@ def _paths() -> dict[str, Doc]:
                 "submitTx",
                 "transactions",
                 "Submit a patient-signed control transaction",
-                "Accepted control transactions: `E1` EnrollDevice, `G1` Grant, `V1` Revoke, "
-                "`X1` Erase and `K1` Rechain. The patient's signature is the authority, so "
+                "Accepted control transactions: `E1` EnrollDevice, `E2` EnrollDevice with an "
+                "import window, `G1` Grant, `V1` Revoke, `X1` Erase, `K1` Rechain and `D1` "
+                "RemoveDevice. The patient's signature is the authority, so "
                 "the request itself is not signed. The node verifies the transaction, puts "
                 "it in its next block and gossips it.",
                 {
@@ -654,13 +655,16 @@ def _paths() -> dict[str, Doc]:
             "get": _operation(
                 "getPatientEnrollments",
                 "sharing",
-                "A patient's enrolments and rechains (signed by the patient)",
-                "Every EnrollDevice and Rechain transaction of the patient: which device may "
-                "write which key chain (the patient's client reads it to re-seal a new chain "
-                "to the right devices). It names every device of the patient, so only the "
-                "patient (or an authority) may read it.",
+                "A patient's enrolments, rechains and device removals (signed by the patient)",
+                "Every EnrollDevice, Rechain and RemoveDevice transaction of the patient: "
+                "which device may write which key chain, and which no longer writes (the "
+                "patient's client reads it to re-seal a new chain to the right devices). It "
+                "names every device of the patient, so only the patient (or an authority) "
+                "may read it.",
                 {
-                    "200": _msgpack("msgpack array of the encoded `E1` and `K1` transactions."),
+                    "200": _msgpack(
+                        "msgpack array of the encoded `E1`/`E2`, `K1` and `D1` transactions."
+                    ),
                     "400": _error("The key is not 64 hex (reason `malformed`)."),
                     "403": _error(
                         "The signer is neither the patient nor an authority (`not_allowed`)."

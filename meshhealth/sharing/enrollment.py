@@ -8,9 +8,17 @@ from meshhealth.wire import EnrollDevice, StreamKey
 
 
 def enrollment(
-    patient: Identity, chains: dict[str, KeyChain], device: bytes, key_epoch: int, now_ms: int
+    patient: Identity,
+    chains: dict[str, KeyChain],
+    device: bytes,
+    key_epoch: int,
+    now_ms: int,
+    *,
+    import_from_ms: int | None = None,
 ) -> EnrollDevice:
-    """The patient's signed enrolment of ``device``, sealing ``K(key_epoch)`` per stream."""
+    """The patient's signed enrolment of ``device``, sealing ``K(key_epoch)`` per stream.
+    Nodes take in its readings from ``now_ms`` on (E1), or, to import older data, from
+    ``import_from_ms`` (E2)."""
     box = box_public_of(device)
     keys = tuple(
         StreamKey(
@@ -23,4 +31,6 @@ def enrollment(
         )
         for s, c in sorted(chains.items())
     )
-    return EnrollDevice.create(patient.signing, device=device, ts_ms=now_ms, streams=keys)
+    return EnrollDevice.create(
+        patient.signing, device=device, ts_ms=now_ms, streams=keys, import_from_ms=import_from_ms
+    )

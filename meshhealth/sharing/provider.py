@@ -44,7 +44,7 @@ from meshhealth.chain import merkle
 from meshhealth.chain.acl import AccessState
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import AccessDenied, NetworkError, RemoteError
+from meshhealth.errors import AccessDenied, MalformedMessage, NetworkError, RemoteError
 from meshhealth.ingest.verify import check_one
 from meshhealth.net.client import get_first
 from meshhealth.net.signed_request import sign_request
@@ -58,6 +58,7 @@ from meshhealth.wire import (
     Grant,
     Reading,
     Rechain,
+    RemoveDevice,
     decode_control,
     decode_entry,
 )
@@ -209,11 +210,13 @@ def _access_of(key_txs: tuple[bytes, ...]) -> AccessState:
 
 def check_part(
     scope: Scope, raw_header: bytes, picked: list[Any], proof: list[bytes], whole: bool
-) -> tuple[bytes, int, list[Opened], int]:
+) -> tuple[bytes, int, list[Opened], int, list[tuple[bytes, int]]]:
     """Check one block's header and (``whole``: for all the entries the node sent from it)
     its Merkle proof, and every reading in ``picked``: device signature, patient, stream,
     time, enrolment; then decrypt.  Returns (node, height, opened, how many we hold no key
-    for).  Raises :class:`VerificationError` on the first thing that fails."""
+    for, (device, seq) of those that did not decrypt under the key we hold).  Raises
+    :class:`VerificationError` on the first thing that fails; a reading that does not
+    decrypt is no lie of the node (the device signed it), so it is skipped and reported."""
     hdr = BlockHeader.decode(raw_header)
     if hdr.node not in scope.authorities or hdr.network != scope.network:
         raise VerificationError("a block header of a node outside our network")
@@ -225,9 +228,10 @@ def check_part(
             leaves, hdr.count, proof, hdr.root
         ):
             raise VerificationError(f"entries said to be in {where} are not in it")
-        return hdr.node, hdr.height, [], 0
+        return hdr.node, hdr.height, [], 0, []
     access = _access_of(scope.key_txs)
     out: list[Opened] = []
+    bad: list[tuple[bytes, int]] = []  # (device, seq) of readings that did not decrypt
     missing = 0
     for _, raw in picked:
         res = check_one(raw)
@@ -242,17 +246,26 @@ def check_part(
             access.check_reading(r)
         except RemoteError as exc:
             raise VerificationError(f"{where}: a reading of a device not enrolled: {exc}") from exc
+        removed = access.removed_at(r.device, r.patient)
+        if removed is not None and r.t_last_ms >= removed:
+            # the patient removed the device before this reading's time (a stolen key); a
+            # node sealed it before it saw the removal: not the patient's data, skip it
+            bad.append((r.device, r.seq))
+            continue
         key = scope.keys.get((r.chain_id, r.epoch))
         if key is None:
             missing += 1
             continue
         try:
             plain = decrypt(key, r.nonce, r.ciphertext, r.associated_data())
-        except nacl.exceptions.CryptoError as exc:
-            raise VerificationError(f"{where}: a reading does not decrypt") from exc
-        unit, samples = decode_samples(plain, r.t_ms)
+            unit, samples = decode_samples(plain, r.t_ms)
+        except (nacl.exceptions.CryptoError, MalformedMessage):
+            # signed by an enrolled device, yet it does not open under the patient's key
+            # (a stolen device key writing garbage, a device bug): skip it, say so
+            bad.append((r.device, r.seq))
+            continue
         out.append(Opened(r.device, r.seq, r.t_ms, r.stream, unit, samples, hdr.node, hdr.height))
-    return hdr.node, hdr.height, out, missing
+    return hdr.node, hdr.height, out, missing, bad
 
 
 class Opened(NamedTuple):
@@ -276,6 +289,9 @@ class FetchResult:
     pages: int = 0
     bytes_transferred: int = 0
     undecryptable: int = 0  # verified, but the reader holds no key for them
+    # verified and signed by an enrolled device, but they do not decrypt (or the patient
+    # removed the device before their time): skipped
+    skipped: list[tuple[bytes, int]] = field(default_factory=list)  # (device, seq)
 
     @property
     def samples(self) -> int:
@@ -342,9 +358,11 @@ class Fetcher:
         epochs: set[tuple[bytes, int]] = set()
         for raw in key_txs:
             tx = decode_control(raw)
-            if not isinstance(tx, EnrollDevice | Rechain) or tx.patient != patient:
+            if not isinstance(tx, EnrollDevice | Rechain | RemoveDevice) or tx.patient != patient:
                 raise VerificationError("the node sent an enrolment of someone else")
             tx.verify()
+            if isinstance(tx, RemoveDevice):
+                continue
             chains = [tx] if isinstance(tx, Rechain) else tx.streams
             for c in chains:
                 if c.stream == stream:
@@ -383,7 +401,7 @@ class Fetcher:
         res = FetchResult(node_url=url)
         start_bytes = self.client.bytes_in - len(body)
         loop = asyncio.get_running_loop()
-        pending: list[asyncio.Future[tuple[bytes, int, list[Opened], int]]] = []
+        pending: list[asyncio.Future[tuple[bytes, int, list[Opened], int, list[Any]]]] = []
         scope: Scope | None = None
         while True:
             nxt, key_txs, blocks = _unpack_answer(body)
@@ -405,9 +423,14 @@ class Fetcher:
             if status != 200:
                 raise NetworkError(f"{url}: page {res.pages + 1}: {status} {_reason(body)}")
         seen: set[tuple[bytes, int]] = set()
+        skipped: set[tuple[bytes, int]] = set()
         for fut in pending:
-            _, _, opened, missing = await fut
+            _, _, opened, missing, bad = await fut
             res.undecryptable += missing
+            for b in bad:
+                if b not in skipped:  # a reading two chains carry: report it once
+                    skipped.add(b)
+                    res.skipped.append(b)
             for o in opened:
                 if (o.device, o.seq) not in seen:  # a reading two chains carry: keep one
                     seen.add((o.device, o.seq))

@@ -155,6 +155,7 @@ class Reader:
                 "pages": res.pages,
                 "bytes": res.bytes_transferred,
                 "undecryptable": res.undecryptable,
+                "skipped": len(res.skipped),  # signed, but they did not decrypt
             },
             "node": res.node_url,
         }

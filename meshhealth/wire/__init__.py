@@ -12,12 +12,15 @@ from meshhealth.wire.types import (
     Link,
     Reading,
     Receipt,
+    ReceiptV2,
     Rechain,
+    RemoveDevice,
     Revoke,
     SealedKey,
     StreamKey,
     decode_control,
     decode_entry,
+    decode_receipt,
 )
 
 __all__ = [
@@ -32,10 +35,13 @@ __all__ = [
     "Link",
     "Reading",
     "Receipt",
+    "ReceiptV2",
     "Rechain",
+    "RemoveDevice",
     "Revoke",
     "SealedKey",
     "StreamKey",
     "decode_control",
     "decode_entry",
+    "decode_receipt",
 ]

@@ -90,7 +90,8 @@ class Signed:
         try:
             nacl.signing.VerifyKey(self.signer).verify(self.signing_bytes(), self.sig)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as exc:
-            raise InvalidSignature(f"bad {self.TAG} signature") from exc
+            tag = getattr(self, "tag", self.TAG)  # a type with two tags (E1/E2) says which
+            raise InvalidSignature(f"bad {tag} signature") from exc
         return self
 
 
@@ -200,9 +201,18 @@ class StreamKey(Record):
 
 @dataclass(frozen=True, slots=True)
 class EnrollDevice(Signed):
-    """Patient-signed: ``device`` may publish these streams for ``patient``."""
+    """Patient-signed: ``device`` may publish these streams for ``patient``.
+
+    Nodes take in the device's readings from the enrolment's time ``ts_ms`` on:
+    a stolen device key cannot backdate readings to the chain's start.  An
+    enrolment that imports older data (a device's history, files synced later)
+    names the start of that window, ``import_from_ms``: it is then tagged
+    ``E2`` (the fields of E1, then ``import_from_ms``); without one it is ``E1``,
+    the form every older chain holds, which still decodes and verifies.
+    """
 
     TAG: ClassVar[str] = "E1"
+    TAG_IMPORT: ClassVar[str] = "E2"
     MAX_LEN: ClassVar[int] = MAX_TX
     SIGNER: ClassVar[str] = "patient"
     FIELDS: ClassVar[Fields] = (
@@ -217,12 +227,48 @@ class EnrollDevice(Signed):
     ts_ms: int
     streams: tuple[StreamKey, ...]
     sig: bytes
+    import_from_ms: int | None = None  # E2: readings from this time on (else from ts_ms)
 
     def __post_init__(self) -> None:
         _each_stream_once(self.streams, "an enrolment")
         for s in self.streams:
             if s.key_epoch < s.start_epoch:
                 raise MalformedMessage("key_epoch precedes the chain's start")
+        if self.import_from_ms is not None and not 0 <= self.import_from_ms <= self.ts_ms:
+            raise MalformedMessage("an import window starts before the enrolment, at >= 0")
+
+    @property
+    def tag(self) -> str:
+        return self.TAG if self.import_from_ms is None else self.TAG_IMPORT
+
+    @property
+    def floor_ms(self) -> int:
+        """The earliest reading time this enrolment lets in."""
+        return self.ts_ms if self.import_from_ms is None else self.import_from_ms
+
+    def body(self) -> list[Any]:
+        out = Signed.body(self)
+        return out if self.import_from_ms is None else [*out, self.import_from_ms]
+
+    def signing_bytes(self) -> bytes:
+        return signing_bytes(self.tag, self.body())
+
+    def encode(self) -> bytes:
+        return pack([self.tag, *self.body(), self.sig])
+
+    @classmethod
+    def decode(cls, data: bytes) -> EnrollDevice:
+        if len(data) > cls.MAX_LEN or data[1:4] != b"\xa2E2":  # E1 (or its errors)
+            return cls(
+                *decode_fields(data, cls.TAG, (*cls.FIELDS, ("sig", SIG)), max_len=cls.MAX_LEN)
+            )
+        patient, device, ts_ms, streams, since, sig = decode_fields(
+            data,
+            cls.TAG_IMPORT,
+            (*cls.FIELDS, ("import_from_ms", u_int()), ("sig", SIG)),
+            max_len=cls.MAX_LEN,
+        )
+        return cls(patient, device, ts_ms, streams, sig, since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +334,53 @@ class Receipt(Signed):
     height: int
     ts_ms: int
     sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptV2(Signed):
+    """Node-signed (v2): every reading of ``device`` up to ``seq`` is stored, and the block
+    ``(chain, height, hash)`` holds one of them: the reading whose commit brought the
+    node's contiguous mark up to ``seq``.
+
+    A device deletes readings only on this receipt, and only up to the highest seq it
+    sent.  Naming the block makes the claim checkable (the block is on the named
+    chain, or the signer lied, provably: it signed the hash), and lets a device wait
+    for that block's confirmation.  ``Receipt`` (A1) named only the signer's own height.
+    """
+
+    TAG: ClassVar[str] = "A2"
+    MAX_LEN: ClassVar[int] = 1024
+    SIGNER: ClassVar[str] = "node"
+    FIELDS: ClassVar[Fields] = (
+        ("network", KEY),
+        ("node", KEY),
+        ("device", KEY),
+        ("seq", u_int()),
+        ("chain", KEY),
+        ("height", u_int()),
+        ("hash", KEY),
+        ("ts_ms", u_int()),
+    )
+
+    network: bytes
+    node: bytes
+    device: bytes
+    seq: int
+    chain: bytes
+    height: int
+    hash: bytes
+    ts_ms: int
+    sig: bytes
+
+
+def decode_receipt(data: bytes) -> Receipt | ReceiptV2:
+    """A receipt of either version (not yet verified)."""
+    tag = peek_tag(data)
+    if tag == ReceiptV2.TAG:
+        return ReceiptV2.decode(data)
+    if tag == Receipt.TAG:
+        return Receipt.decode(data)
+    raise MalformedMessage("not a receipt")
 
 
 MAX_GRANT = 65_536
@@ -392,6 +485,27 @@ class Revoke(Signed):
 
     patient: bytes
     grant: bytes
+    ts_ms: int
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveDevice(Signed):
+    """Patient-signed: ``device`` no longer writes for ``patient`` from ``ts_ms`` on.
+
+    Nodes refuse the device's readings of this patient timed at or after
+    ``ts_ms`` (which may be in the past: when the device was lost).  Removal
+    is final for that (device, patient); the patient rechains every stream the
+    device wrote, so the key it holds opens nothing written from then on.
+    """
+
+    TAG: ClassVar[str] = "D1"
+    MAX_LEN: ClassVar[int] = 512
+    SIGNER: ClassVar[str] = "patient"
+    FIELDS: ClassVar[Fields] = (("patient", KEY), ("device", KEY), ("ts_ms", u_int()))
+
+    patient: bytes
+    device: bytes
     ts_ms: int
     sig: bytes
 
@@ -564,9 +678,10 @@ class AccessLog(Signed):
             raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
 
 
-Control = EnrollDevice | Grant | Revoke | Erase | Rechain
-CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain)
+Control = EnrollDevice | Grant | Revoke | Erase | Rechain | RemoveDevice
+CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain, RemoveDevice)
 CONTROL_TYPES: dict[str, Any] = {c.TAG: c for c in CONTROL_CLASSES}
+CONTROL_TYPES[EnrollDevice.TAG_IMPORT] = EnrollDevice
 MAX_CONTROL = max(c.MAX_LEN for c in CONTROL_TYPES.values())
 Entry = Reading | Control | EquivocationProof | AccessLog
 ENTRY_TYPES: dict[str, Any] = {
