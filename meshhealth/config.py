@@ -125,6 +125,41 @@ class IngestConfig:
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8700
+    # POST /v1/tx, in encoded bytes that land on chain (token buckets: rate, burst)
+    tx_source_bytes_per_s: float = 16_384.0  # per source address
+    tx_source_burst_bytes: int = 1_048_576
+    tx_patient_bytes_per_s: float = 4_096.0  # per signing patient key
+    tx_patient_burst_bytes: int = 262_144
+    # all unregistered patient keys together, per hour; each registered patient, per hour
+    stranger_bytes_per_hour: int = 2_097_152
+    registered_bytes_per_hour: int = 8_388_608
+    # all the patients one authority registered, together, per hour (a bad authority
+    # registering throwaway keys gets no more than this out of honest nodes)
+    registrar_bytes_per_hour: int = 67_108_864
+    # what the access state may hold per patient (this node refuses more)
+    max_grants_per_patient: int = 1_024
+    max_held_bytes_per_patient: int = 8_388_608
+    # ...and for all unregistered patients together (past it, strangers are refused)
+    max_stranger_held_bytes: int = 67_108_864
+    # signed reads: requests per second and burst, per source address and per reader key
+    read_source_per_s: float = 50.0
+    read_source_burst: int = 500
+    read_key_per_s: float = 20.0
+    read_key_burst: int = 200
+    # the nonce cache of signed requests: total bytes, and nonces per key / per source
+    nonce_cache_bytes: int = 16_777_216
+    nonces_per_key: int = 4_096
+    nonces_per_source: int = 8_192
+    # refused (and empty) reads: one log per (reader, patient, reason) per period, plus
+    # one summary with the count; at most this many such keys per patient and in total
+    refusal_period_s: float = 3_600.0
+    refusal_logs_per_patient: int = 16
+    refusal_logs_total: int = 1_024
+    # reads that served readings of an unregistered patient: logged one by one up to these
+    # counts per hour (per reader key, and in all), then summarised like refusals
+    unregistered_read_logs_per_key_hour: int = 256
+    unregistered_read_logs_per_hour: int = 4_096
+    limit_table_keys: int = 16_384  # buckets kept per table (least recently used dropped)
 
 
 @dataclass(frozen=True)
@@ -138,6 +173,18 @@ class GossipConfig:
     peer_exchange: bool = True  # learn other authorities' URLs from peers, and dial them
     # on start, wait up to this long to learn our own chain's head from peers before sealing
     startup_sync_s: float = 10.0
+    # a peer claiming our own chain is ahead of our replica must send our own signed header
+    # at that height within this long, or its claim is ignored and it is penalised
+    claim_timeout_s: float = 10.0
+    # memory a peer can make us hold (see GossipLimits in meshhealth.net.gossip_shell):
+    # blocks waiting for their parent or links, per sending peer and in total (MiB) ...
+    buffer_peer_mb: float = 32.0
+    buffer_total_mb: float = 128.0
+    # ... and frames queued to send (pull replies, pushes, digests), per peer and in total
+    send_peer_mb: float = 32.0
+    send_total_mb: float = 128.0
+    # a peer that has not taken a frame from us for this long is disconnected
+    slow_peer_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -262,6 +309,7 @@ class NodeConfig:
             raise ConfigError(f"{source}: ingest.max_block_bytes must be in [64 KiB, 8 MiB]")
         if not 0 <= ing.verify_workers <= 64:
             raise ConfigError(f"{source}: ingest.verify_workers must be in [0, 64]")
+        _check_api(cfg, source)
         g = cfg.gossip
         if not 1 <= g.fanout <= 64:
             raise ConfigError(f"{source}: gossip.fanout must be in [1, 64]")
@@ -269,11 +317,50 @@ class NodeConfig:
             raise ConfigError(f"{source}: gossip.tick_s must be in [0.01, 60]")
         if not 0 <= g.startup_sync_s <= 3600:
             raise ConfigError(f"{source}: gossip.startup_sync_s must be in [0, 3600]")
+        if not 0.1 <= g.claim_timeout_s <= 600:
+            raise ConfigError(f"{source}: gossip.claim_timeout_s must be in [0.1, 600]")
+        if not 1 <= g.slow_peer_s <= 3600:
+            raise ConfigError(f"{source}: gossip.slow_peer_s must be in [1, 3600]")
+        # a maximal block (8 MiB + 64 KiB) must fit in one peer's send queue; a block
+        # too big for the buffer is not held but pulled again once its parent is in
+        for key, peer, total, least in (
+            ("buffer", g.buffer_peer_mb, g.buffer_total_mb, 1),
+            ("send", g.send_peer_mb, g.send_total_mb, 9),
+        ):
+            if not least <= peer <= total <= 65_536:
+                raise ConfigError(
+                    f"{source}: gossip.{key}_peer_mb and gossip.{key}_total_mb must satisfy "
+                    f"{least} <= {key}_peer_mb <= {key}_total_mb <= 65536"
+                )
         for url in [*g.peers, *([g.advertise_url] if g.advertise_url else [])]:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{source}: gossip URL {url!r} must start with http(s)://")
         _check_tls(cfg, source)
         return cfg
+
+
+def _check_api(cfg: NodeConfig, source: str) -> None:
+    """Every limit positive; byte buckets hold at least one maximal transaction."""
+    from meshhealth.wire.types import MAX_CONTROL
+
+    a = cfg.api
+    for f in fields(a):
+        v = getattr(a, f.name)
+        if f.name not in ("host", "port") and not v > 0:
+            raise ConfigError(f"{source}: api.{f.name} must be positive")
+    for name in (
+        "tx_source_burst_bytes",
+        "tx_patient_burst_bytes",
+        "stranger_bytes_per_hour",
+        "registered_bytes_per_hour",
+        "registrar_bytes_per_hour",
+        "max_held_bytes_per_patient",
+        "max_stranger_held_bytes",
+    ):
+        if getattr(a, name) < MAX_CONTROL + 8:
+            raise ConfigError(
+                f"{source}: api.{name} must be at least {MAX_CONTROL + 8} (one transaction)"
+            )
 
 
 def _check_tls(cfg: NodeConfig, source: str) -> None:

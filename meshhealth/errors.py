@@ -51,6 +51,20 @@ class Rejected(RemoteError):
         self.detail = detail
 
 
+class RateLimited(RemoteError):
+    """A client spent its share (requests, bytes or nonces): the API answers 429 with
+    ``Retry-After``; ``reason`` is counted (``rate_limited``, ``stranger_budget`` ...)."""
+
+    def __init__(self, reason: str, detail: str, retry_after_s: float):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class HandshakeError(RemoteError):
+    """A gossip peer is not who it claims, is in another network, or is not allowed."""
+
+
 class AccessDenied(RemoteError):
     """The caller is not allowed to do or read this."""
 

@@ -24,14 +24,16 @@ from meshhealth.errors import ConfigError, NetworkError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.mqtt import MqttIngest
 from meshhealth.ingest.pipeline import Pipeline, now_ms
+from meshhealth.net.admission import ApiLimits
 from meshhealth.net.api import make_app
 from meshhealth.net.catchup import report_catchup
 from meshhealth.net.dashboard import History, sample_history
-from meshhealth.net.signed_request import ReplayGuard
+from meshhealth.net.limits import NONCE_BYTES, RefusalLog
+from meshhealth.net.signed_request import ReplayGuard, SignedRequest
 from meshhealth.net.tls import node_tls
 from meshhealth.store.lattice_view import confirmed_heights, replay_control
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import AccessLog
+from meshhealth.wire import AccessLogV2
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class Node:
         self.tls = node_tls(cfg)  # TLS contexts (a bad certificate is a ConfigError here)
         self.authorities = frozenset(a.key for a in self.genesis.authorities)
         self.store = open_store(cfg, self.genesis)
-        access, faulty = replay_control(self.store)
+        access, faulty = replay_control(self.store, registrars=self.authorities)
         for patient, upto in access.erased.items():  # finish erasures a crash cut short
             self.store.prune_patient(patient, upto)
         head = self.store.head(self.identity.public)
@@ -101,9 +103,18 @@ class Node:
         )
         self.pipeline.receipt_replicated = m.receipt_replicated
         from meshhealth.gossip.protocol import GossipParams
-        from meshhealth.net.gossip_shell import GossipShell
+        from meshhealth.net.gossip_shell import GossipLimits, GossipShell
 
         gc = cfg.gossip
+        mib = 1024 * 1024
+        limits = GossipLimits(
+            buffer_peer_bytes=int(gc.buffer_peer_mb * mib),
+            buffer_total_bytes=int(gc.buffer_total_mb * mib),
+            send_peer_bytes=int(gc.send_peer_mb * mib),
+            send_total_bytes=int(gc.send_total_mb * mib),
+            slow_peer_s=gc.slow_peer_s,
+            claim_timeout_s=gc.claim_timeout_s,
+        )
         self.gossip = GossipShell(
             self,
             gc.peers,
@@ -112,10 +123,26 @@ class Node:
             advertise_url=gc.advertise_url or f"{cfg.api_scheme}://{cfg.api.host}:{cfg.api.port}",
             peer_exchange=gc.peer_exchange,
             client_ssl=self.tls.peers,
+            limits=limits,
         )
         self.api_requests: Counter[tuple[str, int]] = Counter()  # (method, status) -> count
         self.history = History()  # the dashboard's recent ingest rates
-        self.guard = ReplayGuard(self.identity.public)
+        api = cfg.api
+        self.guard = ReplayGuard(
+            self.identity.public,
+            max_nonces=max(1, api.nonce_cache_bytes // NONCE_BYTES),
+            per_key=api.nonces_per_key,
+            per_source=api.nonces_per_source,
+        )
+        self.limits = ApiLimits(api)
+        # (stream, from, to, outcome, reason, grant, request) of the first counted refusal
+        self.refusals: RefusalLog[tuple[str, int, int, str, str, bytes, SignedRequest]] = (
+            RefusalLog(
+                int(api.refusal_period_s * 1000),
+                api.refusal_logs_per_patient,
+                api.refusal_logs_total,
+            )
+        )
         self.auth_failures = 0
         self.access_logs = 0
         self.started = time.time()
@@ -127,7 +154,7 @@ class Node:
 
     def log_access(
         self,
-        reader: bytes,
+        req: SignedRequest,
         patient: bytes,
         stream: str,
         from_ms: int,
@@ -136,14 +163,15 @@ class Node:
         reason: str,
         grant: bytes,
         readings: int,
-        request: bytes,
+        count: int = 1,
     ) -> None:
-        """Sign an access log and put it in our next block (the patient's audit trail)."""
+        """Sign an access log carrying the reader's signed request and put it in our next
+        block (the patient's audit trail)."""
         now = now_ms()
-        entry = AccessLog.create(
+        entry = AccessLogV2.create(
             self.identity.signing,
             network=self.network,
-            reader=reader,
+            reader=req.key,
             patient=patient,
             stream=stream,
             from_ms=from_ms,
@@ -153,11 +181,79 @@ class Node:
             reason=reason.encode(),
             grant=grant,
             readings=readings,
-            request=request,
+            count=count,
+            method=req.method,
+            path=req.path,
+            body_hash=req.body_hash,
+            req_ts_ms=req.t_ms,
+            req_nonce=req.nonce,
+            req_sig=req.sig,
         )
         self.batcher.admit_log(entry, now)
         self.pipeline.check_full()
         self.access_logs += 1
+
+    def log_refusal(
+        self,
+        req: SignedRequest,
+        patient: bytes,
+        stream: str,
+        from_ms: int,
+        to_ms: int,
+        outcome: str,
+        reason: str,
+        grant: bytes,
+        readings: int = 0,
+    ) -> None:
+        """A refused (or empty, or over-budget) read: logged if it is the first of its
+        reader, patient and reason this period, else counted into the period's summary
+        (:class:`RefusalLog`)."""
+        now = now_ms()
+        self.flush_refusals(now)
+        evidence = (stream, from_ms, to_ms, outcome, reason, grant, req)
+        # a stranger is refused no_grant (or not_patient, on the audit trail); a registered
+        # patient and its grantees get other answers, and are logged outside the caps (an
+        # unregistered patient's grantees may be a stranger's own throwaway keys)
+        known = (
+            reason not in ("no_grant", "not_patient") and patient in self.batcher.access.registered
+        )
+        kind = f"{outcome}:{reason}"
+        if self.refusals.note(
+            req.key, patient, kind, evidence, now, capped=not known, amount=readings
+        ):
+            self.log_access(req, patient, stream, from_ms, to_ms, outcome, reason, grant, readings)
+
+    def log_read(
+        self,
+        req: SignedRequest,
+        patient: bytes,
+        stream: str,
+        from_ms: int,
+        to_ms: int,
+        grant: bytes,
+        readings: int,
+    ) -> None:
+        """A read that served readings: logged, each one.  Of an unregistered patient
+        (whose grantees may be a stranger's throwaway keys), only within the per-reader and
+        the node's hourly counts of such logs; past them it is summarised like a refusal."""
+        if patient not in self.batcher.access.registered and not self.limits.read_log(
+            req.key, time.monotonic()
+        ):
+            self.log_refusal(req, patient, stream, from_ms, to_ms, "read", "", grant, readings)
+            return
+        self.log_access(req, patient, stream, from_ms, to_ms, "read", "", grant, readings)
+
+    def flush_refusals(self, now: int) -> None:
+        """Log the summaries of refusal periods that are over."""
+        for (_, patient, _), count, ev, readings in self.refusals.due(now):
+            stream, lo, hi, outcome, reason, grant, req = ev
+            self.log_access(req, patient, stream, lo, hi, outcome, reason, grant, readings, count)
+
+    async def _flush_refusals_loop(self) -> None:
+        period_s = self.cfg.api.refusal_period_s
+        while True:
+            await asyncio.sleep(min(5.0, max(0.05, period_s / 4)))
+            self.flush_refusals(now_ms())
 
     def status(self) -> dict[str, Any]:
         return {
@@ -170,7 +266,13 @@ class Node:
             "ingest": self.pipeline.statistics(),
             "store": self.store.statistics(),
             "enrolled_devices": len(self.batcher.access.known_devices),
-            "reads": {"access_logs": self.access_logs, "auth_failures": self.auth_failures},
+            "reads": {
+                "access_logs": self.access_logs,
+                "auth_failures": self.auth_failures,
+                "rate_limited": sum(self.limits.limited.values()),
+                "refusals_unlogged": self.refusals.unlogged,
+                "nonces": len(self.guard.nonces),
+            },
             "chains": self.chains(),
             "faulty": {n.hex(): h for n, h in self.batcher.faulty.items()},
             "gossip": self.gossip.statistics(),
@@ -226,27 +328,39 @@ class Node:
                 gossip = tg.create_task(self.gossip.run())
                 sampler = tg.create_task(sample_history(self))
                 catchup = tg.create_task(report_catchup(self))
+                refusals = tg.create_task(self._flush_refusals_loop())
                 if ready is not None:
                     ready.set()  # the API answers; ingest starts once our own head is known
-                if not await self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s):
-                    log.warning(
-                        "node %s: no peer told us our own chain's head within %.0f s; "
-                        "sealing from our local head %d",
+                # SIGTERM ends the start-up sync too: a node still fetching its own chain
+                # (or told a lie about it) stops within its grace time, sealing nothing
+                sync = tg.create_task(self.gossip.sync_own_chain(self.cfg.gossip.startup_sync_s))
+                stopping = tg.create_task(stop.wait())
+                await asyncio.wait({sync, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not sync.done():
+                    sync.cancel()
+                    log.info("node %s: stopped during start-up sync", self.identity.short)
+                elif not stop.is_set():
+                    if not sync.result():
+                        log.warning(
+                            "node %s: no peer told us our own chain's head within %.0f s; "
+                            "sealing from our local head %d",
+                            self.identity.short,
+                            self.cfg.gossip.startup_sync_s,
+                            self.batcher.height,
+                        )
+                    await self.mqtt.start(self.broker_url)
+                    stack.push_async_callback(self.mqtt.stop)
+                    log.info(
+                        "node %s up: api %s, broker %s",
                         self.identity.short,
-                        self.cfg.gossip.startup_sync_s,
-                        self.batcher.height,
+                        self.api_url,
+                        self.broker_url,
                     )
-                await self.mqtt.start(self.broker_url)
-                stack.push_async_callback(self.mqtt.stop)
-                log.info(
-                    "node %s up: api %s, broker %s",
-                    self.identity.short,
-                    self.api_url,
-                    self.broker_url,
-                )
-                await stop.wait()
+                    await stopping
+                self.gossip.close()
                 pipe.cancel()
                 gossip.cancel()
                 sampler.cancel()
                 catchup.cancel()
+                refusals.cancel()
             await self.pipeline.flush()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 
 import aiohttp
+from aiohttp import web
 
 from meshhealth.crypto.keys import Identity
 from meshhealth.gossip import handshake as hs
@@ -83,6 +85,7 @@ class GossipPeer:
         self.url, self.identity, self.network = url, identity, network
         self._session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._deaf = False
 
     async def __aenter__(self) -> GossipPeer:
         self._session = aiohttp.ClientSession()
@@ -107,8 +110,69 @@ class GossipPeer:
         assert self.ws is not None
         await self.ws.send_bytes(frame)
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket (a peer that stopped reading: the node's
+        frames pile up in the kernel's buffers, then in the node)."""
+        assert self.ws is not None
+        conn = self.ws._response.connection  # aiohttp has no public handle on it
+        assert conn is not None and conn.transport is not None
+        conn.transport.pause_reading()
+        self._deaf = True
+
     async def __aexit__(self, *exc: object) -> None:
-        if self.ws is not None:
+        conn = None if self.ws is None else self.ws._response.connection
+        if self._deaf and conn is not None and conn.transport is not None:
+            conn.transport.abort()  # a close handshake would wait for a reply it cannot read
+        elif self.ws is not None:
             await self.ws.close()
         if self._session is not None:
             await self._session.close()
+
+
+class GossipServer:
+    """A hand-driven gossip peer that a node *dials* (put :attr:`url` in its peers): it
+    answers the handshake as ``identity``, then runs ``script(ws)`` on the connection."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        network: bytes,
+        script: Callable[[web.WebSocketResponse], Awaitable[None]],
+    ) -> None:
+        self.identity, self.network, self.script = identity, network, script
+        self.port = 0
+        self.connections = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/v1/gossip", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.port = port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=wire.MAX_GOSSIP)
+        await ws.prepare(request)
+        theirs = hs.Hello.decode(await ws.receive_bytes(timeout=10))
+        mine = hs.Hello(self.network, self.identity.public, os.urandom(hs.CHALLENGE_LEN))
+        await ws.send_bytes(mine.encode())
+        await ws.send_bytes(
+            hs.prove(self.identity.signing, "HR", self.network, theirs, mine).encode()
+        )
+        proof = hs.Proof.decode(await ws.receive_bytes(timeout=10))
+        hs.check_proof(proof, theirs.node, "HI", self.network, theirs, mine)
+        self.connections += 1
+        with contextlib.suppress(Exception):
+            await self.script(ws)
+        await ws.close()
+        return ws

@@ -162,3 +162,32 @@ def test_catch_up_asks_for_the_next_batch_when_a_reply_arrives() -> None:
         g.on_block_stored(B, C, h, 1.3, forward=False)
     assert g.on_blocks_arrived(B, C, 16, 1.4) == []  # an old reply: nothing new to ask
     assert g.on_blocks_arrived(B, C, 34, 1.5) == []  # the last batch: nothing more wanted
+
+
+def test_one_peers_false_head_claim_does_not_stall_the_catch_up() -> None:
+    """issue 11 #12: claims are kept per peer; an unanswered pull drops its peer's claim
+    (ignored for ``distrust_s``) and the catch-up goes on from another peer's claim."""
+    g = core(pull_batch=8, pull_timeout_s=2.0, distrust_s=30.0)
+    (s,) = g.on_message(C, FullHeads(((D, 1_000_000),)), 1.0)  # C lies first
+    assert s == Send(C, Pull(D, 0, 7))
+    assert g.on_message(B, FullHeads(((D, 5),)), 1.1) == []  # one pull in flight per chain
+    sends = g.on_tick(3.5)  # C never answered
+    assert Send(B, Pull(D, 0, 5)) in sends
+    assert g.stats.claims_dropped == 1
+    assert g.on_message(C, FullHeads(((D, 1_000_000),)), 4.0) == []  # C is not heard on D
+    for h in range(6):
+        g.on_block_stored(B, D, h, 4.5, forward=False)
+    assert g.wanted() == {}  # caught up with every claim still standing
+    # the lowest claim ahead is tried first, so a liar cannot make us wait for its claim
+    g2 = core()
+    g2.on_message(B, FullHeads(((D, 3),)), 1.0)
+    assert g2.on_message(C, FullHeads(((D, 10**6),)), 1.1) == []
+
+
+def test_claims_about_our_own_chain_are_left_to_the_shell() -> None:
+    g = core(A)
+    assert g.on_message(B, FullHeads(((A, 1_000_000),)), 1.0) == []
+    assert g.on_message(B, Heads(((A, 1_000_000),), b"\0" * 16, reply=True), 1.1) == []
+    assert g.wanted() == {}
+    # once the shell checked our own header at that height, it asks the core to fetch
+    assert g.want(B, A, 3, 1.2) == [Send(B, Pull(A, 0, 3))]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshhealth.errors import MalformedMessage
+from meshhealth.chain.block import build_block, encode_body
+from meshhealth.crypto.keys import Identity
+from meshhealth.errors import MalformedMessage, RemoteError
 from meshhealth.gossip.messages import Blocks, FullHeads, FullHeadsRequest, Heads, Pull, Push
 from meshhealth.gossip.wire import decode, encode
+from meshhealth.net.gossip_shell import check_signed_block
 
 key = st.binary(min_size=32, max_size=32)
 height = st.integers(0, 2**40)
@@ -80,3 +83,26 @@ def test_bounds() -> None:
         decode(pack(["GB", b"\1" * 32, 0, 1, 0, [[b"h", b"b"]]]))  # range without its blocks
     with pytest.raises(MalformedMessage):
         decode(b"\x00" * (16 * 1024 * 1024 + 1))
+
+
+NODE = Identity.generate("node")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=4), st.data())
+def test_a_block_checked_for_the_buffer_raises_only_remote_errors(entries, data) -> None:  # type: ignore[no-untyped-def]
+    """issue 11 #2/#7: the check a peer's block passes before it may wait in the buffer
+    (signature of its chain's producer, body against header) raises nothing but
+    RemoteError on any byte flipped in header or body."""
+    net = b"\x05" * 32
+    b = build_block(NODE.signing, network=net, height=7, prev=net, ts_ms=1, entries=entries)
+    raw = [bytearray(b.header.encode()), bytearray(encode_body(entries))]
+    check_signed_block(net, NODE.public, 7, (bytes(raw[0]), bytes(raw[1])), None)
+    part = data.draw(st.integers(0, 1))
+    i = data.draw(st.integers(0, len(raw[part]) - 1))
+    raw[part][i] ^= data.draw(st.integers(1, 255))
+    try:
+        check_signed_block(net, NODE.public, 7, (bytes(raw[0]), bytes(raw[1])), None)
+    except RemoteError:
+        return
+    assert part == 1  # a signed header does not survive a flipped byte; a body may

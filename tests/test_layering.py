@@ -25,6 +25,11 @@ CORE = [
     "meshhealth.gossip.handshake",
     "meshhealth.gossip.sim",
     "meshhealth.gossip.wire",
+    "meshhealth.net.limits",
+    "meshhealth.net.admission",
+    "meshhealth.net.signed_request",
+    "meshhealth.sharing.audit",
+    "meshhealth.sharing.registration",
 ]
 FORBIDDEN = ("asyncio", "aiohttp", "aiomqtt", "gmqtt", "amqtt", "lmdb")
 

@@ -247,13 +247,16 @@ async def test_metrics_of_a_running_network(mosquitto: Any, tmp_path: Path) -> N
 def test_a_full_gossip_buffer_leaves_the_catchup_backlog_computable():
     """A block refused by a full buffer must not leave an empty entry behind (the backlog
     computation, which the dashboard, /metrics and the catch-up log all call, failed on it)."""
+    from collections import Counter
     from types import SimpleNamespace
 
     from meshhealth.net import gossip_shell as gs
 
     shell = gs.GossipShell.__new__(gs.GossipShell)
     shell.buffer, shell.buffered = {}, 0
-    shell.core = SimpleNamespace(_want={}, head=lambda chain: {b"a": 3}.get(chain, -1))
+    shell.buffer_bytes, shell.buffer_by_peer, shell.limits = 0, Counter(), gs.GossipLimits()
+    shell.counters = Counter()
+    shell.core = SimpleNamespace(wanted=dict, head=lambda chain: {b"a": 3}.get(chain, -1))
     shell._hold(gs.Arrival(b"p", b"a", 7, (b"", b""), 0))
     assert shell.missing() == {b"a": 4}
     shell.buffered = gs.MAX_BUFFERED  # full: the next block is dropped (pulled again later)

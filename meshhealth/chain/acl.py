@@ -11,6 +11,8 @@ any order agree — a CRDT, with no consensus round:
   may arrive before the grant it revokes, and still wins;
 * an erasure covers everything of its patient up to its time; several
   erasures cover up to the latest;
+* a registration (``P1``) marks a patient key as registered, if an authority
+  of the network (``registrars``) signed it;
 * a rechain adds its chain to each device it names; a key chain of a
   (patient, stream) is *retired* from the time of the first rechain of that
   stream to another chain that is later than the rechain that created it
@@ -24,6 +26,7 @@ any order agree — a CRDT, with no consensus round:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from meshhealth.crypto.hashing import h
@@ -35,6 +38,7 @@ from meshhealth.wire import (
     Grant,
     Reading,
     Rechain,
+    RegisterPatient,
     RemoveDevice,
     Revoke,
 )
@@ -68,13 +72,41 @@ class AccessState:
     floors: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
     # (patient, stream) -> {(rechain ts, the chain it starts)}
     _moves: dict[tuple[bytes, str], set[tuple[int, bytes]]] = field(default_factory=dict)
+    # the authorities whose registrations count (a P1 of anyone else is ignored)
+    registrars: frozenset[bytes] = frozenset()
+    registered: set[bytes] = field(default_factory=set)  # patient keys
+    registrar_of: dict[bytes, bytes] = field(default_factory=dict)  # patient -> lowest key
+    # per patient: bytes of the transactions held in memory here, and how many grants
+    held_bytes: Counter[bytes] = field(default_factory=Counter)
+    held_grants: Counter[bytes] = field(default_factory=Counter)
+    held_total: int = 0  # all patients' held bytes
+    held_registered: int = 0  # of which registered patients'
 
     def apply(self, tx: Control) -> bool:
-        """Add a (verified) transaction; False if it was already known."""
-        tid = h(tx.encode())
+        """Add a (verified) transaction; False if it was already known (or is a
+        registration by a key that is not one of ``registrars``)."""
+        raw = tx.encode()
+        tid = h(raw)
         if tid in self.seen:
             return False
+        if isinstance(tx, RegisterPatient):
+            if tx.authority not in self.registrars:
+                return False
+            self.seen.add(tid)
+            # the same on every replica whatever the order: the lowest registering key
+            self.registrar_of[tx.patient] = min(
+                tx.authority, self.registrar_of.get(tx.patient, tx.authority)
+            )
+            if tx.patient not in self.registered:
+                self.registered.add(tx.patient)
+                self.held_registered += self.held_bytes[tx.patient]
+            return True
         self.seen.add(tid)
+        # every patient transaction stays in memory here (in a set or a dict): count it
+        self.held_bytes[tx.patient] += len(raw)
+        self.held_total += len(raw)
+        if tx.patient in self.registered:
+            self.held_registered += len(raw)
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
             self.enrolments[tid] = tx
@@ -85,6 +117,7 @@ class AccessState:
                 chains[s.chain_id] = ChainInfo(s.chain_id, s.start_epoch, s.epoch_ms)
         elif isinstance(tx, Grant):
             self.grants[tid] = tx
+            self.held_grants[tx.patient] += 1
         elif isinstance(tx, Revoke):
             self.revoked.add((tx.patient, tx.grant))
         elif isinstance(tx, Erase):
@@ -101,6 +134,11 @@ class AccessState:
                 self.known_devices.add(k.to)
                 self.streams.setdefault((k.to, tx.patient, tx.stream), {})[tx.chain_id] = info
         return True
+
+    @property
+    def held_by_strangers(self) -> int:
+        """Bytes of transactions held here for patients no authority registered."""
+        return self.held_total - self.held_registered
 
     def retired_at(self, patient: bytes, stream: str, chain_id: bytes) -> int | None:
         """From when a key chain must no longer encrypt new readings (None: in use)."""
@@ -150,6 +188,7 @@ class AccessState:
             *sorted(b"k" + k for k in self.rechains),
             *sorted(b"d" + d + p + t.to_bytes(8, "big") for (d, p), t in self.removed.items()),
             *sorted(b"f" + d + p + t.to_bytes(8, "big") for (d, p), t in self.floors.items()),
+            *sorted(b"p" + p for p in self.registered),
         ]
         return h(b"\0".join(parts))
 

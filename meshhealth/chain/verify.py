@@ -16,8 +16,8 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import block_hash, decode_body, verify_body, verify_header
 from meshhealth.chain.merkle import is_pruned
 from meshhealth.errors import InvalidBlock, RemoteError
-from meshhealth.wire import AccessLog, BlockHeader, EquivocationProof, Reading, decode_entry
-from meshhealth.wire.types import CONTROL_CLASSES
+from meshhealth.wire import BlockHeader, EquivocationProof, Reading, decode_entry
+from meshhealth.wire.types import ACCESS_LOGS, CONTROL_CLASSES
 
 
 @dataclass
@@ -86,7 +86,7 @@ def verify_chain(
                             height=height,
                         )
                     rep.proofs += 1
-                elif isinstance(e, AccessLog):
+                elif isinstance(e, ACCESS_LOGS):
                     if e.node != node or e.network != network:
                         raise InvalidBlock(
                             f"entry {i}: an access log of another node", node=node, height=height

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from pathlib import Path
 
 from meshhealth.chain.verify import verify_chain
 from meshhealth.cli.progress import Progress
 from meshhealth.config import Genesis
 from meshhealth.errors import ConfigError, InvalidBlock
+from meshhealth.store import derived
 from meshhealth.store.lattice_view import confirmed_heights, replay_control
 from meshhealth.store.lmdb_store import Store
 
@@ -32,42 +34,69 @@ def _genesis(store: Store, path: Path | None) -> Genesis:
     return Genesis.load_text(raw.decode())
 
 
+MAX_LISTED = 20  # derived-database problems printed per store; the rest are counted
+
+
 def verify_stores(root: Path, genesis_path: Path | None = None, *, progress: bool = False) -> int:
-    """Print a report; 0 when every chain of every store verifies, 1 otherwise."""
+    """Print a report; 0 when every chain of every store verifies and every derived
+    database (readings index, seq marks, heads, ...) matches its blocks, 1 otherwise."""
     status = 0
     for path in find_stores(root):
         store = Store(path, readonly=True)
         try:
             g = _genesis(store, genesis_path)
-            heads = store.heads()
-            lattice, _ = replay_control(store)
-            total = sum(h + 1 for h, _ in heads.values())
-            bar = Progress(total, f"verify {path.name}", force=progress)
-            for node, head in sorted(heads.items()):
-                try:
-                    rep = verify_chain(
-                        node,
-                        store.iter_raw_chain(node),
-                        network=g.network_id,
-                        authorities={a.key for a in g.authorities},
-                        expected_head=head,
-                        progress=bar.advance,
-                        lattice=lattice if len(heads) > 1 else None,
-                    )
-                except InvalidBlock as exc:
-                    bar.close()
-                    print(f"FAIL {path}: chain {node.hex()[:8]} block {exc.height}: {exc}")
-                    status = 1
-                    continue
-                bar.close()
-                print(
-                    f"ok   {path}: chain {node.hex()[:8]} {rep.blocks} blocks, "
-                    f"{rep.readings} readings, {rep.txs} control txs, {rep.logs} access logs, "
-                    f"{rep.pruned} erased, head {rep.head.hex()[:16]}"
-                )
+            if not verify_chains(store, path, g, progress=progress):
+                status = 1
         finally:
             store.close()
     return status
+
+
+def verify_chains(store: Store, path: Path, g: Genesis, *, progress: bool = False) -> bool:
+    """Verify every chain stored (from the headers, whatever ``heads`` says), then every
+    derived database against the blocks; print one line per chain and per problem."""
+    ok = True
+    sc = derived.scan(store)  # the access state too, from the blocks, not from the acl index
+    heads = store.raw_items("heads")
+    nodes = sorted(sc.heads.keys() | heads.keys())
+    total = sum(struct.unpack(">Q", v[:8])[0] + 1 for v in sc.heads.values())
+    bar = Progress(total, f"verify {path.name}", force=progress)
+    for node in nodes:
+        raw = heads.get(node)
+        head = None
+        if raw is not None and len(raw) == 40:
+            head = (struct.unpack(">Q", raw[:8])[0], raw[8:])
+        try:
+            rep = verify_chain(
+                node,
+                store.iter_raw_chain(node),
+                network=g.network_id,
+                authorities={a.key for a in g.authorities},
+                expected_head=head,
+                progress=bar.advance,
+                lattice=sc.access if len(nodes) > 1 else None,
+            )
+        except InvalidBlock as exc:
+            bar.close()
+            print(f"FAIL {path}: chain {node.hex()[:8]} block {exc.height}: {exc}")
+            ok = False
+            continue
+        bar.close()
+        print(
+            f"ok   {path}: chain {node.hex()[:8]} {rep.blocks} blocks, "
+            f"{rep.readings} readings, {rep.txs} control txs, {rep.logs} access logs, "
+            f"{rep.pruned} erased, head {rep.head.hex()[:16]}"
+        )
+    problems = derived.check(store, sc)
+    for line in problems[:MAX_LISTED]:
+        print(f"FAIL {path}: {line}")
+    if len(problems) > MAX_LISTED:
+        print(f"FAIL {path}: ... and {len(problems) - MAX_LISTED} more derived-database problems")
+    if problems:
+        print(f"     rebuild them from the blocks: meshhealth store reindex --data-dir {path}")
+        return False
+    print(f"ok   {path}: {', '.join(derived.DERIVED)} match the blocks")
+    return ok
 
 
 def _confirmed(height: int) -> str:

@@ -55,6 +55,22 @@ def setup_network(
     return cfgs
 
 
+async def register_patients(nodes: list[Any], sims: list[Any]) -> None:
+    """Each node registers the patients of its simulation (an operator would run
+    ``meshhealth patient register``): their transactions get their own budget, not the
+    strangers' shared one."""
+    from meshhealth.net.client import client_session, post_tx
+    from meshhealth.sharing.registration import registration
+
+    async with client_session(10) as session:
+        for nd, sim in zip(nodes, sims, strict=True):
+            for p in sim.patients:
+                tx = registration(
+                    nd.identity, nd.network, p.identity.public, time.time_ns() // 1_000_000
+                )
+                await post_tx(session, [nd.api_url], tx.encode())
+
+
 async def run_demo(a: argparse.Namespace) -> int:
     from device_agents.simulate import Simulation
     from meshhealth.node import Node
@@ -103,6 +119,7 @@ async def run_demo(a: argparse.Namespace) -> int:
                     seed=a.seed + i,
                 )
             )
+        await register_patients(nodes, sims)
         for sim in sims:
             await sim.enroll()
         await share_with_demo_provider(root, sims[0], a.backfill)

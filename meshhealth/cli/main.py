@@ -46,6 +46,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     cfg = replace(
         cfg, api=replace(cfg.api, port=a.api_port), mqtt=replace(cfg.mqtt, broker=a.broker or "")
     )
+    if not a.broker:
+        cfg = replace(cfg, mqtt=replace(cfg.mqtt, embedded_port=embedded_port(a.embedded_port)))
     (d / "node.toml").write_text(cfg.dumps())
     print(
         f"node {ident.short} initialised in {d}\n  key     {d / 'node.key'} (mode 0600)\n"
@@ -53,6 +55,24 @@ def cmd_init(a: argparse.Namespace) -> int:
         f"run it with: meshhealth node run --config {d / 'node.toml'}"
     )
     return 0
+
+
+def embedded_port(wanted: int) -> int:
+    """``wanted`` if the embedded broker can listen there now, else a free port (said on
+    stderr, with the other way out: use the broker that holds the port)."""
+    from meshhealth.cli.doctor import port_free
+    from meshhealth.cli.netutil import free_port
+
+    if port_free("127.0.0.1", wanted):
+        return wanted
+    port = free_port()
+    print(
+        f"note: port {wanted} is in use (a local Mosquitto?): the embedded broker will listen "
+        f"on 127.0.0.1:{port} (mqtt.embedded_port); to use the broker on {wanted} instead, "
+        f'set mqtt.broker = "mqtt://127.0.0.1:{wanted}"',
+        file=sys.stderr,
+    )
+    return port
 
 
 def cmd_network_create(a: argparse.Namespace) -> int:
@@ -263,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genesis", help="join an existing network file instead of creating one")
     s.add_argument("--api-port", type=int, default=8700)
     s.add_argument("--broker", help="mqtt://host:port of Mosquitto (default: embedded broker)")
+    s.add_argument(
+        "--embedded-port",
+        type=int,
+        default=1883,
+        help="port of the embedded broker (a free one is picked if this one is taken)",
+    )
     s.add_argument("--passphrase", help="seal the node key with this passphrase (Argon2id)")
     s.set_defaults(fn=cmd_init)
 
@@ -311,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meshhealth.cli import patient_cmds
 
     patient_cmds.add_parsers(pat, _sync)
+    from meshhealth.cli import register_cmd
+
+    register_cmd.add_parser(pat, _sync)
     from meshhealth.cli import provider_cmds
 
     provider_cmds.add_parsers(sub, pat, _sync)
@@ -405,8 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
-    from meshhealth.cli import bench, demo, doctor
+    from meshhealth.cli import bench, demo, doctor, store_cmds
 
+    store_cmds.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
     doctor.add_parser(sub)

@@ -31,6 +31,7 @@ from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
 from meshhealth.net.client import client_session
 from meshhealth.sharing import export
+from meshhealth.sharing.audit import request_status
 from meshhealth.sharing.provider import (
     Fetcher,
     NodeClient,
@@ -134,7 +135,8 @@ def _skipped(bad: list[tuple[bytes, int]]) -> str:
 
 async def audit(a: argparse.Namespace) -> int:
     """The patient's audit trail: every read of their data, and every refusal, as logged on
-    chain by the node that answered (each log's node signature is checked here)."""
+    chain by the node that answered (each log's node signature is checked here, and the
+    reader's signed request in it: ``forged`` marks a log whose request does not verify)."""
     me = load_identity(Path(a.key), passphrase=a.passphrase)
     async with client_session(TIMEOUT) as session:
         _, logs = await audit_trail(NodeClient(session, a.node, me))
@@ -145,13 +147,21 @@ async def audit(a: argparse.Namespace) -> int:
         json.dump([export.access_log_doc(x) for x in logs], sys.stdout, indent=1)
         print()
     else:
-        print(f"{'when':<20} {'reader':<10} {'stream':<7} {'window':<43} {'outcome':<8} n   node")
+        print(
+            f"{'when':<20} {'reader':<10} {'stream':<7} {'window':<43} {'outcome':<8} n   "
+            "node      request"
+        )
         for x in logs:
             outcome = x.outcome if x.outcome == "read" else f"DENIED ({x.reason.decode()})"
+            count = getattr(x, "count", 1)
+            if count > 1:
+                outcome += f" x{count}"
             window = f"{_iso(x.from_ms)[:19]}..{_iso(x.to_ms)[:19]}"
+            status = request_status(x)
             print(
                 f"{_iso(x.ts_ms)[:19]:<20} {x.reader.hex()[:8]:<10} {x.stream:<7} "
-                f"{window:<43} {outcome:<8} {x.readings:<3} {x.node.hex()[:8]}"
+                f"{window:<43} {outcome:<8} {x.readings:<3} {x.node.hex()[:8]:<9} "
+                + (status.upper() if status == "forged" else status)
             )
     return 0
 

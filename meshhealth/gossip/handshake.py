@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Self
 import nacl.exceptions
 import nacl.signing
 
-from meshhealth.errors import InvalidSignature
+from meshhealth.errors import HandshakeError, InvalidSignature
 from meshhealth.wire.codec import b_exact, decode_fields, pack, signing_bytes
 
 CHALLENGE_LEN = 32
@@ -68,10 +68,6 @@ def transcript(role: str, network: bytes, initiator: Hello, responder: Hello) ->
         responder.challenge,
     ]
     return signing_bytes(role, body)
-
-
-class HandshakeError(Exception):
-    """The peer is not who it claims, is in another network, or is not allowed."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class GossipParams:
     dead_after: int = 3  # consecutive unanswered digests
     max_backoff_s: float = 30.0
     pull_timeout_s: float = 2.0
+    # a peer whose pull for a chain went unanswered: its claims about that chain are
+    # ignored this long, and the catch-up goes on from the other peers' claims
+    distrust_s: float = 10.0
 
 
 class PeerStatus(Enum):
@@ -103,6 +106,8 @@ class Statistics:
     pushes_sent: int = 0
     duplicates: int = 0
     pulls_sent: int = 0
+    pull_timeouts: int = 0
+    claims_dropped: int = 0
     digests_sent: int = 0
     full_heads_sent: int = 0
     full_heads_requested: int = 0
@@ -118,10 +123,13 @@ class Gossip:
     stats: Statistics = field(default_factory=Statistics)
     _advanced: OrderedDict[NodeId, float] = field(default_factory=OrderedDict)
     _digest: int = 0
-    # chain -> (last height of the batch in flight, deadline)
-    _pulls: dict[NodeId, tuple[int, float]] = field(default_factory=dict)
-    # chain -> (height we want to reach, the peer that has it)
-    _want: dict[NodeId, tuple[int, NodeId]] = field(default_factory=dict)
+    # chain -> the batch in flight: (its last height, deadline, asked peer, answered)
+    _pulls: dict[NodeId, tuple[int, float, NodeId, bool]] = field(default_factory=dict)
+    # chain -> {peer: the head it claims for that chain}; one claim per peer and chain, so
+    # one peer's lie cannot hide another's truth (catch-up asks the others when it stalls)
+    _want: dict[NodeId, dict[NodeId, int]] = field(default_factory=dict)
+    # (peer, chain) -> until when that peer's claims about that chain are ignored
+    _distrust: dict[tuple[NodeId, NodeId], float] = field(default_factory=dict)
     _alive_cache: list[NodeId] | None = None
     _cache_until: float = 0.0
     # peer exchange: where each known peer can be dialed
@@ -133,6 +141,17 @@ class Gossip:
         if peer != self.me and peer not in self.peers:
             self.peers[peer] = Peer(peer, last_heard=now)
             self._alive_cache = None
+
+    def forget(self, peer: NodeId) -> None:
+        """Drop a peer (an observer that left) and its claims."""
+        if self.peers.pop(peer, None) is not None:
+            self._alive_cache = None
+        self.addresses.pop(peer, None)
+        for chain, claims in list(self._want.items()):
+            claims.pop(peer, None)
+            if not claims:
+                del self._want[chain]
+        self._distrust = {k: t for k, t in self._distrust.items() if k[0] != peer}
 
     def on_connected(self, peer: NodeId, now: float) -> list[Send]:
         """A connection to ``peer`` came up: compare full head vectors at once.
@@ -292,16 +311,35 @@ class Gossip:
         return self._pull(src, chain, height - 1, now)
 
     def _pull(self, src: NodeId, chain: NodeId, upto: int, now: float) -> list[Send]:
-        """Remember we want ``chain`` up to ``upto`` (from ``src``); one batch in flight."""
+        """Remember ``src`` claims ``chain`` reaches ``upto``; one batch in flight per chain.
+
+        Claims about our own chain are not taken here: only the shell can check them
+        (against our own signed header), and it calls :meth:`want` once one is backed.
+        """
+        if chain == self.me or upto <= self.head(chain):
+            return []
+        until = self._distrust.get((src, chain))
+        if until is not None:
+            if until > now:
+                return []
+            del self._distrust[(src, chain)]
+        return self.want(src, chain, upto, now)
+
+    def want(self, src: NodeId, chain: NodeId, upto: int, now: float) -> list[Send]:
+        """Pull ``chain`` up to ``upto`` from ``src`` (a claim the caller accepts)."""
         if upto <= self.head(chain):
             return []
-        want = self._want.get(chain)
-        if want is None or upto > want[0]:
-            self._want[chain] = (upto, src)
+        claims = self._want.setdefault(chain, {})
+        if upto > claims.get(src, -1):
+            claims[src] = upto
         pending = self._pulls.get(chain)
         if pending is not None and pending[1] > now:
             return []
         return self._issue_pull(chain, now)
+
+    def wanted(self) -> dict[NodeId, int]:
+        """Per chain, the highest head a peer claims that we have not reached."""
+        return {c: max(claims.values()) for c, claims in self._want.items() if claims}
 
     def on_blocks_arrived(
         self, src: NodeId, chain: NodeId, to_height: int, now: float
@@ -313,31 +351,74 @@ class Gossip:
         while this one is verified and applied.
         """
         self._heard(src, now)
-        want = self._want.get(chain)
-        if want is None or want[0] <= to_height or to_height <= self.head(chain):
+        pending = self._pulls.get(chain)
+        if pending is not None and pending[2] == src:
+            self._pulls[chain] = (pending[0], pending[1], src, True)
+        claims = self._want.get(chain)
+        if not claims or to_height <= self.head(chain):
             return []
-        return self._issue_pull(chain, now, start=to_height + 1)
+        if claims.get(src, -1) <= to_height:
+            return []
+        return self._issue_pull(chain, now, start=to_height + 1, src=src)
 
-    def _issue_pull(self, chain: NodeId, now: float, start: int | None = None) -> list[Send]:
-        upto, src = self._want[chain]
+    def _source(self, chain: NodeId, prefer: NodeId | None = None) -> NodeId | None:
+        """Whom to pull ``chain`` from: ``prefer`` if its claim is still ahead of us, else
+        the peer with the lowest claim ahead of us (the least a liar can make us wait)."""
+        head = self.head(chain)
+        claims = self._want.get(chain, {})
+        for peer in [p for p, upto in claims.items() if upto <= head]:
+            del claims[peer]
+        if not claims:
+            self._want.pop(chain, None)
+            return None
+        if prefer is not None and prefer in claims:
+            return prefer
+        return min(claims, key=lambda p: (claims[p], p))
+
+    def _issue_pull(
+        self, chain: NodeId, now: float, start: int | None = None, src: NodeId | None = None
+    ) -> list[Send]:
+        pending = self._pulls.get(chain)
+        src = self._source(chain, src or (pending[2] if pending is not None else None))
+        if src is None:
+            self._pulls.pop(chain, None)
+            return []
+        upto = self._want[chain][src]
         start = self.head(chain) + 1 if start is None else start
         end = min(upto, start + self.params.pull_batch - 1)
-        self._pulls[chain] = (end, now + self.params.pull_timeout_s)
+        self._pulls[chain] = (end, now + self.params.pull_timeout_s, src, False)
         self.stats.pulls_sent += 1
         return [Send(src, Pull(chain, start, end))]
 
     def _continue_pull(self, chain: NodeId, now: float) -> list[Send]:
         """After a stored block: finish, or ask for the next batch of a catch-up."""
-        want = self._want.get(chain)
-        if want is None:
+        if chain not in self._want:
             return []
-        if self.head(chain) >= want[0]:
-            del self._want[chain]
+        if self._source(chain) is None:
             self._pulls.pop(chain, None)
             return []
         if chain in self._pulls:
             return []
         return self._issue_pull(chain, now)
+
+    def _expire_pulls(self, now: float) -> list[Send]:
+        """Pulls past their deadline: a peer that never answered loses its claim about
+        that chain for ``distrust_s``, and the catch-up goes on from another claim."""
+        out: list[Send] = []
+        for chain, (_, deadline, src, answered) in list(self._pulls.items()):
+            if deadline > now:
+                continue
+            self.stats.pull_timeouts += 1
+            if not answered:
+                claims = self._want.get(chain, {})
+                if claims.pop(src, None) is not None:
+                    self.stats.claims_dropped += 1
+                self._distrust[(src, chain)] = now + self.params.distrust_s
+                del self._pulls[chain]
+            out += self._issue_pull(chain, now)
+        if len(self._distrust) > 1024:
+            self._distrust = {k: t for k, t in self._distrust.items() if t > now}
+        return out
 
     # --- control messages ---------------------------------------------------------
 
@@ -398,14 +479,15 @@ class Gossip:
                 if new is PeerStatus.DEAD:
                     p.backoff_s = min(self.params.max_backoff_s, max(1.0, p.backoff_s * 2))
                     p.backoff_until = now + p.backoff_s
+        out = self._expire_pulls(now)
         target = self._anti_entropy_target(now)
         if target is None:
-            return []
+            return out
         peer = self.peers[target]
         if peer.awaiting_since is None:
             peer.awaiting_since = now
         self.stats.digests_sent += 1
-        return [Send(target, Heads(self._recent(now), self.digest(), reply=False))]
+        return [*out, Send(target, Heads(self._recent(now), self.digest(), reply=False))]
 
     def _anti_entropy_target(self, now: float) -> NodeId | None:
         """Mostly a live peer; now and then a dead one whose back-off expired (recovered?)."""

@@ -27,6 +27,7 @@ from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
     AccessLog,
+    AccessLogV2,
     Control,
     EnrollDevice,
     EquivocationProof,
@@ -159,7 +160,7 @@ class Batcher:
         self._txs.append((h(raw), len(self._entries) - 1))
         return True
 
-    def admit_log(self, log: AccessLog, now_ms: int) -> None:
+    def admit_log(self, log: AccessLog | AccessLogV2, now_ms: int) -> None:
         """Put an access log this node signed in its next block (the patient's audit trail)."""
         raw = log.encode()
         self._add(raw, now_ms)

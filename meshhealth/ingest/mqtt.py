@@ -58,6 +58,7 @@ class MqttIngest:
         self.on_payload = on_payload
         self.connected = asyncio.Event()
         self.connects = 0
+        self._stopping = False  # set by stop(): a disconnect is then ours, not a loss
         self._client = Client(client_id, clean_session=False)
         if username:
             self._client.set_auth_credentials(username, password or None)
@@ -74,7 +75,10 @@ class MqttIngest:
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         self.connected.clear()
-        log.warning("mqtt connection lost; gmqtt reconnects on its own")
+        if self._stopping:  # our own disconnect (gmqtt calls this for it too): nothing lost
+            log.info("mqtt disconnected")
+        else:
+            log.warning("mqtt connection lost; gmqtt reconnects on its own")
 
     def _on_message(
         self, client: Any, topic: str, payload: bytes, qos: int, properties: Any
@@ -108,5 +112,6 @@ class MqttIngest:
             self._client.publish(topic, payload, qos=1)
 
     async def stop(self) -> None:
+        self._stopping = True
         with contextlib.suppress(TimeoutError, OSError, RuntimeError):
             await asyncio.wait_for(self._client.disconnect(), 5)

@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from meshhealth.ingest.commit import Commit
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import EquivocationProof, decode_control
+from meshhealth.workers import forkserver_pool
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,9 @@ class Pipeline:
 
     async def run(self) -> None:
         if self.workers > 0:
-            ctx = multiprocessing.get_context("forkserver")
-            # workers need only the verifier, not the node's aiohttp/MQTT stack
-            ctx.set_forkserver_preload(["meshhealth.ingest.verify"])
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            # workers need only the verifier, not the node's aiohttp/MQTT stack; they (and
+            # the forkserver and resource tracker) exit when the node does, even by kill -9
+            self._pool = forkserver_pool(self.workers, ["meshhealth.ingest.verify"])
             # start every worker now, not when the first readings (or a catch-up) arrive
             loop = asyncio.get_running_loop()
             await asyncio.gather(
@@ -320,6 +319,8 @@ class Pipeline:
             job = batch.popleft()
             if batch:
                 self._verify_queue.append(batch)  # round-robin over the waiting batches
+            if job.block.done():
+                continue  # its block was dropped (the caller cancelled it): no work, no memory
             self._verifying += 1
             fut = loop.run_in_executor(self._pool, verify.check_entries, job.entries)
             fut.add_done_callback(job.done)

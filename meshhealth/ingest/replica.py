@@ -42,7 +42,6 @@ from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
-    AccessLog,
     BlockHeader,
     Control,
     EquivocationProof,
@@ -50,7 +49,7 @@ from meshhealth.wire import (
     Reading,
     decode_entry,
 )
-from meshhealth.wire.types import CONTROL_CLASSES
+from meshhealth.wire.types import ACCESS_LOGS, CONTROL_CLASSES
 
 
 class MissingLinks(Exception):
@@ -120,7 +119,7 @@ def admit_remote(
             new_txs.append(e)
             txs.append((h(raw), i))
             continue
-        if isinstance(e, AccessLog):
+        if isinstance(e, ACCESS_LOGS):
             if e.node != node or e.network != b.network:
                 raise bad(f"entry {i}: an access log signed by another node")
             audit.append((e.patient, e.ts_ms, e.request, i))

@@ -1,24 +1,31 @@
 """The node's HTTP API (aiohttp); ``/v1/openapi.json`` describes it.
 
 Control transactions arrive already signed by the patient, so submitting
-one needs no further authentication.  Reading a patient's readings or audit
-trail needs a request signed by the reader
-(:mod:`meshhealth.net.signed_request`): the node checks it, decides what
-the access state allows (:mod:`meshhealth.sharing.serve`), answers or
-refuses with 403, and either way records an :class:`AccessLog` in its next
-block.  Raw blocks and proofs (every patient's readings, grants and access
-logs) answer only a request signed by an authority of the network; the
-grant and patient-enrolment listings only the patient or grantee they name
-(or an authority).  What stays public: the device enrolments (a device polls
-them before it can sign anything), the genesis, the chains' heads, status,
-dashboard and metrics (counts, heights and keys of authorities; nothing about
-a patient).  Every error is a JSON ``{"error": ..., "reason": ...}`` with a 4xx
-status; nothing a client sends can stop the node.
+one needs no further authentication; what it may cost is bounded per source,
+per patient key and by the hourly budgets of :mod:`meshhealth.net.admission`
+(a registration, ``P1``, must be signed by an authority of the network).
+Reading a patient's readings or audit trail needs a request signed by the
+reader (:mod:`meshhealth.net.signed_request`), rate-limited per source and
+per reader key: the node checks it, decides what the access state allows
+(:mod:`meshhealth.sharing.serve`), answers or refuses with 403, and records
+an :class:`AccessLogV2` carrying the reader's signed request in its next
+block (refusals and empty answers once per reader, patient and reason per
+period, then as one summary with their count).  Raw blocks and proofs (every
+patient's readings, grants and access logs) answer only a request signed by
+an authority of the network; the grant and patient-enrolment listings only
+the patient or grantee they name (or an authority); these are signed reads
+too (same limits) but not logged.  What stays public: the device enrolments
+(a device polls them before it can sign anything), the genesis, the chains'
+heads, status, dashboard and metrics (counts, heights and keys of
+authorities; nothing about a patient).  Every error is a JSON
+``{"error": ..., "reason": ...}`` with a 4xx status (429 with ``Retry-After``
+past a limit); nothing a client sends can stop the node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,18 +35,18 @@ from prometheus_client import CollectorRegistry
 
 from meshhealth.chain import merkle
 from meshhealth.chain.block import decode_body
-from meshhealth.crypto.hashing import h
-from meshhealth.errors import MalformedMessage, Rejected
+from meshhealth.errors import MalformedMessage, RateLimited, Rejected, RemoteError
+from meshhealth.net.admission import source_of
 from meshhealth.net.dashboard import dashboard_doc
 from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
 from meshhealth.net.metrics import node_registry, render
-from meshhealth.net.signed_request import RequestAuthError
+from meshhealth.net.signed_request import RequestAuthError, SignedRequest
 from meshhealth.sharing.grants import grant_doc
 from meshhealth.sharing.serve import collect, decide
 from meshhealth.web import static_file
-from meshhealth.wire import BlockHeader, Grant
+from meshhealth.wire import BlockHeader, Grant, RegisterPatient, decode_control
 from meshhealth.wire.codec import name_str, pack
-from meshhealth.wire.types import MAX_CONTROL
+from meshhealth.wire.types import MAX_CONTROL, MAX_REQUEST_PATH
 
 NODE: web.AppKey[Any] = web.AppKey("node", Any)
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)  # this node's, not the global one
@@ -85,13 +92,43 @@ async def _answer(request: web.Request, handler: Callable[..., Any]) -> web.Stre
         return _err(401, "unauthenticated", str(exc))
     except Rejected as exc:
         return _err(409 if exc.reason.startswith("duplicate") else 422, exc.reason, str(exc))
+    except RateLimited as exc:
+        request.app[NODE].limits.limited[exc.reason] += 1
+        resp = _err(429, exc.reason, str(exc))
+        resp.headers["Retry-After"] = str(max(1, math.ceil(min(exc.retry_after_s, 86_400))))
+        return resp
 
 
 async def submit_tx(request: web.Request) -> web.Response:
+    """Admit a control transaction within its source's, its patient's and the budgets'
+    shares (:mod:`meshhealth.net.admission`): refused ones are counted and not written."""
     if request.content_length is not None and request.content_length > MAX_CONTROL:
         return _err(413, "oversized", f"a transaction is at most {MAX_CONTROL} bytes")
     raw = await request.read()
-    tid = request.app[NODE].pipeline.submit_tx(raw)
+    node = request.app[NODE]
+    now = time.monotonic()
+    b = node.batcher
+    try:
+        node.limits.tx_source_charge(source_of(request.remote), len(raw), now)
+        try:
+            tx = decode_control(raw)
+        except MalformedMessage:
+            b.reject("malformed_tx")
+            raise
+        try:
+            tx.verify()
+        except RemoteError as exc:
+            raise Rejected("bad_signature", str(exc)) from exc
+        if isinstance(tx, RegisterPatient) and (
+            tx.network != node.network or tx.authority not in node.authorities
+        ):
+            raise Rejected("not_authority", "a registration is signed by an authority")
+        charge = node.limits.tx_admission(tx, raw, b.access, now)
+    except (Rejected, RateLimited) as exc:
+        b.reject(exc.reason)
+        raise
+    tid = node.pipeline.submit_tx(raw)
+    charge()
     return web.json_response({"tx": tid.hex(), "status": "accepted"}, status=202)
 
 
@@ -141,7 +178,7 @@ async def _signed_by_one_of(
     network; else the 403 answer.  An unsigned or badly signed request raises
     :class:`RequestAuthError` (401).  These reads reveal metadata, not readings, and are
     not written on chain as AccessLogs."""
-    reader, _ = await _signed_by(request)
+    reader = (await _signed_by(request)).key
     if reader in parties or request.app[NODE].genesis.is_authority(reader):
         return None
     return _err(403, "not_allowed", f"{reader.hex()[:8]} may not read {what}")
@@ -244,14 +281,24 @@ async def grants(request: web.Request) -> web.Response:
 # --- signed reads -----------------------------------------------------------
 
 
-async def _signed_by(request: web.Request) -> tuple[bytes, bytes]:
-    """The reader's key and the request's digest (a bad signature raises
-    :class:`RequestAuthError`, which the middleware answers with 401)."""
+async def _signed_by(request: web.Request) -> SignedRequest:
+    """The reader's checked request (a bad signature raises :class:`RequestAuthError`,
+    answered 401; a source or key over its share :class:`RateLimited`, answered 429).
+    The source is charged before the signature is checked, the key after."""
+    node = request.app[NODE]
+    if len(request.raw_path.encode()) > MAX_REQUEST_PATH:
+        raise MalformedMessage(f"a signed read's path is at most {MAX_REQUEST_PATH} bytes")
+    source = source_of(request.remote)
+    now = time.monotonic()
+    node.limits.read_source_charge(source, now)
     body = await request.read()
-    reader = request.app[NODE].guard.verify(
-        request.method, request.raw_path, body, request.headers, int(time.time() * 1000)
+    now_ms = int(time.time() * 1000)
+    req: SignedRequest = node.guard.check(
+        request.method, request.raw_path, body, request.headers, now_ms
     )
-    return reader, h(request.headers["X-MH-Signature"].encode())
+    node.limits.read_key_charge(req.key, now)
+    node.guard.remember(req, source, now_ms)
+    return req
 
 
 def _ms(request: web.Request, name: str, default: int | None = None) -> int:
@@ -270,7 +317,8 @@ def _ms(request: web.Request, name: str, default: int | None = None) -> int:
 async def readings(request: web.Request) -> web.Response:
     """``GET /v1/patients/{key}/readings?stream=&from=&to=[&after=]``, signed."""
     node = request.app[NODE]
-    reader, rid = await _signed_by(request)
+    req = await _signed_by(request)
+    reader = req.key
     patient = _key(request.match_info["key"])
     try:
         stream = name_str(request.query.get("stream"))
@@ -282,13 +330,16 @@ async def readings(request: web.Request) -> web.Response:
     access = node.batcher.access
     d = decide(access, reader, patient, stream, lo, hi)
     if not d.allowed:
-        node.log_access(reader, patient, stream, lo, hi, "denied", d.reason, b"", 0, rid)
+        node.log_refusal(req, patient, stream, lo, hi, "denied", d.reason, b"")
         return _err(403, d.reason, f"{reader.hex()[:8]} may not read this ({d.reason})")
     enrolments = key_txs(access, patient)
     body, n = await asyncio.to_thread(
         collect, node.store, enrolments, patient, stream, d, after=after
     )
-    node.log_access(reader, patient, stream, lo, hi, "read", "", d.grant, n, rid)
+    if n:
+        node.log_read(req, patient, stream, lo, hi, d.grant, n)
+    else:  # an answer with nothing in it is logged like a refusal: once, then counted
+        node.log_refusal(req, patient, stream, lo, hi, "read", "", d.grant)
     return web.Response(body=body, content_type=MSGPACK)
 
 
@@ -296,11 +347,11 @@ async def audit(request: web.Request) -> web.Response:
     """``GET /v1/patients/{key}/audit[?from=&to=]``, signed by the patient: every access
     log about them, from every chain this node holds."""
     node = request.app[NODE]
-    reader, rid = await _signed_by(request)
+    req = await _signed_by(request)
     patient = _key(request.match_info["key"])
     lo, hi = _ms(request, "from", 0), _ms(request, "to", int(time.time() * 1000) + 86_400_000)
-    if reader != patient:
-        node.log_access(reader, patient, "audit", lo, hi, "denied", "not_patient", b"", 0, rid)
+    if req.key != patient:
+        node.log_refusal(req, patient, "audit", lo, hi, "denied", "not_patient", b"")
         return _err(403, "not_patient", "only the patient may read their audit trail")
     trail = await asyncio.to_thread(node.store.audit_trail, patient, lo, hi)
     return web.Response(body=pack(["AU1", trail]), content_type=MSGPACK)

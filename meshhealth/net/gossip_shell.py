@@ -38,8 +38,10 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import ssl
 import statistics
+import struct
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
@@ -48,12 +50,21 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from meshhealth.chain.block import decode_body, verify_header
+from meshhealth.chain.block import decode_body, verify_body, verify_header
 from meshhealth.chain.lattice import equivocation
 from meshhealth.errors import InvalidBlock, RemoteError
 from meshhealth.gossip import handshake as hs
 from meshhealth.gossip import wire
-from meshhealth.gossip.messages import Blocks, FullHeads, PeerList, Pull, Push, Send
+from meshhealth.gossip.messages import (
+    Blocks,
+    FullHeads,
+    Heads,
+    Message,
+    PeerList,
+    Pull,
+    Push,
+    Send,
+)
 from meshhealth.gossip.protocol import Gossip, GossipParams
 from meshhealth.ingest import verify
 from meshhealth.ingest.replica import MissingLinks, admit_remote
@@ -64,7 +75,21 @@ if TYPE_CHECKING:
     from meshhealth.node import Node
 
 log = logging.getLogger(__name__)
-MAX_BUFFERED = 4096
+MAX_BUFFERED = 4096  # blocks in the out-of-order buffer (besides its byte bounds)
+MAX_QUEUED = 512  # frames in one peer's send queue (besides its byte bounds)
+MiB = 1024 * 1024
+# errors decoding or admitting what a peer sent that are not yet RemoteErrors: a bug in a
+# decoder, but the peer's doing all the same (logged with the peer, counted, penalised)
+PEER_FAULTS = (
+    RemoteError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+    UnicodeError,
+)
 LATENCY_SAMPLES = 50_000
 Checked = asyncio.Future[list[verify.Result]]  # a block's entries, being checked or done
 
@@ -83,7 +108,56 @@ class Arrival:
 
 
 MAX_DIAL_BACKOFF_S = 10.0
-MAX_REPLY_BYTES = 4 * 1024 * 1024  # a pull reply stops adding blocks here (one always fits)
+# before a peer has proved its key, all it can make us hold is the frame it is sending
+# (up to 16 MiB: aiohttp fixes a websocket's frame bound when it opens): so few at a time
+MAX_HANDSHAKES = 16  # inbound handshakes in progress, in all
+MAX_HANDSHAKES_PER_SOURCE = 4  # ... and from one address
+HANDSHAKE_S = 10.0
+MAX_LINKS_PER_PEER = 2  # connections to one peer (one each way); a newer one ends the oldest
+MAX_OBSERVERS = 32  # read-only peers connected at once
+MAX_REPLY_BYTES = 4 * MiB  # a pull reply stops adding blocks here (one always fits)
+
+
+@dataclass(frozen=True)
+class GossipLimits:
+    """What a peer can make us hold in memory (the ``[gossip]`` config keys).
+
+    A block is at most 8 MiB + 64 KiB, a pull reply at most 4 MiB or one
+    block, so 32 MiB per peer holds several of either; 128 MiB in total
+    is four peers' worth, and with blocks of a typical size (kilobytes)
+    thousands of them.  Each bound holds per sending peer and in total.
+    """
+
+    buffer_peer_bytes: int = 32 * MiB  # blocks waiting for their parent or links
+    buffer_total_bytes: int = 128 * MiB
+    send_peer_bytes: int = 32 * MiB  # frames queued to one peer
+    send_total_bytes: int = 128 * MiB
+    slow_peer_s: float = 60.0  # a peer that finishes no frame for this long is cut off
+    claim_timeout_s: float = 10.0  # to back a claim about our own chain with our header
+
+
+def arrival_cost(a: Arrival) -> int:
+    """The bytes a buffered block keeps alive: raw header and body, and the body decoded."""
+    cost = len(a.raw[0]) + len(a.raw[1]) + 256
+    if a.entries is not None:
+        cost += sum(len(e) + 40 for e in a.entries)  # a bytes object's overhead, and its slot
+    if a.checked is not None:
+        cost += len(a.raw[1])  # the checks' results (a reading's fields, rebuilt) at most
+    return cost
+
+
+def check_signed_block(
+    network: bytes, chain: bytes, height: int, raw: wire.RawBlock, entries: list[bytes] | None
+) -> None:
+    """What a block must pass to wait in the buffer: a header of ``chain`` at ``height`` in
+    our network, signed by that chain's producer, and a body that matches it (count and
+    Merkle root).  Its entries and links are checked when it applies.  Raises
+    :class:`RemoteError` (``InvalidBlock``, ``MalformedMessage``, ``InvalidSignature``)."""
+    header = BlockHeader.decode(raw[0])
+    if (header.node, header.height, header.network) != (chain, height, network):
+        raise InvalidBlock("header names another place", node=chain, height=height)
+    header.verify()
+    verify_body(header, list(decode_body(raw[1])) if entries is None else entries)
 
 
 @dataclass
@@ -91,7 +165,16 @@ class Connection:
     peer: bytes
     authority: bool
     ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=512))
+    queue: deque[bytes] = field(default_factory=deque)
+    queued_bytes: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the queue has a frame
+
+    def abort(self) -> None:
+        """Drop the connection under the websocket (a peer that stopped reading)."""
+        sock = self.ws.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class GossipShell:
@@ -105,8 +188,10 @@ class GossipShell:
         advertise_url: str = "",
         peer_exchange: bool = True,
         client_ssl: ssl.SSLContext | None = None,
+        limits: GossipLimits | None = None,
     ) -> None:
         self.node, self.peer_urls, self.observers = node, peer_urls, observers
+        self.limits = limits or GossipLimits()
         self.client_ssl = client_ssl  # dialing https:// peers: our CA, our certificate
         self.advertise_url, self.peer_exchange = advertise_url, peer_exchange
         self.me = node.identity.public
@@ -119,15 +204,26 @@ class GossipShell:
         # blocks that arrived before their parent or their links: chain -> height -> block
         self.buffer: dict[bytes, dict[int, Arrival]] = {}
         self.buffered = 0
+        self.buffer_bytes = 0  # what the buffer holds, in all and per sending peer
+        self.buffer_by_peer: Counter[bytes] = Counter()
+        self.send_bytes = 0  # what every send queue holds, in all and per peer (every
+        self.send_by_peer: Counter[bytes] = Counter()  # connection of that peer together)
         self.counters: Counter[str] = Counter()
-        # what each authority peer says our own chain's head is (start-up sync)
+        # what each authority peer says our own chain's head is (start-up sync): only
+        # heights we hold, or that the peer backed with our own signed header there
         self.own_reports: dict[bytes, int] = {}
+        # claims our own chain is ahead of our replica, until backed:
+        # peer -> (height, deadline, when to ask again for our header there)
+        self.own_claims: dict[bytes, tuple[int, float, float]] = {}
+        self.liars: set[bytes] = set()  # peers that could not back a claim about our chain
         self.synced = not peer_urls
         if not self.synced:
             node.pipeline.may_seal.clear()  # sync_own_chain sets it again
         # (chain, height, ms from the producer's seal to our commit), newest last
         self.latency: deque[tuple[bytes, int, float]] = deque(maxlen=LATENCY_SAMPLES)
         self._dialing: set[str] = set()
+        self._handshakes: Counter[str] = Counter()  # inbound, in progress, per source address
+        self._links: dict[bytes, list[Connection]] = {}  # every live connection, per peer
         self._applying: dict[tuple[bytes, int], bytes] = {}  # block -> header, being applied
         self._session: aiohttp.ClientSession | None = None
         self._tasks: asyncio.TaskGroup | None = None
@@ -139,11 +235,32 @@ class GossipShell:
         hdr = c.block.header
         self.dispatch(self.core.on_block_stored(None, hdr.node, hdr.height, time.monotonic()))
 
+    def _room(self, conn: Connection) -> int:
+        """How many bytes more this peer's send queue may take (per peer and in total)."""
+        if len(conn.queue) >= MAX_QUEUED:
+            return 0
+        lim = self.limits
+        peer, total = lim.send_peer_bytes - self.send_by_peer[conn.peer], lim.send_total_bytes
+        return max(0, min(peer, total - self.send_bytes))
+
+    def _queued(self, conn: Connection, n: int) -> None:
+        conn.queued_bytes += n
+        self.send_bytes += n
+        self.send_by_peer[conn.peer] += n
+        if self.send_by_peer[conn.peer] <= 0:
+            del self.send_by_peer[conn.peer]
+
     def dispatch(self, sends: list[Send]) -> None:
         for s in sends:
             conn = self.conns.get(s.peer)
             if conn is None:
                 self.counters["no_connection"] += 1
+                continue
+            room = self._room(conn)
+            if room < 1024:
+                # a peer that does not read: no pull answered, no block read for it (the
+                # work and memory stop here); anti-entropy repairs what it missed
+                self.counters["dropped_slow_peer"] += 1
                 continue
             msg = s.message
             blocks: list[wire.RawBlock] = []
@@ -151,10 +268,10 @@ class GossipShell:
                 raw = self.node.store.raw_block(msg.chain, msg.height)
                 blocks = [raw] if raw else []
             elif isinstance(msg, Blocks):
-                size = 0
+                size, cap = 0, min(MAX_REPLY_BYTES, room)
                 for h in range(msg.from_height, msg.to_height + 1):
                     raw = self.node.store.raw_block(msg.chain, h)
-                    if raw is None or (blocks and size + len(raw[1]) > MAX_REPLY_BYTES):
+                    if raw is None or (blocks and size + len(raw[0]) + len(raw[1]) > cap):
                         break
                     blocks.append(raw)
                     size += len(raw[0]) + len(raw[1])
@@ -167,12 +284,14 @@ class GossipShell:
             if isinstance(msg, Push) and not blocks:
                 continue
             data = wire.encode(msg, blocks)
-            try:
-                conn.queue.put_nowait(data)
-                self.counters["sent"] += 1
-                self.counters["bytes_out"] += len(data)
-            except asyncio.QueueFull:
+            if len(data) > room:
                 self.counters["dropped_slow_peer"] += 1
+                continue
+            self._queued(conn, len(data))
+            conn.queue.append(data)
+            conn.ready.set()
+            self.counters["sent"] += 1
+            self.counters["bytes_out"] += len(data)
 
     # --- connections ------------------------------------------------------------------
 
@@ -183,6 +302,13 @@ class GossipShell:
             for url in self.peer_urls:
                 self._dial(url)
             tg.create_task(self._ticks())
+
+    def close(self) -> None:
+        """Drop every gossip connection (on stop: the API server would otherwise wait for
+        the open websockets' handlers before it shuts down)."""
+        for links in list(self._links.values()):
+            for conn in links:
+                conn.abort()
 
     def _dial(self, url: str) -> None:
         if url in self._dialing or self._tasks is None or self._session is None:
@@ -196,25 +322,38 @@ class GossipShell:
         Done when at least one authority peer reported, every connected
         authority peer reported (or a second passed since the first did), and
         our replica of our own chain reaches the highest reported head (the
-        core pulls it, like any other chain).  If no peer has answered within
-        ``timeout`` the node goes on from its local head (False; it is logged
-        and counted).  But once a peer says our chain is longer than what we
-        hold, there is no time limit: sealing before we hold it would sign a
-        second block at a height the network already has.
+        core pulls it, like any other chain).  A report above what we hold
+        counts only once its peer sent our own signed header at that height
+        (within ``claim_timeout_s``); a peer that cannot back its claim is
+        penalised and not heard on our chain again.  If no peer has answered
+        within ``timeout`` the node goes on from its local head (False; it is
+        logged and counted).  But once a peer proved our chain is longer than
+        what we hold, there is no time limit: sealing before we hold it would
+        sign a second block at a height the network already has.  (The node
+        stops waiting on SIGTERM: see :meth:`Node.run`.)
         """
         deadline = time.monotonic() + timeout
         first: float | None = None
         ok, behind, next_log = self.synced, False, time.monotonic() + timeout
+        next_want = time.monotonic() + 1.0
         while not ok:
+            self._expire_own_claims()
             mine = (self.node.store.head(self.me) or (-1, b""))[0]
             if self.own_reports:
                 first = first or time.monotonic()
-                connected = {p for p, c in self.conns.items() if c.authority}
+                connected = {p for p, c in self.conns.items() if c.authority} - self.liars
                 settled = connected <= set(self.own_reports) or time.monotonic() - first >= 1.0
                 behind = mine < max(self.own_reports.values())
-                ok = settled and not behind
-            if ok or (not behind and time.monotonic() >= deadline):
+                ok = settled and not behind and not self.own_claims
+            if ok or (not behind and not self.own_claims and time.monotonic() >= deadline):
                 break
+            if behind and time.monotonic() >= next_want:
+                # keep fetching from every peer that proved a head above ours (the core
+                # drops a claim whose pull went unanswered; a proved one must come back)
+                next_want = time.monotonic() + 1.0
+                for peer, h in self.own_reports.items():
+                    if h > mine:
+                        self.dispatch(self.core.want(peer, self.me, h, time.monotonic()))
             if behind and time.monotonic() >= next_log:
                 log.warning(
                     "still fetching our own chain from peers: we hold %d, they hold %d",
@@ -224,6 +363,7 @@ class GossipShell:
                 next_log = time.monotonic() + timeout
             await asyncio.sleep(0.05)
         self.synced = True
+        self.own_claims.clear()
         self.node.pipeline.may_seal.set()
         self.counters["startup_sync_ok" if ok else "startup_sync_timeout"] += 1
         return ok
@@ -249,8 +389,7 @@ class GossipShell:
                 aiohttp.WSMessageTypeError,
                 OSError,
                 TimeoutError,
-                hs.HandshakeError,
-                RemoteError,
+                RemoteError,  # HandshakeError among them
             ) as exc:
                 # a peer that is down, refuses us or breaks the protocol: back off, retry
                 if isinstance(exc, aiohttp.ClientSSLError):
@@ -258,6 +397,11 @@ class GossipShell:
                     log.warning("gossip: %s: TLS: %s", url, exc)
                 else:
                     log.info("gossip: %s: %s", url, exc)
+            except Exception:
+                # a bug on this connection must not end the node (every connection and
+                # task shares its TaskGroup): log it in full, count it, dial again
+                self.counters["connection_errors"] += 1
+                log.exception("gossip: %s: connection failed", url)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, MAX_DIAL_BACKOFF_S)
 
@@ -293,26 +437,61 @@ class GossipShell:
         if not peer_is_node(request.transport):
             self.counters["tls_refused"] += 1
             raise web.HTTPForbidden(text="gossip over TLS needs a node certificate of our CA")
+        source = request.remote or "?"
+        if (
+            sum(self._handshakes.values()) >= MAX_HANDSHAKES
+            or self._handshakes[source] >= MAX_HANDSHAKES_PER_SOURCE
+        ):
+            self.counters["handshake_busy"] += 1
+            raise web.HTTPServiceUnavailable(text="too many gossip handshakes in progress")
+        self._handshakes[source] += 1
         ws = web.WebSocketResponse(max_msg_size=wire.MAX_GOSSIP, heartbeat=10)
-        await ws.prepare(request)
         try:
-            theirs, peer = await self._receive_hello(ws)
-            mine = self._hello()
-            await ws.send_bytes(mine.encode())
-            await ws.send_bytes(
-                hs.prove(self.node.identity.signing, "HR", self.node.network, theirs, mine).encode()
-            )
-            proof = hs.Proof.decode(await asyncio.wait_for(ws.receive_bytes(), 10))
-            hs.check_proof(proof, peer.id, "HI", self.node.network, theirs, mine)
-        except (hs.HandshakeError, RemoteError, TimeoutError, aiohttp.WSMessageTypeError) as exc:
+            await ws.prepare(request)
+            async with asyncio.timeout(HANDSHAKE_S):
+                theirs, peer = await self._receive_hello(ws)
+                mine = self._hello()
+                await ws.send_bytes(mine.encode())
+                await ws.send_bytes(
+                    hs.prove(
+                        self.node.identity.signing, "HR", self.node.network, theirs, mine
+                    ).encode()
+                )
+                proof = hs.Proof.decode(await ws.receive_bytes())
+                hs.check_proof(proof, peer.id, "HI", self.node.network, theirs, mine)
+        except (RemoteError, TimeoutError, aiohttp.WSMessageTypeError) as exc:
             self.counters["handshake_refused"] += 1
             log.info("gossip: refused a peer: %s", exc)
             await ws.close()
             return ws
+        finally:
+            self._handshakes[source] -= 1
+            if self._handshakes[source] <= 0:
+                del self._handshakes[source]
         await self._serve(Connection(peer.id, peer.authority, ws))
         return ws
 
     async def _serve(self, conn: Connection) -> None:
+        observers = sum(1 for c in self._links.values() if not c[0].authority)
+        if not conn.authority and conn.peer not in self._links and observers >= MAX_OBSERVERS:
+            self.counters["observers_refused"] += 1
+            await conn.ws.close()
+            return
+        links = self._links.setdefault(conn.peer, [])
+        links.append(conn)
+        while len(links) > MAX_LINKS_PER_PEER:
+            self.counters["connections_replaced"] += 1
+            links.pop(0).abort()
+        try:
+            await self._serve_link(conn)
+        finally:
+            links.remove(conn)
+            if not links and self._links.get(conn.peer) is links:
+                del self._links[conn.peer]
+                if not conn.authority:
+                    self.core.forget(conn.peer)  # an observer leaves nothing behind
+
+    async def _serve_link(self, conn: Connection) -> None:
         old = self.conns.get(conn.peer)
         self.conns[conn.peer] = conn
         self.counters["connected"] += 1
@@ -325,11 +504,18 @@ class GossipShell:
                 if frame.type is not aiohttp.WSMsgType.BINARY:
                     break
                 self.counters["bytes_in"] += len(frame.data)
-                await self._on_frame(conn, frame.data)
+                try:
+                    await self._on_frame(conn, frame.data)
+                except PEER_FAULTS as exc:
+                    # the frame boundary: nothing a peer sends gets past it (a non-RemoteError
+                    # here is a decoder that should have said MalformedMessage: logged in full)
+                    self._peer_fault(conn.peer, "malformed", "a frame", exc)
         finally:
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, OSError, aiohttp.ClientError):
                 await writer
+            self._queued(conn, -conn.queued_bytes)  # what it never sent is freed with it
+            conn.queue.clear()
             if self.conns.get(conn.peer) is conn:
                 if old is not None and not old.ws.closed:
                     self.conns[conn.peer] = old
@@ -337,19 +523,50 @@ class GossipShell:
                     del self.conns[conn.peer]
 
     async def _write(self, conn: Connection) -> None:
+        """Send the queue in order; a peer that takes nothing for ``slow_peer_s`` is cut."""
         while True:
-            data = await conn.queue.get()
-            await conn.ws.send_bytes(data)
+            if not conn.queue:
+                conn.ready.clear()
+                await conn.ready.wait()
+                continue
+            data = conn.queue[0]
+            try:
+                await asyncio.wait_for(conn.ws.send_bytes(data), self.limits.slow_peer_s)
+            except TimeoutError:
+                self.counters["slow_peer_disconnected"] += 1
+                log.warning(
+                    "gossip: %s took no frame for %.0f s: disconnecting it",
+                    conn.peer.hex()[:8],
+                    self.limits.slow_peer_s,
+                )
+                conn.abort()
+                return
+            conn.queue.popleft()
+            self._queued(conn, -len(data))
 
     # --- receiving ------------------------------------------------------------------------
+
+    def _peer_fault(self, peer: bytes, counter: str, what: str, exc: BaseException) -> None:
+        """Count and penalise what a peer sent that we refuse; log it with the peer."""
+        self.counters[counter] += 1
+        if not isinstance(exc, RemoteError):
+            self.counters["peer_fault_uncaught_type"] += 1
+        log.warning(
+            "gossip: %s from %s refused: %s: %s",
+            what,
+            peer.hex()[:8],
+            type(exc).__name__,
+            exc,
+            exc_info=not isinstance(exc, RemoteError),
+        )
+        self.core.penalise(peer, time.monotonic())
 
     async def _on_frame(self, conn: Connection, data: bytes) -> None:
         now = time.monotonic()
         try:
             msg, raws = wire.decode(data)
-        except RemoteError:
-            self.counters["malformed"] += 1
-            self.core.penalise(conn.peer, now)
+        except PEER_FAULTS as exc:
+            self._peer_fault(conn.peer, "malformed", "a frame", exc)
             return
         if isinstance(msg, PeerList):
             self._on_peer_list(conn, msg)
@@ -357,10 +574,22 @@ class GossipShell:
             arrival = Arrival(conn.peer, msg.chain, msg.height, raws[0], msg.hops)
             await self._receive(conn, arrival, forward=True)
         elif isinstance(msg, Blocks):
+            if not self._accepts(conn, msg.chain):
+                return
+            if msg.chain == self.me:
+                if self.synced:
+                    return  # we are our chain's only writer: nothing to check or apply
+                self._check_own_claim(conn.peer, msg.to_height, raws[-1][0])
             # check every entry of the batch in the verifier processes at once, then
-            # apply the blocks in order, each as soon as its own entries are done
+            # apply the blocks in order, each as soon as its own entries are done; only
+            # blocks that follow our head (a batch from above it waits unchecked, and a
+            # block we hold needs no check)
+            head_h = (self.node.store.head(msg.chain) or (-1, b""))[0]
             bodies: list[list[bytes] | None] = []
-            for raw in raws:
+            for h, raw in zip(range(msg.from_height, msg.to_height + 1), raws, strict=True):
+                if h <= head_h or msg.from_height > head_h + 1:
+                    bodies.append(None)
+                    continue
                 try:
                     bodies.append(list(decode_body(raw[1])))
                 except RemoteError:
@@ -374,8 +603,85 @@ class GossipShell:
                 await self._receive(conn, arrival, forward=False)
         else:
             if isinstance(msg, FullHeads) and conn.authority:
-                self.own_reports[conn.peer] = dict(msg.heads).get(self.me, -1)
-            self.dispatch(self.core.on_message(conn.peer, msg, now))
+                self._on_own_report(conn, dict(msg.heads).get(self.me, -1), now)
+            self.dispatch(self.core.on_message(conn.peer, self._claims_we_take(conn, msg), now))
+
+    def _claims_we_take(self, conn: Connection, msg: Message) -> Message:
+        """Head claims only about authorities' chains, and only from authorities (an
+        observer's blocks are refused anyway): the core keeps one claim per peer and
+        chain, so a frame of 65,536 made-up chains must not reach it."""
+        if not isinstance(msg, FullHeads | Heads):
+            return msg
+        claims = msg.heads if isinstance(msg, FullHeads) else msg.recent
+        ours = tuple((c, h) for c, h in claims if conn.authority and c in self.authorities)
+        if len(ours) == len(claims):
+            return msg
+        self.counters["claims_ignored"] += len(claims) - len(ours)
+        return FullHeads(ours) if isinstance(msg, FullHeads) else replace(msg, recent=ours)
+
+    # --- what peers say about our own chain (start-up sync) ------------------------------
+
+    def _on_own_report(self, conn: Connection, height: int, now: float) -> None:
+        """A peer says how far our own chain got.  At or below what we hold, it counts;
+        above, only once the peer sends our own signed header at that height."""
+        if self.synced or conn.peer in self.liars:
+            return
+        mine = (self.node.store.head(self.me) or (-1, b""))[0]
+        if height <= mine:
+            self.own_reports[conn.peer] = height
+            self.own_claims.pop(conn.peer, None)
+            return
+        if conn.peer in self.own_claims:
+            return  # one claim per peer, with one deadline (reconnecting does not renew it)
+        self.own_claims[conn.peer] = (height, now + self.limits.claim_timeout_s, now + 1.0)
+        self.counters["own_claims_checked"] += 1
+        self.dispatch([Send(conn.peer, Pull(self.me, height, height))])
+
+    def _check_own_claim(self, peer: bytes, height: int, header: bytes) -> None:
+        """``peer`` sent a block of our chain: if it is the one its claim needs, check our
+        signature on it (a claim it cannot back makes it a liar)."""
+        claim = self.own_claims.get(peer)
+        if claim is None or claim[0] != height:
+            return
+        del self.own_claims[peer]
+        try:
+            hdr = BlockHeader.decode(header)
+            if hdr.node != self.me or hdr.height != height or hdr.network != self.node.network:
+                raise InvalidBlock(
+                    "not our header at the height claimed", node=self.me, height=height
+                )
+            hdr.verify()
+        except PEER_FAULTS as exc:
+            self._distrust_own_claim(peer, height, exc)
+            return
+        self.own_reports[peer] = height
+        self.counters["own_claims_backed"] += 1
+        self.dispatch(self.core.want(peer, self.me, height, time.monotonic()))
+
+    def _distrust_own_claim(self, peer: bytes, height: int, why: object) -> None:
+        self.liars.add(peer)
+        self.own_reports.pop(peer, None)
+        self.counters["own_claims_unbacked"] += 1
+        log.warning(
+            "gossip: %s says our chain reaches %d but did not back it with our header (%s): "
+            "ignoring its claims",
+            peer.hex()[:8],
+            height,
+            why,
+        )
+        self.core.penalise(peer, time.monotonic())
+
+    def _expire_own_claims(self) -> None:
+        """Claims not backed by their deadline make their peers liars; until then, ask
+        again every second (a busy peer's reply may have been dropped)."""
+        now = time.monotonic()
+        for peer, (height, deadline, ask) in list(self.own_claims.items()):
+            if deadline <= now:
+                del self.own_claims[peer]
+                self._distrust_own_claim(peer, height, "no header in time")
+            elif ask <= now:
+                self.own_claims[peer] = (height, deadline, now + 1.0)
+                self.dispatch([Send(peer, Pull(self.me, height, height))])
 
     def _on_peer_list(self, conn: Connection, msg: PeerList) -> None:
         """Dial authorities we had no address for (an observer's hints are ignored)."""
@@ -387,26 +693,58 @@ class GossipShell:
                 self.counters["peers_learned"] += 1
                 self._dial(url)
 
-    async def _receive(self, conn: Connection, a: Arrival, *, forward: bool) -> None:
-        now, chain, height = time.monotonic(), a.chain, a.height
+    def _accepts(self, conn: Connection, chain: bytes) -> bool:
+        """Blocks come from authorities only, and only of authorities' chains."""
         if not conn.authority or chain not in self.authorities:
             self.counters["refused_block"] += 1
-            self.core.penalise(conn.peer, now)
+            self.core.penalise(conn.peer, time.monotonic())
+            return False
+        return True
+
+    @staticmethod
+    def _discard(a: Arrival) -> None:
+        """A block we drop: its entries' checks, if still queued, are not worth doing (and
+        must not hold its entries in the verifier's queue)."""
+        if a.checked is not None:
+            a.checked.cancel()  # a no-op once they are done
+
+    async def _receive(self, conn: Connection, a: Arrival, *, forward: bool) -> None:
+        now, chain, height = time.monotonic(), a.chain, a.height
+        if not self._accepts(conn, chain):
+            self._discard(a)
             return
-        if chain == self.me and self.synced:
-            return  # our own chain: we are its only writer (until start-up sync, a reader)
+        if chain == self.me:
+            if self.synced:
+                self._discard(a)
+                return  # our own chain: we are its only writer (until start-up sync, a reader)
+            if forward:
+                self._check_own_claim(conn.peer, height, a.raw[0])
         head = self.node.store.head(chain)
         head_h, head_hash = (-1, self.node.network) if head is None else head
         if height <= head_h:
+            self._discard(a)
             self._check_equivocation(conn.peer, chain, height, a.raw[0])
             self.core.on_duplicate(conn.peer, now)
             return
         if height > head_h + 1:
-            self._hold(a)
-            self.dispatch(self.core.on_ahead(conn.peer, chain, height, now))
+            if self._hold_checked(a):
+                self.dispatch(self.core.on_ahead(conn.peer, chain, height, now))
             return
         if await self._apply(a, head_hash, forward):
             await self._drain(chain)
+
+    def _hold_checked(self, a: Arrival) -> bool:
+        """Buffer a block that cannot apply yet, if it could be valid: its header must be
+        signed by the chain's producer at that height, and its body must match it.  Junk
+        is never buffered (its sender is penalised)."""
+        try:
+            check_signed_block(self.node.network, a.chain, a.height, a.raw, a.entries)
+        except PEER_FAULTS as exc:
+            self._discard(a)
+            self._peer_fault(a.src, "invalid_block", f"block {a.chain.hex()[:8]}#{a.height}", exc)
+            return False
+        self._hold(a)
+        return True
 
     def _check_equivocation(self, src: bytes, chain: bytes, height: int, other: bytes) -> None:
         """A block for a height we hold: the same block, an equivocation, or a forgery."""
@@ -449,15 +787,21 @@ class GossipShell:
         busy = self._applying.get(key)
         if busy is not None:
             if busy != a.raw[0]:
-                self._hold(a)
+                self._hold_checked(a)
+            else:
+                self._discard(a)
             self.counters["duplicate_in_flight"] += 1
             self.core.on_duplicate(a.src, time.monotonic())
             return False
         self._applying[key] = a.raw[0]
         try:
-            return await self._apply_once(a, prev, forward)
+            applied = await self._apply_once(a, prev, forward)
         finally:
             del self._applying[key]
+        held = self.buffer.get(a.chain, {}).get(a.height)
+        if not applied and (held is None or held.checked is not a.checked):
+            self._discard(a)
+        return applied
 
     async def _apply_once(self, a: Arrival, prev: bytes, forward: bool) -> bool:
         now = time.monotonic()
@@ -492,16 +836,8 @@ class GossipShell:
             for n, h in m.missing:
                 self.dispatch(self.core.on_ahead(src, n, h + 1, now))
             return False
-        except RemoteError as exc:
-            self.counters["invalid_block"] += 1
-            log.warning(
-                "gossip: invalid block %s#%d from %s: %s",
-                chain.hex()[:8],
-                height,
-                src.hex()[:8],
-                exc,
-            )
-            self.core.penalise(src, now)
+        except PEER_FAULTS as exc:
+            self._peer_fault(src, "invalid_block", f"block {chain.hex()[:8]}#{height}", exc)
             return False
         self.counters["blocks_applied"] += 1
         self.latency.append((chain, height, time.time() * 1000 - header.ts_ms))
@@ -518,18 +854,37 @@ class GossipShell:
             self.dispatch([Send(src, Pull(chain, height, height))])
 
     def _hold(self, a: Arrival) -> None:
-        """Buffer a block until it applies (bounded: past the limit it is pulled again later)."""
+        """Buffer a block until it applies, within the buffer's bounds: blocks in all, and
+        bytes per sending peer and in total.  A block past them is dropped (counted) and
+        pulled again later, when the blocks before it have applied."""
         held = self.buffer.get(a.chain, {})
-        if a.height not in held and self.buffered < MAX_BUFFERED:
-            self.buffer[a.chain] = held  # only a chain with a block in it has an entry
-            held[a.height] = a
-            self.buffered += 1
+        if a.height in held:
+            return
+        cost, lim = arrival_cost(a), self.limits
+        if (
+            self.buffered >= MAX_BUFFERED
+            or self.buffer_by_peer[a.src] + cost > lim.buffer_peer_bytes
+            or self.buffer_bytes + cost > lim.buffer_total_bytes
+        ):
+            self.counters["buffer_dropped"] += 1
+            self._discard(a)
+            return
+        self.buffer[a.chain] = held  # only a chain with a block in it has an entry
+        held[a.height] = a
+        self.buffered += 1
+        self.buffer_bytes += cost
+        self.buffer_by_peer[a.src] += cost
 
     def _take(self, chain: bytes, height: int) -> Arrival | None:
         held = self.buffer.get(chain)
         block = None if held is None else held.pop(height, None)
         if block is not None:
             self.buffered -= 1
+            cost = arrival_cost(block)
+            self.buffer_bytes -= cost
+            self.buffer_by_peer[block.src] -= cost
+            if self.buffer_by_peer[block.src] <= 0:
+                del self.buffer_by_peer[block.src]
         if held is not None and not held:
             del self.buffer[chain]
         return block
@@ -549,6 +904,7 @@ class GossipShell:
                 for stale in [h for h in self.buffer.get(c, {}) if h <= head_h]:
                     old = self._take(c, stale)
                     if old is not None:
+                        self._discard(old)
                         self._check_equivocation(old.src, c, stale, old.raw[0])
                 block = self._take(c, head_h + 1)
                 if block is not None and await self._apply(block, head_hash, False):
@@ -564,7 +920,7 @@ class GossipShell:
     def missing(self) -> dict[bytes, int]:
         """The catch-up backlog: per chain, how many blocks above our head we know exist
         (a pull is heading for them, or a later one waits in the buffer) and still lack."""
-        tops = {chain: upto for chain, (upto, _) in self.core._want.items()}
+        tops = self.core.wanted()
         for chain, held in self.buffer.items():
             tops[chain] = max([tops.get(chain, -1), *held])
         gaps = {chain: top - self.core.head(chain) for chain, top in tops.items()}
@@ -575,6 +931,15 @@ class GossipShell:
             "connections": sorted(p.hex()[:8] for p in self.conns),
             "synced": self.synced,
             "buffered": self.buffered,
+            "buffered_bytes": self.buffer_bytes,
+            "buffered_bytes_by_peer": {p.hex()[:8]: n for p, n in self.buffer_by_peer.items()},
+            "send_queued_bytes": self.send_bytes,
+            "limits": {
+                "buffer_peer_bytes": self.limits.buffer_peer_bytes,
+                "buffer_total_bytes": self.limits.buffer_total_bytes,
+                "send_peer_bytes": self.limits.send_peer_bytes,
+                "send_total_bytes": self.limits.send_total_bytes,
+            },
             "propagation": self.latency_summary(),
             **dict(self.counters),
             "core": self.core.statistics(),

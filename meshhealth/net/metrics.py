@@ -108,6 +108,8 @@ FAMILIES = (
     _c("gossip_blocks_applied", "Peers' blocks admitted to the replica."),
     _c("gossip_invalid_blocks", "Peers' blocks refused as invalid."),
     _g("gossip_buffered_blocks", "Peers' blocks waiting in the buffer for a parent or link."),
+    _g("gossip_buffered_bytes", "Bytes those blocks hold (bounded per peer and in total)."),
+    _g("gossip_send_queued_bytes", "Bytes queued to peers (bounded per peer and in total)."),
     _g("gossip_catchup_missing_blocks", "Blocks a catch-up still has to bring, all chains."),
     # store
     _g("store_used_bytes", "Bytes of the LMDB map in use."),
@@ -118,6 +120,12 @@ FAMILIES = (
     _c("api_requests", "HTTP API requests answered, by method and status code.", "method", "code"),
     _c("api_auth_failures", "Signed requests refused as unauthenticated."),
     _c("access_logs", "Reads and refused reads this node logged to the audit trail."),
+    _c("api_limited", "API requests refused 429 by a limit, by reason.", "reason"),
+    _c(
+        "access_refusals_unlogged",
+        "Refused reads not logged on chain: past a patient's or the node's cap per period.",
+    ),
+    _g("api_nonces", "Signed-request nonces held (each about 256 bytes)."),
 )
 
 
@@ -169,6 +177,8 @@ def read(node: Node) -> Iterator[tuple[str, Labels, float]]:
     yield m + "gossip_blocks_applied_total", (), counters["blocks_applied"]
     yield m + "gossip_invalid_blocks_total", (), counters["invalid_block"]
     yield m + "gossip_buffered_blocks", (), shell.buffered
+    yield m + "gossip_buffered_bytes", (), shell.buffer_bytes
+    yield m + "gossip_send_queued_bytes", (), shell.send_bytes
     # every chain a catch-up is after, also those not yet in the replica
     yield m + "gossip_catchup_missing_blocks", (), sum(shell.missing().values())
 
@@ -182,6 +192,11 @@ def read(node: Node) -> Iterator[tuple[str, Labels, float]]:
         yield m + "api_requests_total", (method, str(code)), n
     yield m + "api_auth_failures_total", (), node.auth_failures
     yield m + "access_logs_total", (), node.access_logs
+    limited = node.limits.limited
+    for reason in sorted({"rate_limited", "stranger_budget", "patient_budget", *limited}):
+        yield m + "api_limited_total", (reason,), limited[reason]
+    yield m + "access_refusals_unlogged_total", (), node.refusals.unlogged
+    yield m + "api_nonces", (), len(node.guard.nonces)
 
 
 class NodeCollector(Collector):

@@ -145,6 +145,18 @@ def _error(description: str) -> Doc:
     return _json(description, _schema("Error"))
 
 
+def _limited(description: str) -> Doc:
+    """A 429: the JSON error and the seconds to wait in ``Retry-After``."""
+    doc = _error(description)
+    doc["headers"] = {
+        "Retry-After": {
+            "description": "Seconds until the request would pass.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+    return doc
+
+
 def _bad_request(description: str) -> Doc:
     """A 400: JSON from the handler, or plain text for a malformed key or query value."""
     doc = _error(description)
@@ -171,7 +183,11 @@ def _operation(
             "401": _error(
                 "The request signature is missing, malformed, stale, replayed or wrong "
                 "(reason `unauthenticated`)."
-            )
+            ),
+            "429": _limited(
+                "Too many signed requests from this address or by this key, or its share of "
+                "the nonce cache is full (reason `rate_limited`)."
+            ),
         }
     doc: Doc = {
         "operationId": op_id,
@@ -279,7 +295,9 @@ def _schemas() -> dict[str, Doc]:
                 ),
                 "store": _counts("map_size", "used_bytes", "readings"),
                 "enrolled_devices": count,
-                "reads": _counts("access_logs", "auth_failures"),
+                "reads": _counts(
+                    "access_logs", "auth_failures", "rate_limited", "refusals_unlogged", "nonces"
+                ),
                 "chains": {
                     "type": "object",
                     "propertyNames": hex32,
@@ -474,9 +492,13 @@ def _paths() -> dict[str, Doc]:
                 "Submit a patient-signed control transaction",
                 "Accepted control transactions: `E1` EnrollDevice, `E2` EnrollDevice with an "
                 "import window, `G1` Grant, `V1` Revoke, `X1` Erase, `K1` Rechain and `D1` "
-                "RemoveDevice. The patient's signature is the authority, so "
+                "RemoveDevice, signed by the patient, and `P1` RegisterPatient, signed by an "
+                "authority of the network. The signature is the authority, so "
                 "the request itself is not signed. The node verifies the transaction, puts "
-                "it in its next block and gossips it.",
+                "it in its next block and gossips it. What lands on chain is limited in "
+                "encoded bytes per source address and per patient key, and by an hourly "
+                "budget: one per registered patient, one shared by all unregistered keys "
+                "(429 with `Retry-After`).",
                 {
                     "202": _json("Accepted for the next block.", _schema("TxAccepted")),
                     "400": _error(
@@ -485,7 +507,14 @@ def _paths() -> dict[str, Doc]:
                     "409": _error("Already known (reason `duplicate_tx`)."),
                     "413": _error(f"Over {MAX_CONTROL} bytes (reason `oversized`)."),
                     "422": _error(
-                        "Refused by policy: reason `bad_signature`, `future_timestamp` or `bad_tx`."
+                        "Refused by policy: reason `bad_signature`, `future_timestamp`, "
+                        "`bad_tx`, `not_authority` (a `P1` not signed by an authority), "
+                        "`grant_quota` or `held_quota` (the patient holds too much)."
+                    ),
+                    "429": _limited(
+                        "Over a limit: reason `rate_limited` (this address or patient key), "
+                        "`stranger_budget` (all unregistered keys' hourly budget) or "
+                        "`patient_budget` (this registered patient's)."
                     ),
                 },
                 body={
@@ -621,7 +650,8 @@ def _paths() -> dict[str, Doc]:
                 {
                     "200": _msgpack(
                         'msgpack `["AU1", [[entry, node, height, index], ...]]`: each '
-                        "encoded `L1` AccessLog with the chain, height and index of its block "
+                        "encoded `L2` AccessLog (carrying the reader's signed request; `L1` "
+                        "on older chains) with the chain, height and index of its block "
                         "(an authority checks it with the proof endpoint)."
                     ),
                     "400": _bad_request(f"{bad_read}."),

@@ -11,22 +11,25 @@ its own. Four headers carry it::
     X-MH-Signature  the Ed25519 signature (128 hex)
 
 A node accepts a request signed within ``window_ms`` of its own clock
-whose nonce it has not seen inside that window, so a captured request
-cannot be replayed to it, and, because the audience is signed, not to
-another node either.
+whose nonce its signer has not used inside that window, so a captured
+request cannot be replayed to it, and, because the audience is signed, not
+to another node either.  The nonces are kept per signer, and a signer or a
+source address over its share is refused, never everyone
+(:class:`meshhealth.net.limits.NonceCache`).
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import nacl.exceptions
 import nacl.signing
 
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import RemoteError
+from meshhealth.net.limits import NonceCache
 from meshhealth.wire.codec import signing_bytes
 
 HEADERS = ("X-MH-Key", "X-MH-Time", "X-MH-Nonce", "X-MH-Signature")
@@ -40,7 +43,40 @@ class RequestAuthError(RemoteError):
 def request_bytes(
     method: str, path: str, body: bytes, t_ms: int, nonce: bytes, audience: bytes
 ) -> bytes:
-    return signing_bytes(TAG, [method.upper(), path, h(body), t_ms, nonce, audience])
+    return digest_request_bytes(method, path, h(body), t_ms, nonce, audience)
+
+
+def digest_request_bytes(
+    method: str, path: str, body_hash: bytes, t_ms: int, nonce: bytes, audience: bytes
+) -> bytes:
+    """What a reader signs, from the body's digest (an access log keeps only that)."""
+    return signing_bytes(TAG, [method.upper(), path, body_hash, t_ms, nonce, audience])
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """A checked signed request: everything its signature covers but the audience."""
+
+    key: bytes
+    method: str
+    path: str
+    body_hash: bytes
+    t_ms: int
+    nonce: bytes
+    sig: bytes
+
+    def valid_for(self, audience: bytes) -> bool:
+        """True if ``key`` signed this request for the node ``audience``."""
+        try:
+            nacl.signing.VerifyKey(self.key).verify(
+                digest_request_bytes(
+                    self.method, self.path, self.body_hash, self.t_ms, self.nonce, audience
+                ),
+                self.sig,
+            )
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, TypeError):
+            return False
+        return True
 
 
 def sign_request(
@@ -66,16 +102,42 @@ def sign_request(
 
 
 class ReplayGuard:
-    """Checks signed requests for one node: clock window and nonces seen inside it."""
+    """Checks signed requests for one node: clock window and nonces seen inside it
+    (a :class:`~meshhealth.net.limits.NonceCache`: per key and per source, bounded)."""
 
-    def __init__(self, audience: bytes, *, window_ms: int = 30_000, max_nonces: int = 200_000):
-        self.audience, self.window_ms, self.max_nonces = audience, window_ms, max_nonces
-        self._seen: OrderedDict[bytes, int] = OrderedDict()  # nonce -> when it expires
+    def __init__(
+        self,
+        audience: bytes,
+        *,
+        window_ms: int = 30_000,
+        max_nonces: int = 65_536,
+        per_key: int = 4_096,
+        per_source: int = 8_192,
+    ):
+        self.audience, self.window_ms = audience, window_ms
+        self.nonces = NonceCache(
+            window_ms, total=max_nonces, per_key=per_key, per_source=per_source
+        )
 
     def verify(
-        self, method: str, path: str, body: bytes, headers: Mapping[str, str], now_ms: int
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        now_ms: int,
+        source: str = "",
     ) -> bytes:
-        """The signer's public key, or :class:`RequestAuthError` saying what is wrong."""
+        """The signer's public key, or :class:`RequestAuthError` saying what is wrong
+        (:class:`~meshhealth.errors.RateLimited` when its key or source is over its share)."""
+        req = self.check(method, path, body, headers, now_ms)
+        self.remember(req, source, now_ms)
+        return req.key
+
+    def check(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str], now_ms: int
+    ) -> SignedRequest:
+        """The checked request (not yet remembered: call :meth:`remember` to accept it)."""
         try:
             key_hex, t_text, nonce_hex, sig_hex = (headers[k] for k in HEADERS)
         except KeyError as exc:
@@ -93,20 +155,16 @@ class ReplayGuard:
             raise RequestAuthError("malformed signature headers")
         if abs(now_ms - t_ms) > self.window_ms:
             raise RequestAuthError(f"signed {abs(now_ms - t_ms)} ms away from our clock")
-        self._expire(now_ms)
-        if nonce in self._seen:
+        if self.nonces.seen(key, nonce, now_ms):
             raise RequestAuthError("replayed request")
-        try:
-            nacl.signing.VerifyKey(key).verify(
-                request_bytes(method, path, body, t_ms, nonce, self.audience), sig
-            )
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError) as exc:
-            raise RequestAuthError("bad request signature") from exc
-        if len(self._seen) >= self.max_nonces:
-            raise RequestAuthError("too many signed requests in the window; retry shortly")
-        self._seen[nonce] = t_ms + 2 * self.window_ms
-        return key
+        req = SignedRequest(key, method.upper(), path, h(body), t_ms, nonce, sig)
+        if not req.valid_for(self.audience):
+            raise RequestAuthError("bad request signature")
+        return req
 
-    def _expire(self, now_ms: int) -> None:
-        while self._seen and next(iter(self._seen.values())) <= now_ms:
-            self._seen.popitem(last=False)
+    def remember(self, req: SignedRequest, source: str, now_ms: int) -> None:
+        """Accept a checked request: its nonce is refused from now on, until its time has
+        left the window (raises :class:`~meshhealth.net.limits.NonceFull` past a share)."""
+        if self.nonces.seen(req.key, req.nonce, now_ms):
+            raise RequestAuthError("replayed request")
+        self.nonces.add(req.key, req.nonce, req.t_ms, source, now_ms)

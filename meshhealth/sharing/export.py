@@ -44,7 +44,9 @@ from typing import Any, TextIO
 import nacl.encoding
 import nacl.hash
 
-from meshhealth.wire import AccessLog, Grant
+from meshhealth.sharing.audit import request_status
+from meshhealth.wire import Grant
+from meshhealth.wire.types import AccessLogV2, AnyAccessLog
 
 LOINC_SYSTEM = "http://loinc.org"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
@@ -336,13 +338,19 @@ def consent(
     }
 
 
-def audit_event(log: AccessLog, *, id: str | None = None) -> Json:
+def audit_event(log: AnyAccessLog, *, id: str | None = None) -> Json:
     """The access log as a FHIR R4 AuditEvent: who searched whose stream, and what came of it."""
     details = [
         ("stream", log.stream),
         ("window", f"{iso(log.from_ms)}/{iso(log.to_ms)}"),
         ("readings", str(log.readings)),
     ]
+    if isinstance(log, AccessLogV2):
+        # verified: the reader's own signature on the request is in the log; forged: it
+        # does not verify (an L1 log carries none: the node's word alone)
+        details.append(("request", request_status(log)))
+        if log.count > 1:
+            details.append(("count", str(log.count)))
     if log.grant:
         details.append(("grant", log.grant.hex()))
     event: Json = {
@@ -382,8 +390,11 @@ def audit_event(log: AccessLog, *, id: str | None = None) -> Json:
     return event
 
 
-def access_log_doc(log: AccessLog) -> Json:
-    """The access log as plain JSON (``patient audit --format json``, the patient view)."""
+def access_log_doc(log: AnyAccessLog) -> Json:
+    """The access log as plain JSON (``patient audit --format json``, the patient view);
+    ``request`` says whether the reader's signed request in it verifies
+    (:func:`meshhealth.sharing.audit.request_status`), ``count`` how many refusals a
+    summary stands for."""
     return {
         "ts_ms": log.ts_ms,
         "reader": log.reader.hex(),
@@ -395,10 +406,12 @@ def access_log_doc(log: AccessLog) -> Json:
         "grant": log.grant.hex() or None,
         "readings": log.readings,
         "node": log.node.hex(),
+        "request": request_status(log),
+        "count": getattr(log, "count", 1),
     }
 
 
-def audit_bundle(logs: Iterable[AccessLog], *, now_ms: int | None = None) -> Json:
+def audit_bundle(logs: Iterable[AnyAccessLog], *, now_ms: int | None = None) -> Json:
     """A FHIR ``collection`` Bundle of one AuditEvent per access log, in input order."""
     return _bundle((audit_event(log) for log in logs), now_ms)
 

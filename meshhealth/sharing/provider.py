@@ -52,7 +52,6 @@ from meshhealth.sharing.export import Pseudonyms, Row
 from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.keychain import ChainCursor, KeyChain, decode_samples, decrypt
 from meshhealth.wire import (
-    AccessLog,
     BlockHeader,
     EnrollDevice,
     Grant,
@@ -63,7 +62,7 @@ from meshhealth.wire import (
     decode_entry,
 )
 from meshhealth.wire.codec import unpack
-from meshhealth.wire.types import MAX_SPAN_MS
+from meshhealth.wire.types import ACCESS_LOGS, MAX_SPAN_MS, AnyAccessLog
 
 MAX_ANSWER = 64 * 1024 * 1024
 PARALLEL_FROM = 2_000  # fewer readings than this are checked in-process
@@ -452,12 +451,10 @@ def _unpack_answer(body: bytes) -> tuple[int | None, list[bytes], list[Any]]:
 
 def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """Worker processes for signature checks and decryption, started now."""
-    import multiprocessing
+    from meshhealth.workers import forkserver_pool  # they die with us, even by kill -9
 
     n = workers or os.cpu_count() or 1
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["meshhealth.sharing.provider"])
-    pool = ProcessPoolExecutor(n, mp_context=ctx)
+    pool = forkserver_pool(n, ["meshhealth.sharing.provider"])
     list(pool.map(abs, range(n)))  # start every worker now, not on the first fetch
     return pool
 
@@ -564,10 +561,12 @@ def own_access(patient: bytes, chains: Iterable[KeyChain]) -> Access:
 
 async def audit_trail(
     client: NodeClient, *, from_ms: int | None = None, to_ms: int | None = None
-) -> tuple[str, list[AccessLog]]:
+) -> tuple[str, list[AnyAccessLog]]:
     """The client's own audit trail (it must be the patient) from the first node that
     serves it: (that node's URL, every access log in time order, each checked to be about
-    this patient and signed by the node it names)."""
+    this patient and signed by the node it names).  Whether each log's signed request
+    verifies is for the caller to show (:func:`meshhealth.sharing.audit.request_status`):
+    one forged log must not hide the rest of the trail."""
     me = client.me.public
     path = f"/v1/patients/{me.hex()}/audit"
     query = [f"{k}={v}" for k, v in (("from", from_ms), ("to", to_ms)) if v is not None]
@@ -581,7 +580,7 @@ async def audit_trail(
         logs = []
         for raw, node, _height, _index in items:
             log = decode_entry(raw)
-            if not isinstance(log, AccessLog) or log.patient != me or log.node != node:
+            if not isinstance(log, ACCESS_LOGS) or log.patient != me or log.node != node:
                 raise VerificationError("the audit trail holds an entry that is not ours")
             logs.append(log.verify())
     except (ValueError, TypeError) as exc:

@@ -13,11 +13,13 @@ from meshhealth.wire import EquivocationProof, decode_entry
 from meshhealth.wire.types import CONTROL_CLASSES
 
 
-def replay_control(store: Store) -> tuple[AccessState, dict[bytes, int]]:
+def replay_control(
+    store: Store, *, registrars: Collection[bytes] = ()
+) -> tuple[AccessState, dict[bytes, int]]:
     """Every control transaction and equivocation proof the replica holds, replayed: the
     access state, and the authorities proven to have equivocated (node -> lowest height
-    proven)."""
-    access = AccessState()
+    proven).  ``registrars``: whose patient registrations count (the authorities)."""
+    access = AccessState(registrars=frozenset(registrars))
     faulty: dict[bytes, int] = {}
     for raw in store.control_entries():
         e = decode_entry(raw)

@@ -30,9 +30,10 @@ and retries instead of failing.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -392,3 +393,115 @@ class Store:
             "used_bytes": self.disk_bytes(),
             "readings": self.reading_count(),
         }
+
+    # --- checking and rebuilding the derived databases (meshhealth.store.derived) --
+
+    def iter_all_raw(self) -> Iterator[tuple[bytes, bytes, bytes | None]]:
+        """(node(32) + height(8), header bytes, body bytes) of every stored block, in key
+        order (chain by chain, by height): the chains, whatever ``heads`` says."""
+        with self.env.begin() as txn:
+            bodies = txn.cursor(db=self.db["bodies"])
+            for k, v in txn.cursor(db=self.db["headers"]):
+                b = bodies.get(k)
+                yield bytes(k), bytes(v), (bytes(b) if b is not None else None)
+
+    def bodies_without_header(self) -> list[bytes]:
+        with self.env.begin() as txn:
+            headers = self.db["headers"]
+            return [
+                bytes(k)
+                for k in txn.cursor(db=self.db["bodies"]).iternext(values=False)
+                if txn.get(k, db=headers) is None
+            ]
+
+    def raw_items(self, db: str) -> dict[bytes, bytes]:
+        """Every record of one database, as stored."""
+        return dict(self.iter_items(db))
+
+    def iter_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db[db]):
+                yield bytes(k), bytes(v)
+
+    def raw_get(self, db: str, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            v = txn.get(key, db=self.db[db])
+        return None if v is None else bytes(v)
+
+    def count(self, db: str) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.db[db])["entries"])
+
+    def replace_derived(
+        self,
+        *,
+        heads: dict[bytes, bytes],
+        readings: Callable[[], Iterable[tuple[tuple[bytes, str, int, bytes, int], list[int]]]],
+        seqmarks: dict[bytes, bytes],
+        acl: dict[bytes, bytes],
+        audit: dict[bytes, bytes],
+        links: dict[bytes, bytes],
+        reading_count: int,
+    ) -> int:
+        """Empty every derived database and write these records, in one transaction
+        (``meshhealth store reindex``, with the node stopped); the names the readings
+        index interns are minted afresh, in the order of ``readings()`` (called again if the
+        map grows and the transaction is retried; it may read the blocks, which this
+        does not change).
+        Returns the readings index records written."""
+
+        def write(txn: Any) -> int:
+            n = 0
+            for name in ("heads", "readings", "names", "seqmarks", "acl", "audit", "links"):
+                txn.drop(self.db[name], delete=False)
+            self._names.clear()
+            for db, records in (
+                ("heads", heads),
+                ("seqmarks", seqmarks),
+                ("acl", acl),
+                ("audit", audit),
+                ("links", links),
+            ):
+                for k, v in records.items():
+                    txn.put(k, v, db=self.db[db])
+            for (patient, stream, hour, node, height), idx in readings():
+                bkey = (
+                    self._name_id(txn, b"p", patient, 4)
+                    + self._name_id(txn, b"s", stream.encode(), 1)
+                    + struct.pack(">I", hour)
+                    + self._name_id(txn, b"n", node, 2)
+                    + struct.pack(">I", height)
+                )
+                txn.put(bkey, pack(idx), db=self.db["readings"])
+                n += 1
+            txn.put(b"readings", reading_count.to_bytes(8, "big"), db=self.db["meta"])
+            return n
+
+        return int(self._write(write))
+
+
+def open_by(path: Path) -> int | None:
+    """The pid of a process that has the LMDB store at ``path`` open, or None.
+
+    Every process that opens an environment holds a shared POSIX record lock on
+    the first byte of ``lock.mdb`` until it closes it (LMDB's ``mdb_env_excl_lock``);
+    the kernel drops it when the process dies, even by ``kill -9``.  Asking for
+    the exclusive lock (``F_GETLK``, which takes nothing) tells whether anyone
+    holds it, and who.  Call it before this process opens the store itself:
+    POSIX locks are per process, so our own would not show.
+    """
+    import fcntl
+
+    lockfile = path / "lock.mdb"
+    if not lockfile.exists():
+        return None
+    try:
+        fd = os.open(lockfile, os.O_RDONLY)  # F_GETLK asks; it needs no write access
+    except OSError as exc:
+        raise StorageError(f"cannot read {lockfile}: {exc}") from exc
+    try:
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    finally:
+        os.close(fd)
+    return None if got[0] == fcntl.F_UNLCK else int(got[4])

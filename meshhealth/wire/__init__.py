@@ -2,6 +2,7 @@
 
 from meshhealth.wire.types import (
     AccessLog,
+    AccessLogV2,
     BlockHeader,
     Control,
     EnrollDevice,
@@ -14,6 +15,7 @@ from meshhealth.wire.types import (
     Receipt,
     ReceiptV2,
     Rechain,
+    RegisterPatient,
     RemoveDevice,
     Revoke,
     SealedKey,
@@ -25,6 +27,7 @@ from meshhealth.wire.types import (
 
 __all__ = [
     "AccessLog",
+    "AccessLogV2",
     "BlockHeader",
     "Control",
     "EnrollDevice",
@@ -37,6 +40,7 @@ __all__ = [
     "Receipt",
     "ReceiptV2",
     "Rechain",
+    "RegisterPatient",
     "RemoveDevice",
     "Revoke",
     "SealedKey",

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Self, TypeVar
 import nacl.exceptions
 import nacl.signing
 
+from meshhealth.crypto.hashing import h
 from meshhealth.errors import InvalidSignature, MalformedMessage
 from meshhealth.wire.codec import (
     MAX_U32,
@@ -678,16 +679,133 @@ class AccessLog(Signed):
             raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
 
 
-Control = EnrollDevice | Grant | Revoke | Erase | Rechain | RemoveDevice
-CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain, RemoveDevice)
+MAX_REQUEST_PATH = 1024  # a logged read's path and query (the API refuses longer ones)
+
+
+def path_str(v: Any) -> str:
+    if type(v) is not str or not 0 < len(v.encode()) <= MAX_REQUEST_PATH or not v.isprintable():
+        raise MalformedMessage(f"expected a printable path of at most {MAX_REQUEST_PATH} bytes")
+    return v
+
+
+def method_str(v: Any) -> str:
+    if type(v) is not str or v not in ("GET", "POST"):
+        raise MalformedMessage("expected an HTTP method")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogV2(Signed):
+    """Node-signed, with the reader's own signed request inside (replaces ``L1``).
+
+    As :class:`AccessLog`, plus the request the reader signed
+    (:mod:`meshhealth.net.signed_request`): ``method``, ``path`` (with its
+    query), the body's digest, the reader's time and nonce, and the
+    reader's signature over them for this node (the audience is ``node``).
+    Anyone holding the log can check that ``reader`` really asked this node
+    for this; a node cannot invent a read, only misreport its answer.
+
+    ``count`` > 1 is a summary: that many refusals (or answers with no
+    reading, or reads past the logging budget of an unregistered patient, then
+    ``readings`` is their total) of this reader, patient and reason in one
+    period, carrying the first of them as evidence
+    (:class:`meshhealth.net.limits.RefusalLog`).
+    """
+
+    TAG: ClassVar[str] = "L2"
+    MAX_LEN: ClassVar[int] = 2048
+    SIGNER: ClassVar[str] = "node"
+    FIELDS: ClassVar[Fields] = (
+        ("network", KEY),
+        ("node", KEY),
+        ("reader", KEY),
+        ("patient", KEY),
+        ("stream", name_str),
+        ("from_ms", u_int()),
+        ("to_ms", u_int()),
+        ("ts_ms", u_int()),
+        ("outcome", name_str),
+        ("reason", b_max(64)),
+        ("grant", b_max(32)),
+        ("readings", u_int(0, MAX_U32)),
+        ("count", u_int(1, MAX_U32)),
+        ("method", method_str),
+        ("path", path_str),
+        ("body_hash", KEY),
+        ("req_ts_ms", u_int()),
+        ("req_nonce", b_exact(16)),
+        ("req_sig", SIG),
+    )
+
+    network: bytes
+    node: bytes
+    reader: bytes
+    patient: bytes
+    stream: str
+    from_ms: int
+    to_ms: int
+    ts_ms: int
+    outcome: str
+    reason: bytes
+    grant: bytes
+    readings: int
+    count: int
+    method: str
+    path: str
+    body_hash: bytes
+    req_ts_ms: int
+    req_nonce: bytes
+    req_sig: bytes
+    sig: bytes
+
+    def __post_init__(self) -> None:
+        if self.outcome not in ("read", "denied"):
+            raise MalformedMessage("an access log's outcome is read or denied")
+        if len(self.grant) not in (0, 32):
+            raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
+
+    @property
+    def request(self) -> bytes:
+        """The request's digest (the audit index keys on it, as on L1's ``request``)."""
+        return h(self.req_sig)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterPatient(Signed):
+    """Authority-signed: ``patient`` is a patient of this network (registered by
+    ``authority``).  A registered patient's transactions are admitted under their
+    own quota; an unregistered key shares the strangers' budget."""
+
+    TAG: ClassVar[str] = "P1"
+    MAX_LEN: ClassVar[int] = 512
+    SIGNER: ClassVar[str] = "authority"
+    FIELDS: ClassVar[Fields] = (
+        ("network", KEY),
+        ("authority", KEY),
+        ("patient", KEY),
+        ("ts_ms", u_int()),
+    )
+
+    network: bytes
+    authority: bytes
+    patient: bytes
+    ts_ms: int
+    sig: bytes
+
+
+Control = EnrollDevice | Grant | Revoke | Erase | Rechain | RemoveDevice | RegisterPatient
+CONTROL_CLASSES = (EnrollDevice, Grant, Revoke, Erase, Rechain, RemoveDevice, RegisterPatient)
 CONTROL_TYPES: dict[str, Any] = {c.TAG: c for c in CONTROL_CLASSES}
 CONTROL_TYPES[EnrollDevice.TAG_IMPORT] = EnrollDevice
 MAX_CONTROL = max(c.MAX_LEN for c in CONTROL_TYPES.values())
-Entry = Reading | Control | EquivocationProof | AccessLog
+ACCESS_LOGS = (AccessLog, AccessLogV2)
+AnyAccessLog = AccessLog | AccessLogV2
+Entry = Reading | Control | EquivocationProof | AccessLog | AccessLogV2
 ENTRY_TYPES: dict[str, Any] = {
     "R1": Reading,
     "Q1": EquivocationProof,
     "L1": AccessLog,
+    "L2": AccessLogV2,
     **CONTROL_TYPES,
 }
 

@@ -58,7 +58,13 @@
       V.td(tr, readerName(e.reader), "mono", e.reader + (e.grant ? " · grant " + e.grant : ""));
       V.td(tr, e.stream);
       V.td(tr, V.when(e.from_ms) + " – " + V.when(e.to_ms));
-      V.td(tr, e.outcome === "read" ? "read" : "denied: " + e.reason, "vw-outcome");
+      tr.dataset.request = e.request;
+      let outcome = e.outcome === "read" ? "read" : "denied: " + e.reason;
+      if (e.count > 1) outcome += " ×" + e.count;
+      // forged: the log does not carry this reader's own signature on the request
+      if (e.request === "forged") outcome += " (FORGED: the reader's signature does not verify)";
+      else if (e.request === "unsigned") outcome += " (unsigned: old log)";
+      V.td(tr, outcome, "vw-outcome");
       V.td(tr, e.readings);
       V.td(tr, e.node_name + " · " + V.short(e.node), "mono", e.node);
     });
