@@ -35,7 +35,7 @@ from meshhealth.net.signed_request import HEADERS, sign_request
 
 pytestmark = pytest.mark.integration
 UNDESCRIBED = {"POST /v1/tx", "GET /v1/gossip"}
-EXAMPLES = 8  # per operation and phase, twice (unsigned, signed): well under a minute
+EXAMPLES = 15  # per operation and phase, twice (unsigned, signed): well under a minute
 
 
 @schemathesis.serializer("application/msgpack")

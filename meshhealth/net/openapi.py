@@ -633,7 +633,7 @@ def _paths() -> dict[str, Doc]:
                     _ms_query("to", "End of the range (inclusive).", required=True),
                     _query(
                         "after",
-                        {"type": "integer", "minimum": 0, "default": 0},
+                        {"type": "integer", "minimum": 0, "maximum": MAX_MS, "default": 0},
                         "Page cursor: the `next` of the previous answer.",
                     ),
                 ],
