@@ -124,6 +124,10 @@ class Agent:
             return
         states = {d.id: d.state() for d, _, _ in items} | (extra or {})
         await asyncio.to_thread(self.outbox.put_many, [(d.id, s, r) for d, s, r in items], states)
+        if any(d.forgot_retired for d, _, _ in items):  # the states above no longer hold it
+            for d, _, _ in items:
+                d.forgot_retired = False
+            await asyncio.to_thread(self.outbox.compact)
         self._wake.set()
 
     async def wait_drained(self, timeout: float) -> bool:

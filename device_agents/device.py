@@ -33,6 +33,9 @@ class Device:
     next_seq: int = 1
     # a stream's chain before its latest rechain: samples older than the new chain's start
     previous: dict[str, ChainCursor] = field(default_factory=dict)
+    # set when a retired chain's key is forgotten: the agent then compacts the outbox, whose
+    # freed pages still hold the states written with it
+    forgot_retired: bool = False
 
     @property
     def id(self) -> bytes:
@@ -70,6 +73,10 @@ class Device:
         cur = self.cursors[stream]
         old = self.previous.get(stream)
         start = cur.epoch * cur.epoch_ms
+        if old is not None and samples and samples[0][0] >= start:
+            del self.previous[stream]  # switched for good: forget the retired chain's key
+            self.forgot_retired = True
+            old = None
         if old is not None and samples and samples[0][0] < start:  # from before the rechain
             before = [s for s in samples if s[0] < start]
             return self._encrypt(stream, old, before, max_samples) + self._encrypt(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,25 +33,49 @@ class Outbox:
     def __init__(self, path: Path, *, map_size_mb: int = 256) -> None:
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
+        self.path = path
         self.env = lmdb.open(str(path), map_size=map_size_mb << 20, max_dbs=1)
         self._counts: dict[bytes, int] = {}
+        self._lock = threading.RLock()  # compact() swaps the environment under it
+
+    def compact(self) -> None:
+        """Rewrite the outbox from its live records into a fresh file swapped in for the
+        old one: LMDB keeps the bytes of the pages it frees, so a device state written
+        before (a retired key chain's cursor, which opens that chain's later epochs)
+        stays in the file until this runs.  Called once a device forgets a retired chain."""
+        with self._lock:
+            tmp = self.path / "data.mdb.compact"
+            tmp.unlink(missing_ok=True)
+            map_size = self.env.info()["map_size"]
+            new = lmdb.open(str(tmp), map_size=map_size, subdir=False, lock=False)
+            try:
+                with self.env.begin() as src, new.begin(write=True) as dst:
+                    dst.cursor().putmulti(iter(src.cursor()), append=True)
+                new.sync(True)
+            finally:
+                new.close()
+            self.env.close()
+            (self.path / "lock.mdb").unlink(missing_ok=True)  # it names the old file's txns
+            os.replace(tmp, self.path / "data.mdb")
+            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=1)
 
     def close(self) -> None:
         self.env.close()
 
     def _write(self, fn: Any) -> Any:
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        with self._lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return fn(txn)
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
     def save_state(self, device: bytes, state: list[Any]) -> None:
         self._write(lambda txn: txn.put(b"d" + device, pack(state)))
 
     def states(self) -> dict[bytes, list[Any]]:
-        with self.env.begin() as txn:
+        with self._lock, self.env.begin() as txn:
             cur = txn.cursor()
             out = {}
             if cur.set_range(b"d"):
@@ -101,7 +126,7 @@ class Outbox:
 
     def receipts(self, device: bytes) -> dict[bytes, bytes]:
         """Authority -> the latest receipt of it that deleted ``device``'s readings."""
-        with self.env.begin() as txn:
+        with self._lock, self.env.begin() as txn:
             cur = txn.cursor()
             prefix = b"a" + device
             out = {}
@@ -116,7 +141,7 @@ class Outbox:
         self, device: bytes, after: int = 0, limit: int = 1 << 30
     ) -> Iterator[tuple[int, bytes]]:
         """(seq, reading) of ``device`` above ``after``, in seq order."""
-        with self.env.begin() as txn:
+        with self._lock, self.env.begin() as txn:
             cur = txn.cursor()
             prefix = b"r" + device
             n = 0
@@ -128,7 +153,7 @@ class Outbox:
                     yield struct.unpack(">Q", k[33:])[0], bytes(v)
 
     def count(self, device: bytes | None = None) -> int:
-        with self.env.begin() as txn:
+        with self._lock, self.env.begin() as txn:
             cur = txn.cursor()
             prefix = b"r" + (device or b"")
             n = 0

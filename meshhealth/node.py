@@ -66,6 +66,8 @@ class Node:
         access, faulty = replay_control(self.store, registrars=self.authorities)
         for patient, upto in access.erased.items():  # finish erasures a crash cut short
             self.store.prune_patient(patient, upto)
+        if self.store.compact_due():  # and the compaction that blanks their freed pages
+            self.store.compact()
         head = self.store.head(self.identity.public)
         ing = cfg.ingest
         self.batcher = Batcher(

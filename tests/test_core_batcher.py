@@ -367,3 +367,19 @@ def test_batcher_accepts_device_made_readings_after_real_encryption() -> None:
     assert rebuild(res) == r
     st_.admit(rebuild(res))
     assert st_.b.pending == 2
+
+
+def test_readings_batched_before_an_erasure_arrived_are_sealed_pruned(s: Setup) -> None:
+    """A reading waits in the batch; its patient's erasure reaches the node in a peer's
+    block meanwhile (applied to the ACL directly, not through this batch): the node seals
+    the reading (its root covers it) but stores only its leaf hash."""
+    from meshhealth.wire import Erase
+
+    early = signed_reading(s.dev, s.world, seq=1, t_ms=T0)
+    late = signed_reading(s.dev, s.world, seq=2, t_ms=T0 + 5_000)
+    s.admit(early)
+    s.admit(late)
+    assert s.b.access.apply(Erase.create(s.world.patient.signing, ts_ms=T0 + 1_000))
+    c = s.b.seal(s.now)
+    indexes = {r.index: r.t_ms for r in c.readings}
+    assert c.prune == {i for i, t in indexes.items() if t <= T0 + 1_000} and len(c.prune) == 1

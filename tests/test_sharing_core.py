@@ -714,6 +714,52 @@ def test_prune_patient_erases_exactly_up_to_its_time(built: Built) -> None:
     assert store.audit_trail(bt.p1.public, T0 + 59 * M) == []
 
 
+def files_holding(root: Path, needles: list[bytes]) -> set[bytes]:
+    """Which of ``needles`` occur anywhere in any file under ``root``."""
+    blobs = [f.read_bytes() for f in root.rglob("*") if f.is_file()]
+    return {n for n in needles if any(n in b for b in blobs)}
+
+
+def test_compaction_after_prune_leaves_no_erased_byte_in_any_file(built: Built) -> None:
+    bt, store = built, built.store
+    nonce_ct = {k: r.ciphertext for k, r in bt.readings.items()}  # msgpack splits nonce, ct
+    gone = [nonce_ct[k] for k, r in bt.of(bt.p1).items() if r.t_ms <= UPTO]
+    kept = [nonce_ct[k] for k in bt.of(bt.p2)]
+    assert store.prune_patient(bt.p1.public, UPTO) == len(gone)
+    store.env.sync(True)
+    assert files_holding(store.path, gone) == set(gone)  # LMDB freed the pages, kept the bytes
+    assert store.compact_due()
+    store.compact()
+    assert not store.compact_due() and store.statistics()["compactions"] == 1
+    assert files_holding(store.path, gone) == set()
+    assert files_holding(store.path, kept) == set(kept)  # the control: the rest is all there
+    assert sorted(p.name for p in store.path.iterdir()) == ["data.mdb", "lock.mdb"]
+    rep = verify(bt)  # the reopened store serves, and the chain still verifies
+    assert rep.pruned == len(gone) and rep.blocks == 6
+    assert indexed(store, bt.p2, "hr") == set(bt.of(bt.p2, "hr"))
+    assert store.prune_patient(bt.p1.public, UPTO) == 0 and not store.compact_due()
+    store.set_meta("after", b"1")  # and takes writes
+    assert store.meta("after") == b"1"
+
+
+def test_a_compaction_a_crash_cut_short_is_done_on_the_next_start(built: Built) -> None:
+    bt, store = built, built.store
+    gone = [r.ciphertext for r in bt.of(bt.p1).values() if r.t_ms <= UPTO]
+    assert store.prune_patient(bt.p1.public, UPTO) == len(gone)
+    path = store.path
+    store.close()  # the crash: pruned, not yet compacted, a half-written copy left behind
+    (path / "data.mdb.compact").write_bytes(b"half a copy")
+    again = Store(path)
+    try:
+        assert not (path / "data.mdb.compact").exists()
+        assert again.compact_due()  # what Node start-up checks, then compacts
+        again.compact()
+        assert files_holding(path, gone) == set() and not again.compact_due()
+    finally:
+        again.close()
+    bt.store = Store(path)  # the fixture closes this one
+
+
 def answer_readings(bt: Built, data: bytes) -> tuple[int | None, list[Reading]]:
     """Check an RS1 answer as a reader would; its next page and readings."""
     tag, nxt, enrolments, blocks = unpack(data, max_len=1 << 26)

@@ -453,7 +453,9 @@ def test_the_pages_and_their_scripts_are_served_locked_down(viewer_net) -> None:
         assert headers["Cache-Control"] == "no-store"
         for name in ("chart.js", "common.css", "viewer.css", "viewer.js", page):
             assert get(f"{base}static/{name}")[0] == 200, name
-        assert get(f"{base}static/../../cli/main.py")[0] == 404
+        # outside every route (the secret's prefix included): refused, nothing looked up
+        assert get(f"{base}static/../../cli/main.py")[0] == 403
+        assert get(f"{base}static/..%2F..%2Fcli%2Fmain.py")[0] == 404  # a name, not a path
 
 
 # --- the patient's view --------------------------------------------------------------

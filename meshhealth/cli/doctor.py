@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -26,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from meshhealth.cli import passphrase
 from meshhealth.config import Genesis, NodeConfig
 from meshhealth.crypto.keys import Identity, load_identity
 from meshhealth.errors import MeshHealthError
@@ -376,7 +376,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("doctor", help="check a node's configuration, keys, broker, peers and disk")
     s.add_argument("--config", default="node.toml")
-    s.add_argument("--passphrase", default=os.environ.get("MESHHEALTH_PASSPHRASE"))
+    passphrase.add_args(s)
     s.add_argument("--timeout", type=float, default=3.0, help="seconds per network check")
     s.add_argument("--json", action="store_true", help="the checks as a JSON list")
     s.set_defaults(fn=cmd_doctor)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshhealth.cli import passphrase
 from meshhealth.cli.logs import FORMATS, setup_logging
 from meshhealth.cli.netutil import stop_on_signals
 from meshhealth.config import Authority, Genesis, NodeConfig
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1883,
         help="port of the embedded broker (a free one is picked if this one is taken)",
     )
-    s.add_argument("--passphrase", help="seal the node key with this passphrase (Argon2id)")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=cmd_init)
 
     net = sub.add_parser("network", help="network (genesis) files").add_subparsers(
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--streams", default="hr,spo2,temp,bp,rr,steps")
     s.add_argument("--epoch-ms", type=int, default=3_600_000, help="key epoch (default 1 h)")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=lambda a: cmd_keygen(a, "patient"))
     s = pat.add_parser("enroll-device", help="let a device publish streams for this patient")
     s.add_argument("--key", required=True, help="the patient's key file")
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also take in its readings from this time on (Unix ms or ISO 8601), to import "
         "older data; default: only readings from the enrolment on",
     )
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=_sync(_enroll))
     from meshhealth.cli import patient_cmds
 
@@ -349,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = nd.add_parser("run", help="run a node until SIGINT/SIGTERM")
     s.add_argument("--config", default="node.toml")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=_sync(_node_run))
 
     dev = sub.add_parser("device", help="device keys and simulated wearables").add_subparsers(
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = dev.add_parser("keygen", help="create a device key")
     s.add_argument("--out", required=True)
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=lambda a: cmd_keygen(a, "device"))
     s = dev.add_parser("simulate", help="N patients x M devices publishing over MQTT")
     s.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ca:
         os.environ[CA_ENV] = str(Path(args.ca).resolve())  # read by every client session
     try:
+        passphrase.resolve(args)
         return int(args.fn(args) or 0)
     except MeshHealthError as exc:
         return fail(exc, args.log_format)

@@ -13,13 +13,20 @@ import json
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from meshhealth.cli import passphrase
 from meshhealth.crypto.hashing import h
-from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
-from meshhealth.errors import AccessDenied, ConfigError, NetworkError
+from meshhealth.crypto.keys import (
+    Identity,
+    KeyFile,
+    load_identity,
+    parse_public,
+    read_key_file,
+    save_identity,
+)
+from meshhealth.errors import AccessDenied, ConfigError, KeyFileError, NetworkError
 from meshhealth.net.client import client_session, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain, epoch_of
@@ -40,26 +47,57 @@ DAY_MS = 86_400_000
 
 def load_patient(path: str, passphrase: str | None) -> tuple[Identity, dict[str, KeyChain]]:
     """The patient's identity and each stream's current key chain (the last in the file)."""
-    patient = load_identity(Path(path), passphrase=passphrase)
-    chains = {c.stream: c for c in all_chains(path)}
+    kf = open_key_file(path, passphrase)
+    chains = {c.stream: c for c in all_chains(path, passphrase)}
     if not chains:
         raise ConfigError(f"{path} holds no key chains: create it with `meshhealth patient new`")
-    return patient, chains
+    return kf.identity, chains
 
 
-def all_chains(path: str) -> list[KeyChain]:
+# a sealed file is unsealed (and its passphrase asked for) once per run, not per use
+_opened: dict[str, tuple[int, KeyFile]] = {}
+
+
+def open_key_file(path: str, passphrase: str | None) -> KeyFile:
+    try:
+        stamp = Path(path).stat().st_mtime_ns
+    except OSError:
+        stamp = -1  # read_key_file says what is wrong
+    got = _opened.get(path)
+    if got is None or got[0] != stamp:
+        got = (stamp, read_key_file(Path(path), passphrase=passphrase))
+        _opened[path] = got
+    return got[1]
+
+
+def all_chains(path: str, passphrase: str | None = None) -> list[KeyChain]:
     """Every key chain the key file holds, old ones too (they still open older readings)."""
-    doc = tomllib.loads(Path(path).read_text())
-    return [KeyChain.from_doc(c) for c in doc.get("keychains", [])]
+    kf = open_key_file(path, passphrase)
+    try:
+        return [KeyChain.from_doc(c) for c in kf.extra.get("keychains", [])]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise KeyFileError(f"key file {path}: a malformed key chain: {exc}") from exc
 
 
 def add_chains(path: str, patient: Identity, passphrase: str | None, new: list[KeyChain]) -> None:
     """Append new key chains to the patient's key file (the last per stream is current)."""
-    docs = [c.to_doc() for c in all_chains(path)] + [c.to_doc() for c in new]
+    write_chains(path, patient, passphrase, all_chains(path, passphrase) + new)
+
+
+def write_chains(
+    path: str, patient: Identity, passphrase: str | None, chains: list[KeyChain]
+) -> None:
+    """Rewrite the patient's key file with exactly these key chains, sealed whole under
+    the passphrase it was opened with (or the one given: an old or clear file is sealed
+    whole when rewritten with a passphrase)."""
+    kf = open_key_file(path, passphrase)
+    secret = kf.passphrase or passphrase
+    extra = kf.extra | {"keychains": [c.to_doc() for c in chains]}
     tmp = Path(path).with_name(Path(path).name + ".new")
     tmp.unlink(missing_ok=True)
-    save_identity(patient, tmp, passphrase=passphrase, extra={"keychains": docs})
+    save_identity(patient, tmp, passphrase=secret, extra=extra)
     os.replace(tmp, path)  # atomic: the old file or the new one, never half of one
+    _opened[path] = (Path(path).stat().st_mtime_ns, KeyFile(kf.identity, extra, secret))
 
 
 def parse_time(text: str) -> int:
@@ -270,14 +308,74 @@ async def remove_device(a: argparse.Namespace) -> int:
 
 
 async def erase(a: argparse.Namespace) -> int:
-    patient, _ = load_patient(a.key, a.passphrase)
+    """Erase everything up to now, and move every stream to a new key chain: the key
+    file then keeps no seed from which an erased epoch's key derives (see erased_chains)."""
+    patient, chains = load_patient(a.key, a.passphrase)
     if not a.yes:
         print("error: erasure cannot be undone; pass --yes to confirm", file=sys.stderr)
         return 2
-    tx = Erase.create(patient.signing, ts_ms=time.time_ns() // 1_000_000)
-    tid = await _submit(a.node, tx.encode())
-    print(f"erasure of patient {patient.public.hex()[:8]} submitted: tx {tid}")
+    now = time.time_ns() // 1_000_000
+    tx = Erase.create(patient.signing, ts_ms=now)
+    async with client_session(10) as session:
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        doc = json.loads(await signed_get(session, a.node, patient, path))
+        keep = [
+            (bytes.fromhex(g["id"]), Grant.decode(bytes.fromhex(g["tx"])).verify())
+            for g in doc["grants"]
+            if not g["revoked"] and g["open"]
+        ]
+        path = f"/v1/patients/{patient.public.hex()}/enrollments"
+        raw = await signed_get(session, a.node, patient, path)
+        devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
+        switch = now + int(a.switch_after * 1000)
+        moves = [
+            make_rechain(patient, chain, devices[s], keep, now_ms=now, switch_ms=switch)
+            for s, chain in chains.items()
+            if devices.get(s)
+        ]
+        # a stream no device publishes needs no transaction: only a new seed in the file
+        quiet = [
+            KeyChain.new(s, epoch_of(switch, c.epoch_ms), c.epoch_ms)
+            for s, c in chains.items()
+            if not devices.get(s)
+        ]
+        # the new seeds go to the key file before anything can be sealed under them
+        add_chains(a.key, patient, a.passphrase, [chain for _, chain in moves] + quiet)
+        tid = await post_tx(session, a.node, tx.encode())
+        print(f"erasure of patient {patient.public.hex()[:8]} submitted: tx {tid}")
+        for rc, chain in moves:
+            await post_tx(session, a.node, rc.encode())
+            print(
+                f"stream {rc.stream}: new key chain {chain.chain_id.hex()} from {_iso(switch)}, "
+                f"sealed to {len(rc.devices)} device(s) and {len(rc.grants)} open grant(s)"
+            )
+    fresh = frozenset(c.chain_id for c in [chain for _, chain in moves] + quiet)
+    kept = erased_chains(all_chains(a.key, a.passphrase), now, fresh)
+    write_chains(a.key, patient, a.passphrase, kept)
+    print(f"key file {a.key}: {len(kept)} key chain(s) kept, none reaching erased data")
     return 0
+
+
+def erased_chains(
+    chains: list[KeyChain], upto_ms: int, fresh: frozenset[bytes] = frozenset()
+) -> list[KeyChain]:
+    """The key chains after an erasure up to ``upto_ms``: each (but the ``fresh`` ones the
+    erasure made, which opened nothing erased) cut to start at the first epoch wholly
+    after it, so no kept seed derives an erased epoch's key; a chain whose readings all
+    fall before that (a successor starts earlier: nodes refuse a retired chain's readings
+    after its successor's switch) goes entirely.  Readings of the epoch the erasure cuts
+    through from after it can no longer be opened from the key file: at most one epoch."""
+    out: list[KeyChain] = []
+    for i, c in enumerate(chains):
+        first = epoch_of(upto_ms, c.epoch_ms) + 1
+        later = [n.start_epoch for n in chains[i + 1 :] if n.stream == c.stream]
+        if c.chain_id in fresh or c.start_epoch >= first:
+            out.append(c)
+        elif not later or min(later) >= first:
+            out.append(
+                KeyChain(c.stream, c.chain_id, c.key(first), first, c.epoch_ms)
+            )  # K(first) opens epochs from first on, nothing before
+    return out
 
 
 async def grants(a: argparse.Namespace) -> int:
@@ -310,8 +408,9 @@ async def serve(a: argparse.Namespace) -> int:
 
     patient, _ = load_patient(a.key, a.passphrase)  # says so if the file holds no key chain
     genesis = Path(a.genesis) if a.genesis else None
-    reader = Reader(patient, a.node, genesis=genesis, workers=a.workers)
-    return await listen(patient_view.app(reader, all_chains(a.key)), a.host, a.port, "patient")
+    reader = Reader(patient, a.node, genesis=genesis, workers=a.workers, limits=limits_of(a))
+    chains = all_chains(a.key, a.passphrase)
+    return await listen(patient_view.app(reader, chains), a.host, a.port, "patient")
 
 
 def _iso(ms: int) -> str:
@@ -324,7 +423,38 @@ def add_serve_args(s: Any) -> None:
         "--host", default="127.0.0.1", help="loopback address to listen on (127.0.0.1, ::1)"
     )
     s.add_argument("--port", type=int, default=0, help="listen port (default 0: a free one)")
+    s.add_argument(
+        "--max-window-days",
+        type=float,
+        default=7.0,
+        help="the longest window one request may ask for (default 7)",
+    )
+    s.add_argument(
+        "--max-fetch-mb",
+        type=float,
+        default=32.0,
+        help="node answer bytes one request may take in (default 32 MiB)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one request may take (default 60)",
+    )
     add_reader_args(s)
+
+
+def limits_of(a: argparse.Namespace) -> Any:
+    """The viewer's bounds from ``serve``'s flags."""
+    from meshhealth.viewer.server import DAY_MS, Limits
+
+    if a.max_window_days <= 0 or a.max_fetch_mb <= 0 or a.request_timeout <= 0:
+        raise ConfigError("--max-window-days, --max-fetch-mb and --request-timeout must be > 0")
+    return Limits(
+        window_ms=int(a.max_window_days * DAY_MS),
+        max_bytes=int(a.max_fetch_mb * (1 << 20)),
+        timeout_s=a.request_timeout,
+    )
 
 
 def add_reader_args(s: Any) -> None:
@@ -338,7 +468,7 @@ def add_reader_args(s: Any) -> None:
         help=f"verifier processes (default: one per core; 0: none; used from {PARALLEL_FROM} "
         "readings on)",
     )
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
 
 
 def add_parsers(pat: Any, sync: Any) -> None:
@@ -354,7 +484,7 @@ def add_parsers(pat: Any, sync: Any) -> None:
     w.add_argument("--open", action="store_true", help="no end: until revoked")
     s.add_argument("--pseudonymous", action="store_true", help="exports carry a pseudonym")
     s.add_argument("--node", action="append", required=True, help="node API URL (repeatable)")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=sync(grant))
     s = pat.add_parser("revoke", help="end a grant")
     s.add_argument("--key", required=True)
@@ -372,7 +502,7 @@ def add_parsers(pat: Any, sync: Any) -> None:
         help="seconds until the new key chains take over (devices need that long to pick "
         "them up; default 10)",
     )
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=sync(revoke))
     s = pat.add_parser(
         "remove-device",
@@ -398,18 +528,24 @@ def add_parsers(pat: Any, sync: Any) -> None:
         help="seconds until the new key chains take over (the other devices need that long "
         "to pick them up; default 10)",
     )
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=sync(remove_device))
     s = pat.add_parser("grants", help="list this patient's grants and whether each is active")
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=sync(grants))
     s = pat.add_parser("erase", help="delete every payload of this patient (irreversible)")
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)
     s.add_argument("--yes", action="store_true", help="confirm")
-    s.add_argument("--passphrase")
+    s.add_argument(
+        "--switch-after",
+        type=float,
+        default=10.0,
+        help="seconds until the new key chains take over (default 10)",
+    )
+    passphrase.add_args(s)
     s.set_defaults(fn=sync(erase))
     s = pat.add_parser(
         "serve", help="a local web page: who read my data, my grants, my streams (verified here)"

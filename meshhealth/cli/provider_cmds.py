@@ -20,15 +20,18 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from meshhealth.cli import passphrase
 from meshhealth.cli.patient_cmds import (
     _iso,
     add_reader_args,
     add_serve_args,
     all_chains,
+    limits_of,
+    open_key_file,
     parse_time,
 )
 from meshhealth.config import Genesis
-from meshhealth.crypto.keys import Identity, load_identity, parse_public, save_identity
+from meshhealth.crypto.keys import Identity, parse_public, save_identity
 from meshhealth.net.client import client_session
 from meshhealth.sharing import export
 from meshhealth.sharing.audit import request_status
@@ -64,7 +67,7 @@ def _output(path: str | None) -> Iterator[TextIO]:
 
 
 async def fetch(a: argparse.Namespace) -> int:
-    me = load_identity(Path(a.key), passphrase=a.passphrase)
+    me = open_key_file(a.key, a.passphrase).identity
     patient = parse_public(a.patient)
     start, end = parse_time(a.start), parse_time(a.end)
     async with client_session(TIMEOUT) as session:
@@ -72,7 +75,7 @@ async def fetch(a: argparse.Namespace) -> int:
             Genesis.load(Path(a.genesis)) if a.genesis else await network_genesis(session, a.node)
         )
         if me.public == patient:
-            access = own_access(patient, all_chains(a.key))
+            access = own_access(patient, all_chains(a.key, a.passphrase))
         else:
             try:
                 access = access_of(patient, await my_grants(session, a.node, me, patient))
@@ -137,7 +140,7 @@ async def audit(a: argparse.Namespace) -> int:
     """The patient's audit trail: every read of their data, and every refusal, as logged on
     chain by the node that answered (each log's node signature is checked here, and the
     reader's signed request in it: ``forged`` marks a log whose request does not verify)."""
-    me = load_identity(Path(a.key), passphrase=a.passphrase)
+    me = open_key_file(a.key, a.passphrase).identity
     async with client_session(TIMEOUT) as session:
         _, logs = await audit_trail(NodeClient(session, a.node, me))
     if a.format == "fhir":
@@ -172,9 +175,9 @@ async def serve(a: argparse.Namespace) -> int:
     from meshhealth.viewer.server import Reader
     from meshhealth.viewer.server import serve as listen
 
-    me = load_identity(Path(a.key), passphrase=a.passphrase)
+    me = open_key_file(a.key, a.passphrase).identity
     genesis = Path(a.genesis) if a.genesis else None
-    reader = Reader(me, a.node, genesis=genesis, workers=a.workers)
+    reader = Reader(me, a.node, genesis=genesis, workers=a.workers, limits=limits_of(a))
     return await listen(provider_view.app(reader), a.host, a.port, "viewer")
 
 
@@ -184,7 +187,7 @@ def add_parsers(sub: Any, pat: Any, sync: Any) -> None:
     )
     s = prov.add_parser("keygen", help="create a provider (or researcher) key")
     s.add_argument("--out", required=True)
-    s.add_argument("--passphrase")
+    passphrase.add_args(s, create=True)
     s.set_defaults(fn=cmd_keygen)
     s = prov.add_parser("fetch", help="a patient's stream: verify, decrypt, export")
     s.add_argument("--key", required=True, help="the provider's key file (or the patient's)")
@@ -206,5 +209,5 @@ def add_parsers(sub: Any, pat: Any, sync: Any) -> None:
     s.add_argument("--key", required=True)
     s.add_argument("--node", action="append", required=True)
     s.add_argument("--format", choices=("table", "json", "fhir"), default="table")
-    s.add_argument("--passphrase")
+    passphrase.add_args(s)
     s.set_defaults(fn=sync(audit))

@@ -5,13 +5,19 @@ its X25519 box key is derived from it (``to_curve25519``), so one 32-byte
 seed is all a party has to keep.
 
 A key file is a small TOML document written with mode 0600.  With a
-passphrase, the seed is sealed: Argon2id (``nacl.pwhash``) stretches the
-passphrase into a SecretBox key, and only the box is stored.
+passphrase, everything secret in it is sealed: Argon2id (``nacl.pwhash``)
+stretches the passphrase into a SecretBox key, and the box holds the seed and
+every other private field (a patient's key chains) as one TOML document; only
+the kind and the public key stay in clear.  The passphrase never comes from
+argv (``ps`` shows it): ``--passphrase-file``, ``$MESHHEALTH_PASSPHRASE`` or a
+prompt.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +86,21 @@ def _kdf(passphrase: str, salt: bytes, ops: int, mem: int) -> bytes:
     )
 
 
+PASSPHRASE_ENV = "MESHHEALTH_PASSPHRASE"
+MAX_SEALED_BYTES = 1 << 24  # a key file's sealed payload (its key chains grow with rechains)
+_CLEAR = ("kind", "public", "sealed")  # the fields a sealed key file keeps in clear
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """A key file opened: the identity, every other private field (a patient's key
+    chains), and the passphrase it was opened with (None: it was not sealed)."""
+
+    identity: Identity
+    extra: dict[str, Any]
+    passphrase: str | None
+
+
 def save_identity(
     ident: Identity,
     path: Path,
@@ -87,8 +108,11 @@ def save_identity(
     passphrase: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
+    """Write a key file (mode 0600, never over an existing one).  With a passphrase,
+    everything secret is sealed: the seed *and* ``extra`` (a patient's key chains) go
+    into one SecretBox under an Argon2id key; only the kind and public key stay clear."""
     doc: dict[str, Any] = {"kind": ident.kind, "public": ident.public.hex()}
-    seed = bytes(ident.signing)
+    private: dict[str, Any] = {"seed": bytes(ident.signing).hex(), **(extra or {})}
     if passphrase:
         salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
         ops = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
@@ -96,19 +120,36 @@ def save_identity(
         box = nacl.secret.SecretBox(_kdf(passphrase, salt, ops, mem))
         doc["sealed"] = {
             "kdf": "argon2id",
+            "payload": "toml",  # the box holds the private document, not just the seed
             "salt": salt.hex(),
             "opslimit": ops,
             "memlimit": mem,
-            "box": box.encrypt(seed).hex(),
+            "box": box.encrypt(tomli_w.dumps(private).encode()).hex(),
         }
     else:
-        doc["seed"] = seed.hex()
-    if extra:
-        doc.update(extra)
+        doc.update(private)
     write_private(path, tomli_w.dumps(doc))
 
 
-def load_identity(path: Path, *, passphrase: str | None = None) -> Identity:
+def ask_passphrase(path: Path) -> str:
+    """The passphrase of a sealed key file when none was given: $MESHHEALTH_PASSPHRASE,
+    else a prompt if stdin is a terminal (never from argv: ``ps`` shows argv)."""
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return env
+    if sys.stdin.isatty():
+        got = getpass.getpass(f"passphrase for {path}: ")
+        if got:
+            return got
+    raise KeyFileError(
+        f"{path} is sealed: give --passphrase-file FILE, set {PASSPHRASE_ENV}, "
+        "or run on a terminal to be asked"
+    )
+
+
+def read_key_file(path: Path, *, passphrase: str | None = None) -> KeyFile:
+    """Open a key file: clear, sealed seed with clear extras (the old format: it still
+    loads, and is sealed whole when rewritten with a passphrase), or sealed whole."""
     try:
         doc = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as exc:
@@ -116,29 +157,58 @@ def load_identity(path: Path, *, passphrase: str | None = None) -> Identity:
             f"key file {path} not found; create one with `meshhealth init` "
             "or `meshhealth patient new`"
         ) from exc
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise KeyFileError(f"key file {path} is unreadable: {exc}") from exc
     try:
+        extra = {k: v for k, v in doc.items() if k not in (*_CLEAR, "seed")}
         if "sealed" in doc:
-            if passphrase is None:
-                passphrase = os.environ.get("MESHHEALTH_PASSPHRASE")
-            if not passphrase:
-                raise KeyFileError(
-                    f"{path} is sealed: set MESHHEALTH_PASSPHRASE or pass --passphrase"
-                )
+            passphrase = passphrase or ask_passphrase(path)
             s = doc["sealed"]
+            if s.get("kdf") != "argon2id":
+                raise ValueError(f"unknown kdf {s.get('kdf')!r}")
+            box = bytes.fromhex(s["box"])
+            if len(box) > MAX_SEALED_BYTES:
+                raise ValueError("sealed payload too large")
             key = _kdf(passphrase, bytes.fromhex(s["salt"]), s["opslimit"], s["memlimit"])
-            seed = nacl.secret.SecretBox(key).decrypt(bytes.fromhex(s["box"]))
+            plain = nacl.secret.SecretBox(key).decrypt(box)
+            if s.get("payload") == "toml":
+                private = tomllib.loads(plain.decode())
+                seed = bytes.fromhex(private.pop("seed"))
+                extra |= private
+            else:
+                seed = plain
         else:
+            passphrase = None
             seed = bytes.fromhex(doc["seed"])
         ident = Identity(doc["kind"], nacl.signing.SigningKey(seed))
     except nacl.exceptions.CryptoError as exc:
         raise KeyFileError(f"wrong passphrase for {path}") from exc
-    except (KeyError, ValueError, TypeError) as exc:
+    except (
+        KeyError,
+        ValueError,
+        TypeError,
+        UnicodeDecodeError,
+        tomllib.TOMLDecodeError,
+    ) as exc:
         raise KeyFileError(f"key file {path} is malformed: {exc}") from exc
     if ident.public.hex() != doc.get("public"):
         raise KeyFileError(f"key file {path}: public key does not match the seed")
-    return ident
+    return KeyFile(ident, extra, passphrase)
+
+
+def load_identity(path: Path, *, passphrase: str | None = None) -> Identity:
+    return read_key_file(path, passphrase=passphrase).identity
+
+
+def read_passphrase_file(path: str) -> str:
+    """A passphrase from a file (its first line; a trailing newline is not part of it)."""
+    try:
+        text = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"passphrase file {path} is unreadable: {exc}") from exc
+    if not text or not text[0]:
+        raise KeyFileError(f"passphrase file {path} is empty")
+    return text[0]
 
 
 def parse_public(text: str) -> bytes:

@@ -214,7 +214,14 @@ class Batcher:
             links=tuple(self._links_due.values()),
         )
         self._links_due = {}
-        commit = Commit(block, tuple(self._readings), touched, tuple(self._txs), tuple(self._audit))
+        # readings batched before their patient's erasure reached us (from a peer's block
+        # while they waited here): sealed as received, stored as leaf hashes only
+        prune = frozenset(
+            r.index for r in self._readings if self.access.erased.get(r.patient, -1) >= r.t_ms
+        )
+        commit = Commit(
+            block, tuple(self._readings), touched, tuple(self._txs), tuple(self._audit), prune
+        )
         self.height, self.prev = block.header.height, block.hash
         self._entries, self._readings, self._txs, self._seqs = [], [], [], {}
         self._audit = []

@@ -41,6 +41,9 @@ Publish = Callable[[str, bytes], None]
 VERIFY_PART = 512  # entries per verifier call when checking peers' blocks
 
 
+COMPACT_EVERY_S = 30.0  # the least time between two compactions after erasures
+
+
 @dataclass
 class _VerifyJob:
     """Part ``index`` of one block's entries; the block's future completes with its last part."""
@@ -111,6 +114,7 @@ class Pipeline:
         self.sealed_readings = 0  # readings in our own blocks since start (metrics)
         self.commit_seconds = 0.0
         self.pruned = 0  # readings erased from this store since start
+        self._next_compact = 0.0  # monotonic time the next compaction may start
         self._pool: Executor | None = None
         # held while a block (ours or a peer's) is admitted and committed: one writer of state
         self.apply_lock = asyncio.Lock()
@@ -273,13 +277,21 @@ class Pipeline:
 
     async def prune_erased(self) -> None:
         """Carry out the erasures applied since the last call: the patients' stored
-        payloads become leaf hashes (in the writer thread, like every other write)."""
+        payloads become leaf hashes (in the writer thread, like every other write), and
+        then the store is compacted so that no freed page keeps the payloads' bytes."""
         loop = asyncio.get_running_loop()
         while self.batcher.erasures_due:
             patient, upto = self.batcher.erasures_due.pop()
             n = await loop.run_in_executor(self._writer, self.store.prune_patient, patient, upto)
             self.pruned += n
             log.info("erased %d readings of patient %s", n, patient.hex()[:8])
+        # once per batch of erasures, not once per patient, and at most every
+        # COMPACT_EVERY_S (each costs a pass over the whole store with writes held up):
+        # a patient erasing again and again cannot keep the writer busy compacting
+        if self.store.compact_due() and time.monotonic() >= self._next_compact:
+            took = await loop.run_in_executor(self._writer, self.store.compact)
+            self._next_compact = time.monotonic() + COMPACT_EVERY_S
+            log.info("compacted the store after an erasure in %.3f s", took)
 
     def verify_blocks(self, bodies: list[list[bytes]]) -> list[asyncio.Future[list[verify.Result]]]:
         """Start checking the entries of several blocks; one future per block.

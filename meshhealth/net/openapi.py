@@ -293,7 +293,13 @@ def _schemas() -> dict[str, Doc]:
                         "description": "Height of this node's own head block (-1: none yet).",
                     },
                 ),
-                "store": _counts("map_size", "used_bytes", "readings"),
+                "store": _counts(
+                    "map_size",
+                    "used_bytes",
+                    "readings",
+                    "compactions",
+                    compact_seconds={"type": "number", "minimum": 0},
+                ),
                 "enrolled_devices": count,
                 "reads": _counts(
                     "access_logs", "auth_failures", "rate_limited", "refusals_unlogged", "nonces"

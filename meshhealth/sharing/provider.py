@@ -44,7 +44,13 @@ from meshhealth.chain import merkle
 from meshhealth.chain.acl import AccessState
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import AccessDenied, MalformedMessage, NetworkError, RemoteError
+from meshhealth.errors import (
+    AccessDenied,
+    MalformedMessage,
+    MeshHealthError,
+    NetworkError,
+    RemoteError,
+)
 from meshhealth.ingest.verify import check_one
 from meshhealth.net.client import get_first
 from meshhealth.net.signed_request import sign_request
@@ -323,6 +329,11 @@ class FetchResult:
 Job = tuple[bytes, list[Any], list[bytes], bool]
 
 
+class FetchTooLarge(MeshHealthError):
+    """A fetch went past the reader's byte budget (``Fetcher(max_bytes=...)``): not the
+    node's fault, so no other node is tried."""
+
+
 class Fetcher:
     """Fetch, verify and open one patient's stream over a time range."""
 
@@ -334,10 +345,12 @@ class Fetcher:
         keys_for: KeysFor,
         pool: Executor | None = None,
         chunk: int = 2048,
+        max_bytes: int | None = None,
     ):
         self.client, self.genesis = client, genesis
         self.authorities = frozenset(a.key for a in genesis.authorities)
         self.keys_for, self.pool, self.chunk = keys_for, pool, chunk
+        self.max_bytes = max_bytes  # answer bytes one fetch may take in (the viewers' bound)
 
     async def fetch(self, patient: bytes, stream: str, from_ms: int, to_ms: int) -> FetchResult:
         base = f"/v1/patients/{patient.hex()}/readings?stream={stream}&from={from_ms}&to={to_ms}"
@@ -418,6 +431,8 @@ class Fetcher:
                     pending.append(fut)
             if nxt is None:
                 break
+            if self.max_bytes is not None and self.client.bytes_in - start_bytes > self.max_bytes:
+                raise FetchTooLarge(f"the answer passed {self.max_bytes:,} bytes")
             status, body = await self.client.get_from(url, f"{base}&after={int(nxt)}")
             if status != 200:
                 raise NetworkError(f"{url}: page {res.pages + 1}: {status} {_reason(body)}")

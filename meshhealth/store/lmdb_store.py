@@ -26,6 +26,13 @@ A block is committed with everything it implies (header, body, head,
 index, seq marks, enrolments) in **one** write transaction: after a crash
 either all of it is there or none of it.  ``MapFullError`` doubles the map
 and retries instead of failing.
+
+Erasure (``prune_patient``) rewrites bodies with the erased entries as leaf
+hashes, but LMDB keeps the old pages' bytes (free pages, and the tails of
+recycled page buffers), so ``compact`` then rewrites the whole environment
+from its live records and swaps it in.  Every read goes through ``_read``: a
+gate that holds readers back for the few milliseconds of the swap, so a read
+must not wait for the writer thread while it holds a transaction open.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +58,9 @@ from meshhealth.wire import BlockHeader, Reading
 from meshhealth.wire.codec import pack, unpack
 
 HOUR_MS = 3_600_000
+COMPACT_NAME = "data.mdb.compact"  # the compacting copy, while it is written
+COMPACT_TXN_BYTES = 32 << 20  # what one transaction of the compacting copy writes
+COMPACT_DUE = b"compact_due"  # meta: an erasure freed pages compact() has not cleared
 _DBS = (
     "headers",
     "bodies",
@@ -67,31 +79,82 @@ def chain_key(node: bytes, height: int) -> bytes:
     return node + struct.pack(">Q", height)
 
 
+class _Gate:
+    """Many readers at once, or the one thread swapping the environment (see compact)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._closed = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._closed = True  # new readers wait: the swap cannot starve
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
 class Store:
     def __init__(self, path: Path, *, map_size_mb: int = 64, readonly: bool = False) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.readonly = readonly
+        self._map_size = map_size_mb * 1024 * 1024
+        if not readonly:  # a compaction a crash cut short: the live file is the old one
+            (path / COMPACT_NAME).unlink(missing_ok=True)
+        self._open()
+        self._names: dict[bytes, bytes] = {}
+        self._write_lock = threading.Lock()
+        self._gate = _Gate()
+        self.compactions = 0
+        self.compact_seconds = 0.0
+
+    def _open(self) -> None:
         try:
             self.env = lmdb.open(
-                str(path),
-                map_size=map_size_mb * 1024 * 1024,
+                str(self.path),
+                map_size=self._map_size,
                 max_dbs=len(_DBS),
-                readonly=readonly,
+                readonly=self.readonly,
                 lock=True,
                 subdir=True,
             )
         except lmdb.Error as exc:
-            raise StorageError(f"cannot open LMDB store at {path}: {exc}") from exc
-        self.readonly = readonly
+            raise StorageError(f"cannot open LMDB store at {self.path}: {exc}") from exc
         self.db = (
-            {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
-            if not readonly
+            {name: self.env.open_db(name.encode(), create=not self.readonly) for name in _DBS}
+            if not self.readonly
             else self._open_ro()
         )
-        self._names: dict[bytes, bytes] = {}
-        self._write_lock = threading.Lock()
 
     def _open_ro(self) -> dict[str, Any]:
         return {name: self.env.open_db(name.encode(), create=False) for name in _DBS}
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        with self._gate.shared(), self.env.begin() as txn:
+            yield txn
 
     def close(self) -> None:
         self.env.close()
@@ -107,7 +170,8 @@ class Store:
                         return fn(txn, *args)
                 except lmdb.MapFullError:
                     self._names.clear()  # ids minted in the aborted txn are gone
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                    self._map_size = self.env.info()["map_size"] * 2
+                    self.env.set_mapsize(self._map_size)
                 except lmdb.Error as exc:
                     raise StorageError(f"LMDB write failed: {exc}") from exc
 
@@ -181,26 +245,27 @@ class Store:
     # --- reading ------------------------------------------------------------
 
     def meta(self, key: str) -> bytes | None:
-        with self.env.begin() as txn:
-            return txn.get(key.encode(), db=self.db["meta"])
+        with self._read() as txn:
+            v = txn.get(key.encode(), db=self.db["meta"])
+        return None if v is None else bytes(v)
 
     def reading_count(self) -> int:
         return int.from_bytes(self.meta("readings") or b"\0", "big")
 
     def head(self, node: bytes) -> tuple[int, bytes] | None:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             v = txn.get(node, db=self.db["heads"])
         return None if v is None else (struct.unpack(">Q", v[:8])[0], bytes(v[8:]))
 
     def heads(self) -> dict[bytes, tuple[int, bytes]]:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             return {
                 bytes(k): (struct.unpack(">Q", v[:8])[0], bytes(v[8:]))
                 for k, v in txn.cursor(db=self.db["heads"])
             }
 
     def raw_header(self, node: bytes, height: int) -> bytes | None:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             v = txn.get(chain_key(node, height), db=self.db["headers"])
         return None if v is None else bytes(v)
 
@@ -215,7 +280,7 @@ class Store:
 
     def raw_block(self, node: bytes, height: int) -> tuple[bytes, bytes] | None:
         """(encoded header, encoded body) exactly as stored."""
-        with self.env.begin() as txn:
+        with self._read() as txn:
             k = chain_key(node, height)
             hv, bv = txn.get(k, db=self.db["headers"]), txn.get(k, db=self.db["bodies"])
         return None if hv is None or bv is None else (bytes(hv), bytes(bv))
@@ -226,7 +291,7 @@ class Store:
 
     def iter_raw_chain(self, node: bytes) -> Iterator[tuple[int, bytes, bytes | None]]:
         """(height, header bytes, body bytes) in height order, as stored."""
-        with self.env.begin() as txn:
+        with self._read() as txn:
             cur = txn.cursor(db=self.db["headers"])
             bodies = txn.cursor(db=self.db["bodies"])
             if not cur.set_range(chain_key(node, 0)):
@@ -243,20 +308,20 @@ class Store:
     def link_heights(self) -> dict[bytes, dict[bytes, int]]:
         """node -> chain -> the highest height of ``chain`` that ``node``'s blocks link to."""
         out: dict[bytes, dict[bytes, int]] = {}
-        with self.env.begin() as txn:
+        with self._read() as txn:
             for k, v in txn.cursor(db=self.db["links"]):
                 out.setdefault(bytes(k[:32]), {})[bytes(k[32:])] = struct.unpack(">Q", v)[0]
         return out
 
     def seqmarks(self) -> dict[bytes, SeqMark]:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             return {
                 bytes(k): SeqMark.decode(bytes(v)) for k, v in txn.cursor(db=self.db["seqmarks"])
             }
 
     def control_entries(self) -> list[bytes]:
         """Every control transaction and proof in the replica, read back from the blocks."""
-        with self.env.begin() as txn:
+        with self._read() as txn:
             locs = [bytes(v) for _, v in txn.cursor(db=self.db["acl"])]
         return self.entries_at(locs)
 
@@ -265,7 +330,7 @@ class Store:
         each block is read and decoded once however many of its entries are asked for."""
         out: list[bytes] = []
         bodies: dict[bytes, tuple[bytes, ...]] = {}
-        with self.env.begin() as txn:
+        with self._read() as txn:
             for loc in locs:
                 key = loc[:40]
                 if key not in bodies:
@@ -289,7 +354,7 @@ class Store:
         readings that *start* in [from_ms, to_ms] (a reading spans at most an hour, so
         the hours scanned begin one before ``from_ms``), in time order of the hour."""
         out: list[tuple[bytes, int, list[int]]] = []
-        with self.env.begin() as txn:
+        with self._read() as txn:
             names = self.db["names"]
             pid = txn.get(b"p" + patient, db=names)
             sid = txn.get(b"s" + stream.encode(), db=names)
@@ -321,7 +386,7 @@ class Store:
     ) -> list[tuple[bytes, bytes, int, int]]:
         """(entry, node, height, index) of every access log about ``patient`` logged in
         [from_ms, to_ms], from every chain, in time order."""
-        with self.env.begin() as txn:
+        with self._read() as txn:
             cur = txn.cursor(db=self.db["audit"])
             locs: list[bytes] = []
             if cur.set_range(patient + struct.pack(">Q", from_ms)):
@@ -379,19 +444,106 @@ class Store:
                 txn.delete(k, db=self.db["readings"])
         for key in changed:
             txn.put(key, encode_body(bodies[key]), db=self.db["bodies"])
+        if changed:  # the old bodies' pages are free now, not blank: compact() clears them
+            txn.put(COMPACT_DUE, b"\x01", db=self.db["meta"])
         return n
+
+    def compact_due(self) -> bool:
+        """Whether an erasure freed pages that still hold its payloads (until compact())."""
+        return self.meta(COMPACT_DUE.decode()) is not None
+
+    def compact(self) -> float:
+        """Rewrite the environment with only its live records, so that no byte of an
+        erased payload is left in ``data.mdb``: LMDB reuses freed pages but never blanks
+        them, and not only free pages keep old bytes.  Its compacting copy
+        (``MDB_CP_COMPACT``) is not enough either: a page LMDB recycles from its own pool
+        of page buffers is not zeroed, so the tail of a live overflow page can still hold
+        a body that was there before it was pruned, and the copy takes pages whole.  So the
+        records are copied one by one into a fresh environment that never saw the erased
+        bytes (its recycled buffers only ever held live records), in transactions of at
+        most ``COMPACT_TXN_BYTES``.
+
+        All of it under the writer lock; then, with every reader of this process held at
+        the gate for the few milliseconds it takes, the environment is closed, the copy
+        renamed over ``data.mdb`` (with a fresh lock file: the old one names the old
+        file's last transaction) and reopened.  A crash before the rename leaves the old
+        file and the flag that calls for this again on start; after it, the new one.  It
+        costs one read and one write of the live data and blocks writers that long (the
+        caller runs it in the writer thread, once per erasure batch).  Another process that
+        has the store open (a read-only ``chain verify``) reads the old inode until it
+        closes it.  Returns the seconds it took."""
+        if self.readonly:
+            raise StorageError("a read-only store cannot be compacted")
+        with self._write_lock:
+            t0 = time.perf_counter()
+            tmp = self.path / COMPACT_NAME
+            try:
+                tmp.unlink(missing_ok=True)
+                self._copy_live(tmp)
+                with self._gate.exclusive():
+                    self.env.close()
+                    (self.path / "lock.mdb").unlink(missing_ok=True)
+                    os.replace(tmp, self.path / "data.mdb")
+                    dfd = os.open(self.path, os.O_RDONLY)
+                    try:
+                        os.fsync(dfd)
+                    finally:
+                        os.close(dfd)
+                    self._open()
+                    self._names.clear()
+            except (OSError, lmdb.Error) as exc:
+                raise StorageError(f"compacting the store failed: {exc}") from exc
+            took = time.perf_counter() - t0
+            self.compactions += 1
+            self.compact_seconds += took
+            return took
+
+    def _copy_live(self, dest: Path) -> None:
+        """Every record of every database, and nothing else, into a new file ``dest``."""
+        self._map_size = max(self._map_size, self.env.info()["map_size"])
+        new = lmdb.open(
+            str(dest), map_size=self._map_size, max_dbs=len(_DBS), subdir=False, lock=False
+        )
+        try:
+            with self.env.begin() as src:
+                for name in _DBS:
+                    ndb = new.open_db(name.encode(), create=True)
+                    chunk: list[tuple[bytes, bytes]] = []
+                    size = 0
+                    for k, v in src.cursor(db=self.db[name]):
+                        if name == "meta" and k == COMPACT_DUE:
+                            continue
+                        chunk.append((k, v))
+                        size += len(k) + len(v)
+                        if size >= COMPACT_TXN_BYTES:
+                            self._put_all(new, ndb, chunk)
+                            chunk, size = [], 0
+                    self._put_all(new, ndb, chunk)
+            new.sync(True)
+        finally:
+            new.close()
+
+    @staticmethod
+    def _put_all(env: Any, db: Any, items: list[tuple[bytes, bytes]]) -> None:
+        if items:
+            with env.begin(write=True) as txn:
+                txn.cursor(db=db).putmulti(items, append=True)
 
     def disk_bytes(self) -> int:
         """Bytes of the store actually in use (pages up to the high-water mark)."""
-        info, stat = self.env.info(), self.env.stat()
+        with self._gate.shared():
+            info, stat = self.env.info(), self.env.stat()
         return int((info["last_pgno"] + 1) * stat["psize"])
 
     def statistics(self) -> dict[str, Any]:
-        info = self.env.info()
+        with self._gate.shared():
+            info = self.env.info()
         return {
             "map_size": info["map_size"],
             "used_bytes": self.disk_bytes(),
             "readings": self.reading_count(),
+            "compactions": self.compactions,
+            "compact_seconds": round(self.compact_seconds, 3),
         }
 
     # --- checking and rebuilding the derived databases (meshhealth.store.derived) --
@@ -399,14 +551,14 @@ class Store:
     def iter_all_raw(self) -> Iterator[tuple[bytes, bytes, bytes | None]]:
         """(node(32) + height(8), header bytes, body bytes) of every stored block, in key
         order (chain by chain, by height): the chains, whatever ``heads`` says."""
-        with self.env.begin() as txn:
+        with self._read() as txn:
             bodies = txn.cursor(db=self.db["bodies"])
             for k, v in txn.cursor(db=self.db["headers"]):
                 b = bodies.get(k)
                 yield bytes(k), bytes(v), (bytes(b) if b is not None else None)
 
     def bodies_without_header(self) -> list[bytes]:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             headers = self.db["headers"]
             return [
                 bytes(k)
@@ -419,17 +571,17 @@ class Store:
         return dict(self.iter_items(db))
 
     def iter_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             for k, v in txn.cursor(db=self.db[db]):
                 yield bytes(k), bytes(v)
 
     def raw_get(self, db: str, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             v = txn.get(key, db=self.db[db])
         return None if v is None else bytes(v)
 
     def count(self, db: str) -> int:
-        with self.env.begin() as txn:
+        with self._read() as txn:
             return int(txn.stat(self.db[db])["entries"])
 
     def replace_derived(

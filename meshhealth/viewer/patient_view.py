@@ -4,7 +4,8 @@
 
 ``GET /api/audit?from=&to=`` → ``{node, entries: [{ts_ms, reader, stream, from_ms,
 to_ms, outcome, reason, grant, readings, node, node_name}], error}``: the audit
-trail from the first node that serves it, oldest first, each access log's node
+trail (by default of the last ``Limits.window_ms``) from the first node that
+serves it, oldest first, each access log's node
 signature checked and its node one of the network's authorities.
 
 ``GET /api/grants`` → ``{grants: [grant], error}``: the patient's grants, each
@@ -56,7 +57,11 @@ async def me(request: web.Request) -> web.Response:
 @routes.get("/api/audit")
 async def audit(request: web.Request) -> web.Response:
     reader = request.app[READER]
-    lo, hi = query_window(request) if "from" in request.query else (None, None)
+    if "from" in request.query:
+        lo, hi = query_window(request)
+    else:  # the last window a request may ask for (a flooded trail is not fetched whole)
+        hi = now_ms()
+        lo = max(0, hi - reader.limits.window_ms)
     try:
         genesis = await reader.genesis()
         names = {a.key: a.name for a in genesis.authorities}

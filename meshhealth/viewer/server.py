@@ -20,15 +20,27 @@ another machine through an SSH tunnel).  It answers only requests whose
 ``Host`` names it (a web page elsewhere cannot reach it by rebinding a DNS
 name to 127.0.0.1).  Pages load nothing but their own static
 files (a ``Content-Security-Policy`` of ``'self'``); nothing is cached.
+
+A web page in the same browser can still *send* it a GET (an image, a form).
+So the pages and every API route live under ``/s/SECRET/``, a random secret
+made at start and printed in the URL: without it (compared in constant time)
+the answer is 403 and no request is signed.  Only ``/static/`` (the packaged
+scripts and styles, no data) is outside it.  And the work one request may
+cause is bounded (:class:`Limits`): the window it asks for, the bytes and
+samples a fetch may take in, its time, and one request at a time doing it
+with a short queue behind (the rest 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -42,6 +54,7 @@ from meshhealth.net.client import client_session
 from meshhealth.sharing.provider import (
     Access,
     Fetcher,
+    FetchTooLarge,
     NodeClient,
     Refused,
     make_pool,
@@ -72,15 +85,41 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request to a viewer may cause (each a CLI flag of ``serve``)."""
+
+    window_ms: int = 7 * DAY_MS  # the longest from..to a request may ask for
+    future_ms: int = DAY_MS  # how far past now ``to`` may lie (nothing is stored there)
+    max_bytes: int = 32 << 20  # node answer bytes one fetch takes in (plus one page)
+    max_samples: int = 200_000  # samples one answer carries
+    timeout_s: float = 60.0  # one request's whole work
+    queue: int = 16  # requests waiting behind the one in flight (a page sends ~8 at once)
+
+
 class Reader:
     """The reader's key and nodes, and what it fetches with while the server runs."""
 
     def __init__(
-        self, me: Identity, urls: list[str], *, genesis: Path | None, workers: int | None
+        self,
+        me: Identity,
+        urls: list[str],
+        *,
+        genesis: Path | None,
+        workers: int | None,
+        limits: Limits | None = None,
     ) -> None:
         if not urls:
             raise ConfigError("no --node given: name at least one node API URL")
         self.me, self.urls, self.workers = me, urls, workers
+        self.limits = limits or Limits()
+        self.secret = secrets.token_urlsafe(24)  # the run's secret: in every URL it serves
+        self.slot = asyncio.Semaphore(1)  # one request at a time fetches and verifies
+        self.waiting = 0
+        self.refused: dict[str, int] = {"forbidden": 0, "busy": 0, "timeout": 0}
         self._genesis = Genesis.load(genesis) if genesis is not None else None
         self._genesis_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
@@ -136,11 +175,24 @@ class Reader:
         )
         try:
             fetcher = Fetcher(
-                self.client(), await self.genesis(), keys_for=access.keys_for, pool=self.pool
+                self.client(),
+                await self.genesis(),
+                keys_for=access.keys_for,
+                pool=self.pool,
+                max_bytes=self.limits.max_bytes,
             )
             res = await fetcher.fetch(patient, stream, lo, hi)
+        except FetchTooLarge as exc:
+            doc["error"] = {"reason": "too_large", "message": str(exc)}
+            return doc
         except NODE_TROUBLE as exc:
             doc["error"] = problem(exc)
+            return doc
+        if sum(len(o.samples) for o in res.readings) > self.limits.max_samples:
+            doc["error"] = {
+                "reason": "too_large",
+                "message": f"more than {self.limits.max_samples:,} samples",
+            }
             return doc
         rows = res.rows(access.subject, lo, hi)
         shown = [r for r in rows if windows.inside(r.t_ms, covered)]
@@ -243,7 +295,9 @@ def query_stream(request: web.Request) -> str:
 
 
 def query_window(request: web.Request) -> tuple[int, int]:
-    """``from`` and ``to`` in Unix ms; by default the last hour."""
+    """``from`` and ``to`` in Unix ms; by default the last hour; at most
+    ``Limits.window_ms`` long and ending at most ``Limits.future_ms`` after now."""
+    limits = request.app[READER].limits
 
     def ms(name: str, default: int) -> int:
         text = request.query.get(name)
@@ -261,6 +315,10 @@ def query_window(request: web.Request) -> tuple[int, int]:
     lo = ms("from", max(0, hi - HOUR_MS))
     if lo > hi:
         raise BadRequest("from is after to")
+    if hi - lo > limits.window_ms:
+        raise BadRequest(f"the window is longer than {limits.window_ms / DAY_MS:g} days")
+    if hi > now_ms() + limits.future_ms:
+        raise BadRequest("to: too far in the future")
     return lo, hi
 
 
@@ -271,19 +329,54 @@ HOSTS: web.AppKey[set[str]] = web.AppKey("hosts")  # Host values it answers; emp
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _refusal(status: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"error": {"reason": reason, "message": message}}, status=status)
+
+
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     hosts = request.app[HOSTS]
     if hosts and request.host not in hosts:
         return web.Response(status=421, text="this viewer answers only on its own address\n")
-    try:
+    reader = request.app[READER]
+    if request.path.startswith("/static/"):  # the packaged scripts and styles: no data
         resp = await handler(request)
-    except BadRequest as exc:
-        resp = web.json_response(
-            {"error": {"reason": "bad_request", "message": str(exc)}}, status=400
-        )
+    elif not hmac.compare_digest(
+        request.match_info.get("secret", "").encode(), reader.secret.encode()
+    ):
+        reader.refused["forbidden"] += 1
+        resp = _refusal(403, "forbidden", "open the URL the viewer printed (it holds a secret)")
+    else:
+        resp = await _bounded(reader, request, handler)
     resp.headers.update(SECURITY_HEADERS)
     return resp
+
+
+async def _bounded(reader: Reader, request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One request at a time does the work (fetches, verifies, decrypts); ``queue`` wait
+    behind it, the rest are refused at once; each is cut off after ``timeout_s``."""
+    if not request.path.startswith(f"/s/{reader.secret}/api/"):
+        return await _answer(request, handler)  # a page or a redirect: no work
+    if reader.waiting >= reader.limits.queue + 1:
+        reader.refused["busy"] += 1
+        return _refusal(503, "busy", "the viewer is busy with other requests")
+    reader.waiting += 1
+    try:
+        async with asyncio.timeout(reader.limits.timeout_s):
+            async with reader.slot:
+                return await _answer(request, handler)
+    except TimeoutError:
+        reader.refused["timeout"] += 1
+        return _refusal(504, "timeout", f"no answer within {reader.limits.timeout_s:g} s")
+    finally:
+        reader.waiting -= 1
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return _refusal(400, "bad_request", str(exc))
 
 
 def _page_file(name: str) -> web.Response:
@@ -308,9 +401,16 @@ def make_app(reader: Reader, page: str, routes: web.RouteTableDef) -> web.Applic
     async def static(request: web.Request) -> web.Response:
         return _page_file(request.match_info["name"])
 
-    app.router.add_get("/", index)
+    async def to_index(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.path + "/")  # the page's API paths are relative
+
+    app.router.add_get("/s/{secret}/", index)
+    app.router.add_get("/s/{secret}", to_index)
     app.router.add_get("/static/{name}", static)
-    app.router.add_routes(routes)
+    app.router.add_get("/s/{secret}/static/{name}", static)
+    for route in routes:  # every API route under the secret prefix
+        assert isinstance(route, web.RouteDef)
+        app.router.add_route(route.method, "/s/{secret}" + route.path, route.handler)
     return app
 
 
@@ -349,7 +449,8 @@ async def serve(app: web.Application, host: str, port: int, label: str) -> int:
         real = int(runner.addresses[0][1])
         names = {host, "localhost", "127.0.0.1", "::1"}
         app[HOSTS].update(f"{_url_host(n)}:{real}" for n in names)
-        print(f"{label}: http://{_url_host(host)}:{real}/", flush=True)
+        secret = app[READER].secret
+        print(f"{label}: http://{_url_host(host)}:{real}/s/{secret}/", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()

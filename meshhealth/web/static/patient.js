@@ -71,13 +71,13 @@
   }
 
   async function loadAudit() {
-    const doc = await V.getJSON("/api/audit");
+    const doc = await V.getJSON("api/audit");
     if (doc.error) throw new Error("Could not read your audit trail: " + V.explain(doc.error));
     drawAudit(doc);
   }
 
   async function loadGrants() {
-    const doc = await V.getJSON("/api/grants");
+    const doc = await V.getJSON("api/grants");
     if (doc.error) throw new Error("Could not list your grants: " + V.explain(doc.error));
     V.fillTable($("grants"), doc.grants, (tr, g) => V.grantRow(tr, g, true));
   }
@@ -96,14 +96,14 @@
     const params = new URLSearchParams({ from: lo, to: hi });
     history.replaceState(null, "", "?" + params);
     await V.drawStreams($("charts"), me.streams, (stream) => {
-      return "/api/series?" + new URLSearchParams({ stream, from: lo, to: hi });
+      return "api/series?" + new URLSearchParams({ stream, from: lo, to: hi });
     }, () => mine === generation);
   }
 
   async function main() {
     const query = new URLSearchParams(location.search);
     try {
-      me = await V.getJSON("/api/me");
+      me = await V.getJSON("api/me");
     } catch (err) {
       V.showError(String(err.message || err));
       return;

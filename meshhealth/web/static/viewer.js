@@ -23,6 +23,9 @@
     unreachable: "no node could be reached",
     verification_failed: "a node's answer failed verification, so nothing from it is shown",
     bad_request: "the viewer did not understand the request",
+    too_large: "the answer would be larger than this viewer allows: pick a shorter window",
+    busy: "the viewer is busy with other requests: try again in a moment",
+    timeout: "the nodes took too long to answer",
   };
   const UNAVAILABLE = { revoked: "unavailable: grant revoked", not_granted: "unavailable: not granted" };
 
@@ -60,6 +63,9 @@
     return what + " (" + error.message + ")";
   }
 
+  // `path` is relative ("api/me"): the page lives under /s/SECRET/, the run's secret the
+  // viewer printed, and every API call carries it the same way (the server refuses any
+  // request without it, so another web page cannot make the viewer sign a read).
   async function getJSON(path) {
     const r = await fetch(path, { headers: { Accept: "application/json" } });
     let doc = null;
@@ -256,7 +262,7 @@
       history.replaceState(null, "", "?" + params);
       await drawStreams($("charts"), p.streams, (stream) => {
         const q = new URLSearchParams({ patient: p.patient, stream, from: lo, to: hi });
-        return "/api/series?" + q;
+        return "api/series?" + q;
       }, () => mine === generation);
     }
 
@@ -268,9 +274,9 @@
     });
 
     try {
-      const me = await getJSON("/api/me");
+      const me = await getJSON("api/me");
       $("who").textContent = "provider " + short(me.key) + " · " + me.nodes.length + " node(s)";
-      const doc = await getJSON("/api/grants");
+      const doc = await getJSON("api/grants");
       if (doc.error) {
         showError("Could not list your grants: " + explain(doc.error));
         return;
