@@ -13,6 +13,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from signed_http import signed_raw
 from test_cli import mh
 
 from device_agents.device import Device
@@ -86,11 +87,11 @@ async def until(node: Any, pred: Any, what: str, timeout: float = 20.0) -> dict[
 
 
 def key_txs(node: Any, patient: Identity) -> list[Any]:
-    import urllib.request
-
-    url = f"{node.url}/v1/patients/{patient.public.hex()}/enrollments"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return [decode_control(raw) for raw in unpack(r.read(), max_len=1 << 24)]
+    """The patient's enrolments, as the patient lists them (signed: nobody else may)."""
+    path = f"/v1/patients/{patient.public.hex()}/enrollments"
+    status, body = signed_raw(patient, node.url, path)
+    assert status == 200, body
+    return [decode_control(raw) for raw in unpack(body, max_len=1 << 24)]
 
 
 @pytest.mark.timeout(120)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity
 from meshhealth.sharing.export import (
+    Pseudonyms,
     Row,
     audit_bundle,
     audit_event,
@@ -26,11 +28,10 @@ from meshhealth.sharing.export import (
     format_value,
     observation,
     observations_bundle,
-    pseudonym,
     write_csv,
     write_table,
 )
-from meshhealth.sharing.grants import make_grant
+from meshhealth.sharing.grants import GrantKeys, make_grant
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.wire import AccessLog, Grant
 
@@ -255,23 +256,42 @@ def test_consent_for_open_and_bounded_grants(until_ms: int | None) -> None:
 
 def test_consent_of_a_revoked_pseudonymous_grant() -> None:
     g, gid, _ = grant(T + 60_000)
-    subject = pseudonym(gid, g.patient)
-    c = consent(g, gid, revoked=True, subject=subject)
+    names = Pseudonyms(os.urandom(32))
+    subject = names.patient(g.patient)
+    c = consent(g, gid, revoked=True, subject=subject, names=names)
     Consent.model_validate(c)
     assert c["status"] == "inactive"
     assert c["patient"] == {"reference": f"Patient/{subject}"}
+    # identified by the grant's pseudonym: the grant id maps back to the patient on chain
+    assert c["id"] == names.grant(gid) != gid.hex()
+    assert c["identifier"] == [{"system": "urn:meshhealth:pseudonym", "value": c["id"]}]
+    assert gid.hex() not in json.dumps(c) and g.patient.hex() not in json.dumps(c)
 
 
 def test_pseudonym_is_per_grant_and_hides_the_patient() -> None:
     patient, other = os.urandom(32), os.urandom(32)
-    g1, g2 = os.urandom(32), os.urandom(32)
-    p = pseudonym(g1, patient)
-    assert p == pseudonym(g1, patient)
+    k1, k2 = Pseudonyms(os.urandom(32)), Pseudonyms(os.urandom(32))
+    p = k1.patient(patient)
+    assert p == Pseudonyms(k1.key).patient(patient)
     assert p.startswith("pseud-") and len(p) == len("pseud-") + 32
     int(p.removeprefix("pseud-"), 16)
-    assert pseudonym(g2, patient) != p
-    assert pseudonym(g1, other) != p
+    assert k2.patient(patient) != p
+    assert k1.patient(other) != p
     assert patient.hex() not in p and patient.hex()[:16] not in p
+    # a device and a grant id get names of their own, none equal to another kind's
+    assert len({k1.patient(patient), k1.device(patient), k1.grant(patient)}) == 3
+    with pytest.raises(ValueError):
+        Pseudonyms(b"short")
+
+
+def test_the_pseudonym_key_is_the_grantees_secret() -> None:
+    """Only the grantee derives it: not from the grant (public on chain) alone."""
+    g, _, doctor = grant(T + 60_000)
+    k = GrantKeys.open(g, doctor).pseudonym_key
+    assert len(k) == 32 and k == GrantKeys.open(g, doctor).pseudonym_key
+    assert k not in g.encode() and h(g.encode()) != k
+    g2, _, doctor2 = grant(T + 60_000)
+    assert GrantKeys.open(g2, doctor2).pseudonym_key != k
 
 
 def access_log(outcome: str, *, reason: bytes = b"", grant_id: bytes = b"") -> AccessLog:

@@ -164,7 +164,8 @@ async def test_metrics_of_a_running_network(mosquitto: Any, tmp_path: Path) -> N
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish(f"mh/v1/readings/{'00' * 32}", b"not a reading", qos=1)
         assert get(f"{urls[0]}/v1/no-such-route")[0] == 404
-        assert get(f"{urls[0]}/v1/chains/{'00' * 32}/0")[0] == 404  # answered by the handler
+        assert get(f"{urls[0]}/static/no-such-file.js")[0] == 404  # answered by the handler
+        assert get(f"{urls[0]}/v1/chains/{'00' * 32}/0")[0] == 401  # unsigned: authorities only
         assert get(f"{urls[0]}/v1/status")[0] == 200
         req = urllib.request.Request(f"{urls[0]}/v1/status", method="DELETE")
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -202,6 +203,7 @@ async def test_metrics_of_a_running_network(mosquitto: Any, tmp_path: Path) -> N
         s0 = scraped[0]
         assert value(s0, "meshhealth_api_requests_total", method="GET", code="404") >= 2
         assert value(s0, "meshhealth_api_requests_total", method="GET", code="200") >= 1
+        assert value(s0, "meshhealth_api_requests_total", method="GET", code="401") >= 1
         assert value(s0, "meshhealth_api_requests_total", method="DELETE", code="405") == 1
         assert value(s0, "meshhealth_api_requests_total", method="POST", code="202") >= 10  # enrol
         me = nodes[0].status()["node"]

@@ -15,7 +15,15 @@ from meshhealth.net.signed_request import HEADERS
 from meshhealth.wire.types import CONTROL_TYPES
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-SIGNED = ["/v1/patients/{key}/readings", "/v1/patients/{key}/audit"]
+SIGNED = [
+    "/v1/patients/{key}/readings",
+    "/v1/patients/{key}/audit",
+    "/v1/patients/{key}/grants",
+    "/v1/grantees/{key}/grants",
+    "/v1/patients/{key}/enrollments",
+    "/v1/chains/{node}/{height}",
+    "/v1/chains/{node}/{height}/proof/{index}",
+]
 
 
 async def _never(_request: object) -> None:  # make_app only registers it
@@ -76,7 +84,7 @@ def test_signed_reads_declare_the_signature_headers_and_refusals(path: str) -> N
     assert "X-MH-Nonce" in doc["components"]["securitySchemes"][scheme]["description"]
 
 
-def test_only_the_signed_reads_need_a_signature() -> None:
+def test_only_the_signed_reads_and_raw_blocks_need_a_signature() -> None:
     signed = {path for (_, path), op in operations(document()).items() if op.get("security")}
     assert signed == set(SIGNED)
 

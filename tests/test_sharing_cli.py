@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 
 import pytest
+from signed_http import signed_json, signed_raw
 from test_cli import mh
 
 from meshhealth.crypto.keys import Identity, load_identity, save_identity
@@ -16,15 +15,11 @@ from meshhealth.wire import Grant
 pytestmark = pytest.mark.integration
 
 
-def _get(url: str) -> dict:  # type: ignore[type-arg]
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
-
-
-def _wait_grants(node_url: str, patient: str, n: int) -> list[dict]:  # type: ignore[type-arg]
+def _wait_grants(node_url: str, patient: Identity, n: int) -> list[dict]:  # type: ignore[type-arg]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        got = _get(f"{node_url}/v1/patients/{patient}/grants")["grants"]
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        got = signed_json(patient, node_url, path)["grants"]
         if len(got) >= n:
             return got  # type: ignore[no-any-return]
         time.sleep(0.2)
@@ -39,7 +34,7 @@ def test_patient_grants_revokes_and_the_grantee_opens_its_keys(  # type: ignore[
     assert mh("patient", "new", "--out", str(pkey), "--streams", "hr,spo2").returncode == 0
     doctor = Identity.generate("provider")
     save_identity(doctor, dkey)
-    patient = load_identity(pkey).public.hex()
+    patient = load_identity(pkey)
 
     def grant(to: str, *window: str, nodes: tuple[str, ...] = (node.url,)):  # type: ignore[no-untyped-def]
         node_args = [a for u in nodes for a in ("--node", u)]
@@ -54,13 +49,20 @@ def test_patient_grants_revokes_and_the_grantee_opens_its_keys(  # type: ignore[
     assert "open" in r.stdout
 
     listed = _wait_grants(node.url, patient, 2)
+    path = f"/v1/patients/{patient.public.hex()}/grants"
+    assert signed_raw(None, node.url, path)[0] == 401
+    assert signed_raw(doctor, node.url, path)[0] == 403  # not even a grantee lists them
     assert {g["id"] for g in listed} >= {bounded_id}
     assert all(not g["revoked"] for g in listed)
     out = mh("patient", "grants", "--key", str(pkey), "--node", node.url)
     assert out.returncode == 0 and out.stdout.count("active") == 2, out.stdout
 
     # the grantee finds its grants on the node and opens the sealed keys with its own key
-    mine = _get(f"{node.url}/v1/grantees/{doctor.public.hex()}/grants")["grants"]
+    path = f"/v1/grantees/{doctor.public.hex()}/grants"
+    mine = signed_json(doctor, node.url, path)["grants"]
+    # nobody else learns which patients the doctor sees: not unsigned, not a stranger
+    assert signed_raw(None, node.url, path)[0] == 401
+    assert signed_raw(Identity.generate("provider"), node.url, path)[0] == 403
     assert len(mine) == 2
     for g in mine:
         keys = GrantKeys.open(Grant.decode(bytes.fromhex(g["tx"])), doctor)

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fhir.resources.R4B.bundle import Bundle
+from signed_http import signed_json, signed_raw
 from test_cli import mh
 from test_network import converged, hr_sim, start_nodes
 
@@ -130,9 +131,8 @@ async def test_a_bounded_grant_reads_its_window_and_nothing_else(mosquitto, tmp_
         grant_id = bytes.fromhex(r.stdout.split()[1].rstrip(":"))
 
         def granted_everywhere() -> bool:
-            return all(
-                get_json(f"{u}/v1/grantees/{doctor.public.hex()}/grants")["grants"] for u in urls
-            )
+            path = f"/v1/grantees/{doctor.public.hex()}/grants"
+            return all(signed_json(doctor, u, path)["grants"] for u in urls)
 
         assert await eventually(granted_everywhere)
 
@@ -241,9 +241,14 @@ def grant_in_store(data_dir: Path, grant_id: bytes) -> Grant:
     raise AssertionError("the grant is not in the store")
 
 
-def rechains_of(url: str, patient: bytes) -> list[Rechain]:
-    with urllib.request.urlopen(f"{url}/v1/patients/{patient.hex()}/enrollments") as r:
-        txs = [decode_control(raw) for raw in unpack(r.read(), max_len=1 << 24)]
+def rechains_of(url: str, patient: Identity) -> list[Rechain]:
+    """The patient's rechains, as the patient lists them (a stranger may not)."""
+    path = f"/v1/patients/{patient.public.hex()}/enrollments"
+    assert signed_raw(None, url, path)[0] == 401
+    assert signed_raw(Identity.generate("provider"), url, path)[0] == 403
+    status, body = signed_raw(patient, url, path)
+    assert status == 200, body
+    txs = [decode_control(raw) for raw in unpack(body, max_len=1 << 24)]
     return [tx for tx in txs if isinstance(tx, Rechain)]
 
 
@@ -295,7 +300,7 @@ async def test_revoke_rechain_and_erase_across_the_network(mosquitto, tmp_path):
             sim.close()
         assert sim.rechained == 1, sim.statistics()  # the device took up the new chain
         assert await converged(nodes, 3, 60)
-        (rc,) = rechains_of(urls[2], patient)
+        (rc,) = rechains_of(urls[2], load_identity(pkey))
         switch = rc.ts_ms
 
         doctor_keys = await asyncio.to_thread(grant_keys_of, urls[0], doctor, patient)

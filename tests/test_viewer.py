@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from signed_http import signed_json
 from test_cli import mh
 from test_network import converged, start_nodes
 
@@ -238,7 +239,7 @@ def _start(root: Path) -> tuple[ViewerNet, BrokerProcess]:
             sim.start_ms, sim.sim_ms - 1, lo, hi, r.stdout.split()[1].rstrip(":"),
         )  # fmt: skip
         path = f"/v1/grantees/{doctor.public.hex()}/grants"
-        assert eventually(lambda: all(get(u + path)[1]["grants"] for u in urls))
+        assert eventually(lambda: all(signed_json(doctor, u, path)["grants"] for u in urls))
         # the doctor's first node is down: every fetch fails over to the second
         proc, net.provider_url = start_viewer(
             ["provider", "serve", "--key", str(dkey), *node_args(DEAD, urls[1])],
@@ -420,7 +421,7 @@ def test_a_revoked_grant_shows_as_revoked(viewer_net) -> None:
     path = f"/v1/grantees/{nurse.public.hex()}/grants"
 
     def revoked_there() -> bool:
-        listed = get(net.urls[2] + path)[1]["grants"]
+        listed = signed_json(nurse, net.urls[2], path)["grants"]
         return bool(listed) and all(g["revoked"] for g in listed)
 
     assert eventually(revoked_there)

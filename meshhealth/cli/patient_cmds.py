@@ -26,11 +26,11 @@ from meshhealth.crypto.keys import (
     read_key_file,
     save_identity,
 )
-from meshhealth.errors import ConfigError, KeyFileError, NetworkError
-from meshhealth.net.client import client_session, get_first, post_tx
+from meshhealth.errors import AccessDenied, ConfigError, KeyFileError, NetworkError
+from meshhealth.net.client import client_session, post_tx
 from meshhealth.sharing.grants import make_grant, make_rechain
 from meshhealth.sharing.keychain import KeyChain, epoch_of
-from meshhealth.sharing.provider import PARALLEL_FROM
+from meshhealth.sharing.provider import PARALLEL_FROM, signed_get
 from meshhealth.wire import (
     EnrollDevice,
     Erase,
@@ -166,9 +166,8 @@ async def revoke(a: argparse.Namespace) -> int:
         return 2
     now = time.time_ns() // 1_000_000
     async with client_session(10) as session:
-        doc = json.loads(
-            await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
-        )
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        doc = json.loads(await signed_get(session, a.node, patient, path))
         grants = {
             bytes.fromhex(g["id"]): (Grant.decode(bytes.fromhex(g["tx"])).verify(), g["revoked"])
             for g in doc["grants"]
@@ -182,7 +181,8 @@ async def revoke(a: argparse.Namespace) -> int:
         print(f"revoked grant {a.grant[:16]}")
         if a.no_rechain or not (target.open or target.until_ms > now):
             return 0
-        raw = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
+        path = f"/v1/patients/{patient.public.hex()}/enrollments"
+        raw = await signed_get(session, a.node, patient, path)
         devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
         keep = [
             (gid, g)
@@ -246,8 +246,8 @@ async def remove_device(a: argparse.Namespace) -> int:
         print("error: --since is in the future", file=sys.stderr)
         return 2
     async with client_session(10) as session:
-        raw = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
-        txs = unpack(raw, max_len=1 << 24)
+        path = f"/v1/patients/{patient.public.hex()}/enrollments"
+        txs = unpack(await signed_get(session, a.node, patient, path), max_len=1 << 24)
         wrote = sorted(
             s
             for s, ds in devices_by_stream(patient.public, txs, removed=True).items()
@@ -265,9 +265,8 @@ async def remove_device(a: argparse.Namespace) -> int:
         if a.no_rechain:
             return 0
         devices = devices_by_stream(patient.public, [*txs, tx.encode()])
-        doc = json.loads(
-            await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
-        )
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        doc = json.loads(await signed_get(session, a.node, patient, path))
         keep = [
             (bytes.fromhex(g["id"]), Grant.decode(bytes.fromhex(g["tx"])).verify())
             for g in doc["grants"]
@@ -318,15 +317,15 @@ async def erase(a: argparse.Namespace) -> int:
     now = time.time_ns() // 1_000_000
     tx = Erase.create(patient.signing, ts_ms=now)
     async with client_session(10) as session:
-        doc = json.loads(
-            await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
-        )
+        path = f"/v1/patients/{patient.public.hex()}/grants"
+        doc = json.loads(await signed_get(session, a.node, patient, path))
         keep = [
             (bytes.fromhex(g["id"]), Grant.decode(bytes.fromhex(g["tx"])).verify())
             for g in doc["grants"]
             if not g["revoked"] and g["open"]
         ]
-        raw = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/enrollments")
+        path = f"/v1/patients/{patient.public.hex()}/enrollments"
+        raw = await signed_get(session, a.node, patient, path)
         devices = devices_by_stream(patient.public, unpack(raw, max_len=1 << 24))
         switch = now + int(a.switch_after * 1000)
         moves = [
@@ -384,8 +383,9 @@ async def grants(a: argparse.Namespace) -> int:
     patient = load_identity(Path(a.key), passphrase=a.passphrase)
     async with client_session(10) as session:
         try:
-            body = await get_first(session, a.node, f"/v1/patients/{patient.public.hex()}/grants")
-        except NetworkError as exc:
+            path = f"/v1/patients/{patient.public.hex()}/grants"
+            body = await signed_get(session, a.node, patient, path)
+        except (NetworkError, AccessDenied) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     doc = json.loads(body)

@@ -83,7 +83,9 @@ async def fetch(a: argparse.Namespace) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return 3
         consents = [
-            export.consent(k.grant, k.id, revoked=revoked, subject=access.subject)
+            export.consent(
+                k.grant, k.id, revoked=revoked, subject=access.subject, names=access.names
+            )
             for k, revoked in access.grants
         ]
         pool = make_pool(a.workers) if a.workers != 0 else None
@@ -95,14 +97,15 @@ async def fetch(a: argparse.Namespace) -> int:
         finally:
             if pool is not None:
                 pool.shutdown()
-    rows = res.rows(access.subject, start, end)
+    rows = res.rows(access.subject, start, end, access.device)
     with _output(a.out) as out:
         if a.format == "csv":
             export.write_csv(rows, out)
         elif a.format == "fhir":
             bundle = export.observations_bundle(rows)
             bundle.setdefault("entry", []).extend(
-                {"fullUrl": f"urn:meshhealth:grant:{c['id']}", "resource": c} for c in consents
+                {"fullUrl": f"{c['identifier'][0]['system']}:{c['id']}", "resource": c}
+                for c in consents
             )
             json.dump(bundle, out, indent=1)
             out.write("\n")

@@ -10,7 +10,14 @@ per reader key: the node checks it, decides what the access state allows
 (:mod:`meshhealth.sharing.serve`), answers or refuses with 403, and records
 an :class:`AccessLogV2` carrying the reader's signed request in its next
 block (refusals and empty answers once per reader, patient and reason per
-period, then as one summary with their count).  Every error is a JSON
+period, then as one summary with their count).  Raw blocks and proofs (every
+patient's readings, grants and access logs) answer only a request signed by
+an authority of the network; the grant and patient-enrolment listings only
+the patient or grantee they name (or an authority); these are signed reads
+too (same limits) but not logged.  What stays public: the device enrolments
+(a device polls them before it can sign anything), the genesis, the chains'
+heads, status, dashboard and metrics (counts, heights and keys of
+authorities; nothing about a patient).  Every error is a JSON
 ``{"error": ..., "reason": ...}`` with a 4xx status (429 with ``Retry-After``
 past a limit); nothing a client sends can stop the node.
 """
@@ -155,16 +162,47 @@ def _key(text: str) -> bytes:
     return k
 
 
-async def block(request: web.Request) -> web.Response:
-    node = _key(request.match_info["node"])
+MAX_HEIGHT = (1 << 64) - 1  # heights are stored as 8-byte big-endian integers
+
+
+def _height(text: str, name: str = "height") -> int:
+    """A path segment as a block height or entry index: a decimal integer in [0, 2^64)."""
     try:
-        height = int(request.match_info["height"])
+        v = int(text)
     except ValueError:
-        return _err(400, "malformed", "height must be an integer")
+        raise MalformedMessage(f"{name} must be an integer") from None
+    if not 0 <= v <= MAX_HEIGHT:
+        raise MalformedMessage(f"{name} must be in [0, 2^64)")
+    return v
+
+
+async def _signed_by_one_of(
+    request: web.Request, *parties: bytes, what: str
+) -> web.Response | None:
+    """None if the request is signed by one of ``parties`` or by an authority of the
+    network; else the 403 answer.  An unsigned or badly signed request raises
+    :class:`RequestAuthError` (401).  These reads reveal metadata, not readings, and are
+    not written on chain as AccessLogs."""
+    reader = (await _signed_by(request)).key
+    if reader in parties or request.app[NODE].genesis.is_authority(reader):
+        return None
+    return _err(403, "not_allowed", f"{reader.hex()[:8]} may not read {what}")
+
+
+async def block(request: web.Request) -> web.Response:
+    """A block as stored, for authorities only: it holds every patient's readings, grants
+    and access logs, which everyone else reads through the signed, logged API."""
+    node = _key(request.match_info["node"])
+    height = _height(request.match_info["height"])
+    fmt = request.query.get("format")
+    if fmt not in (None, "json"):
+        raise MalformedMessage("format: only json")
+    if (refused := await _signed_by_one_of(request, what="raw blocks")) is not None:
+        return refused
     raw = request.app[NODE].store.raw_block(node, height)
     if raw is None:
         return _err(404, "not_found", "no such block")
-    if request.query.get("format") == "json":
+    if fmt == "json":
         hdr = BlockHeader.decode(raw[0])
         return web.json_response(
             {
@@ -205,8 +243,12 @@ def key_txs(access: Any, patient: bytes) -> list[bytes]:
 
 
 async def patient_enrollments(request: web.Request) -> web.Response:
-    """``/v1/patients/{key}/enrollments``: the patient's enrolments and rechains (msgpack)."""
+    """``/v1/patients/{key}/enrollments``, signed by the patient (or an authority): the
+    patient's enrolments and rechains (msgpack); they name every device of the patient."""
     patient = _key(request.match_info["key"])
+    refused = await _signed_by_one_of(request, patient, what="this patient's enrolments")
+    if refused is not None:
+        return refused
     return web.Response(
         body=pack(key_txs(request.app[NODE].batcher.access, patient)), content_type=MSGPACK
     )
@@ -228,11 +270,14 @@ def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
 
 async def grants(request: web.Request) -> web.Response:
     """Grants naming a patient (``/v1/patients/{key}/grants``) or a grantee
-    (``/v1/grantees/{key}/grants``).  Grants sit in blocks, which every node
-    replicates and serves, so this reveals nothing a block read would not."""
+    (``/v1/grantees/{key}/grants``), signed by that patient or grantee (or an authority):
+    who shares with whom is itself health information (a stranger must not learn which
+    patients a clinic sees, nor which clinics a patient sees)."""
     who = _key(request.match_info["key"])
-    access = request.app[NODE].batcher.access
     side = "patient" if request.path.startswith("/v1/patients/") else "grantee"
+    if (refused := await _signed_by_one_of(request, who, what=f"this {side}'s grants")) is not None:
+        return refused
+    access = request.app[NODE].batcher.access
     out = [
         _grant_doc(access, gid, g)
         for gid, g in sorted(access.grants.items(), key=lambda kv: kv[1].ts_ms)
@@ -321,18 +366,19 @@ async def audit(request: web.Request) -> web.Response:
 
 
 async def proof(request: web.Request) -> web.Response:
-    """``GET /v1/chains/{node}/{height}/proof/{index}``: an entry, its block header and
-    its RFC 9162 audit path (an erased entry comes as its leaf hash alone)."""
+    """``GET /v1/chains/{node}/{height}/proof/{index}``, for authorities only: an entry,
+    its block header and its RFC 9162 audit path (an erased entry comes as its leaf hash
+    alone)."""
     node = _key(request.match_info["node"])
-    try:
-        height, index = int(request.match_info["height"]), int(request.match_info["index"])
-    except ValueError:
-        return _err(400, "malformed", "height and index are integers")
+    height = _height(request.match_info["height"])
+    index = _height(request.match_info["index"], "index")
+    if (refused := await _signed_by_one_of(request, what="raw entries")) is not None:
+        return refused
     raw = request.app[NODE].store.raw_block(node, height)
     if raw is None:
         return _err(404, "not_found", "no such block")
     body = decode_body(raw[1])
-    if not 0 <= index < len(body):
+    if index >= len(body):
         return _err(404, "not_found", f"block {height} has {len(body)} entries")
     leaves = [merkle.leaf_of(e) for e in body]
     entry = body[index]

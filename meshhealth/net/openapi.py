@@ -18,13 +18,16 @@ from meshhealth.wire.types import MAX_CONTROL
 JSON, MSGPACK, TEXT = "application/json", "application/msgpack", "text/plain"
 SIGNED = "signedRequest"  # the security scheme of the signed reads
 MAX_MS = (1 << 63) - 1
+MAX_U64 = (1 << 64) - 1
 
 Doc = dict[str, Any]
 
 SIGNING = f"""\
-Reading a patient's readings or audit trail needs a request signed with the reader's
-Ed25519 key. Four headers carry the signature (an `apiKey` scheme cannot express it,
-so each signed operation also declares them as header parameters):
+Reading a patient's readings or audit trail, the grants naming a patient or a grantee,
+a patient's enrolments, and (for authorities only) raw blocks and proofs needs a request
+signed with the reader's Ed25519 key. Four headers carry the signature (an `apiKey`
+scheme cannot express it, so each signed operation also declares them as header
+parameters):
 
 | header | value |
 |---|---|
@@ -50,8 +53,9 @@ when the request was signed more than 30 s away from its clock, when the nonce w
 already used (a nonce is never accepted twice), when the signature does not verify,
 or when it holds too many nonces of the current window (retry shortly). A request
 signed correctly but not allowed by the access state is answered 403. Every signed read
-the node answers, allowed or refused with 403, is recorded as an AccessLog (`L1`) in
-its next block."""
+of readings or of an audit trail the node answers, allowed or refused with 403, is
+recorded as an AccessLog (`L1`) in its next block; the listings and raw blocks are not
+logged (they are refused to everyone but the party concerned and the authorities)."""
 
 OVERVIEW = """\
 The HTTP API of a MeshHealth node: one edge node of a peer-to-peer network that
@@ -276,7 +280,6 @@ def _schemas() -> dict[str, Doc]:
                     "backlog_bytes",
                     "pending",
                     "blocks_sealed",
-                    "height",
                     "readings_committed",
                     "erased_readings",
                     rejects={
@@ -285,6 +288,11 @@ def _schemas() -> dict[str, Doc]:
                         "description": "Rejections by reason.",
                     },
                     commit_seconds={"type": "number", "minimum": 0},
+                    height={
+                        "type": "integer",
+                        "minimum": -1,
+                        "description": "Height of this node's own head block (-1: none yet).",
+                    },
                 ),
                 "store": _counts(
                     "map_size",
@@ -479,7 +487,8 @@ def _signing_headers() -> dict[str, Doc]:
 
 def _paths() -> dict[str, Doc]:
     node = _key_path("node", "The public key of the node whose chain it is.")
-    height = _path("height", {"type": "integer", "minimum": 0}, "Block height.")
+    height = _path("height", {"type": "integer", "minimum": 0, "maximum": MAX_U64}, "Height.")
+    _not_authority = _error("The signer is not an authority of the network (`not_allowed`).")
     patient = _key_path("key", "The patient's public key.")
     bad_read = "A key is not 64 hex or a time not a Unix ms integer (plain text)"
     return {
@@ -549,8 +558,11 @@ def _paths() -> dict[str, Doc]:
             "get": _operation(
                 "getBlock",
                 "chains",
-                "One block",
-                "A block exactly as stored, or its header's main fields as JSON.",
+                "One block (authorities only)",
+                "A block exactly as stored, or its header's main fields as JSON. Blocks hold "
+                "every patient's readings, grants and access logs, so only a request signed "
+                "by an authority of the network is answered; everyone else reads through "
+                "the signed, logged reads.",
                 {
                     "200": {
                         "description": "msgpack `[header, body]`: the encoded `B1` header and "
@@ -558,7 +570,11 @@ def _paths() -> dict[str, Doc]:
                         "entry is kept as its leaf hash). With `format=json`: the header.",
                         "content": {MSGPACK: {}, JSON: {"schema": _schema("BlockHeader")}},
                     },
-                    "400": _bad_request("The key is not 64 hex, or the height not an integer."),
+                    "400": _error(
+                        "The key is not 64 hex, the height not an integer in [0, 2^64), or "
+                        "`format` not `json` (reason `malformed`)."
+                    ),
+                    "403": _not_authority,
                     "404": _error("No such block (reason `not_found`)."),
                 },
                 [
@@ -566,21 +582,32 @@ def _paths() -> dict[str, Doc]:
                     height,
                     _query("format", {"enum": ["json"]}, "`json` for the header as JSON."),
                 ],
+                signed=True,
             )
         },
         "/v1/chains/{node}/{height}/proof/{index}": {
             "get": _operation(
                 "getProof",
                 "chains",
-                "Inclusion proof of one entry",
+                "Inclusion proof of one entry (authorities only)",
                 "An entry, its block header and its RFC 9162 audit path; an erased entry "
-                "comes as its leaf hash alone.",
+                "comes as its leaf hash alone. Only a request signed by an authority of the "
+                "network is answered, as for the block itself.",
                 {
                     "200": _json("The proof.", _schema("Proof")),
-                    "400": _bad_request("The key is not 64 hex, or a number not an integer."),
+                    "400": _error(
+                        "The key is not 64 hex, or a number not an integer in [0, 2^64) "
+                        "(reason `malformed`)."
+                    ),
+                    "403": _not_authority,
                     "404": _error("No such block, or no entry at that index (`not_found`)."),
                 },
-                [node, height, _path("index", {"type": "integer", "minimum": 0}, "Entry index.")],
+                [
+                    node,
+                    height,
+                    _path("index", {"type": "integer", "minimum": 0, "maximum": MAX_U64}, "Entry."),
+                ],
+                signed=True,
             )
         },
         "/v1/patients/{key}/readings": {
@@ -617,7 +644,7 @@ def _paths() -> dict[str, Doc]:
                     _ms_query("to", "End of the range (inclusive).", required=True),
                     _query(
                         "after",
-                        {"type": "integer", "minimum": 0, "default": 0},
+                        {"type": "integer", "minimum": 0, "maximum": MAX_MS, "default": 0},
                         "Page cursor: the `next` of the previous answer.",
                     ),
                 ],
@@ -636,7 +663,7 @@ def _paths() -> dict[str, Doc]:
                         'msgpack `["AU1", [[entry, node, height, index], ...]]`: each '
                         "encoded `L2` AccessLog (carrying the reader's signed request; `L1` "
                         "on older chains) with the chain, height and index of its block "
-                        "(check it with the proof endpoint)."
+                        "(an authority checks it with the proof endpoint)."
                     ),
                     "400": _bad_request(f"{bad_read}."),
                     "403": _error("The signer is not the patient (reason `not_patient`)."),
@@ -682,17 +709,23 @@ def _paths() -> dict[str, Doc]:
             "get": _operation(
                 "getPatientEnrollments",
                 "sharing",
-                "A patient's enrolments, rechains and device removals",
+                "A patient's enrolments, rechains and device removals (signed by the patient)",
                 "Every EnrollDevice, Rechain and RemoveDevice transaction of the patient: "
                 "which device may write which key chain, and which no longer writes (the "
-                "patient's client reads it to re-seal a new chain to the right devices).",
+                "patient's client reads it to re-seal a new chain to the right devices). It "
+                "names every device of the patient, so only the patient (or an authority) "
+                "may read it.",
                 {
                     "200": _msgpack(
                         "msgpack array of the encoded `E1`/`E2`, `K1` and `D1` transactions."
                     ),
-                    "400": _bad_request("The key is not 64 hex."),
+                    "400": _error("The key is not 64 hex (reason `malformed`)."),
+                    "403": _error(
+                        "The signer is neither the patient nor an authority (`not_allowed`)."
+                    ),
                 },
                 [_key_path("key", "The patient's public key.")],
+                signed=True,
             )
         },
         "/v1/network": {
@@ -834,14 +867,16 @@ def _grants(op_id: str, side: str) -> Doc:
     return _operation(
         op_id,
         "sharing",
-        f"Grants naming a {side}",
-        f"Every grant whose {side} is the key, oldest first. Grants sit in blocks, which "
-        "every node replicates and serves, so this needs no signature.",
+        f"Grants naming a {side} (signed by the {side})",
+        f"Every grant whose {side} is the key, oldest first. Who shares with whom is itself "
+        f"health information, so only the {side} (or an authority) may read it.",
         {
             "200": _json("The grants.", _schema("Grants")),
-            "400": _bad_request("The key is not 64 hex."),
+            "400": _error("The key is not 64 hex (reason `malformed`)."),
+            "403": _error(f"The signer is neither the {side} nor an authority (`not_allowed`)."),
         },
         [_key_path("key", f"The {side}'s public key.")],
+        signed=True,
     )
 
 

@@ -20,6 +20,15 @@ Identifiers are deterministic, so exporting the same data twice gives the
 same resources: an Observation's id is a UUIDv5 of (subject, stream, t_ms,
 device), which is what identifies a sample; an AuditEvent's id is a UUIDv5
 of the digest of the request it logs; a Consent's id is the grant id.
+
+Under a pseudonymous grant (:class:`Pseudonyms`) an export names no key a
+node could map back to the patient: the patient, each device and the grant
+itself (the Consent's id and identifier) are keyed BLAKE2b pseudonyms under
+a secret only the grantee holds (derived from its own key and the grant's
+sealed keys, :attr:`meshhealth.sharing.grants.GrantKeys.pseudonym_key`).
+Grant ids and device keys are on chain beside the patient's key, so a
+pseudonym keyed by a public value (the grant id) could be recomputed by
+anyone who holds the grants; these cannot.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ LOINC_SYSTEM = "http://loinc.org"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
 KEY_SYSTEM = "urn:meshhealth:key"
+PSEUDONYM_SYSTEM = "urn:meshhealth:pseudonym"
 NODE_SYSTEM = "urn:meshhealth:node"
 GRANT_SYSTEM = "urn:meshhealth:grant"
 
@@ -63,7 +73,7 @@ class Row:
     t_ms: int  # sample time, Unix ms (UTC)
     unit: str  # UCUM unit, as the device wrote it
     value: tuple[float, ...]  # one value; bp has two: (systolic, diastolic)
-    device: str  # device public key, 64 hex
+    device: str  # device public key, 64 hex, or, under a pseudonymous grant, its pseudonym
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +130,33 @@ def format_value(value: tuple[float, ...]) -> str:
     return "/".join(_number(v) for v in value)
 
 
-def pseudonym(grant_id: bytes, patient: bytes) -> str:
-    """The patient's pseudonym under one grant: stable for it, unlinkable across grants."""
-    digest = nacl.hash.blake2b(
-        patient,
-        digest_size=16,
-        key=grant_id,
-        person=b"mh/pseudonym",
-        encoder=nacl.encoding.HexEncoder,
-    )
-    return "pseud-" + digest.decode()
+@dataclass(frozen=True, slots=True)
+class Pseudonyms:
+    """What an export under one pseudonymous grant calls the patient, its devices and the
+    grant: stable for the grant, unlinkable across grants, and not computable without
+    ``key`` (a per-grant secret only the grantee holds), so no node, and no one who has
+    read the grants and enrolments on chain, can map one back to a key."""
+
+    key: bytes  # 32 secret bytes
+
+    def __post_init__(self) -> None:
+        if len(self.key) != 32:
+            raise ValueError("a pseudonym key is 32 bytes")
+
+    def _of(self, person: bytes, value: bytes) -> str:
+        digest = nacl.hash.blake2b(
+            value, digest_size=16, key=self.key, person=person, encoder=nacl.encoding.HexEncoder
+        )
+        return "pseud-" + digest.decode()
+
+    def patient(self, patient: bytes) -> str:
+        return self._of(b"mh/pseud/patient", patient)
+
+    def device(self, device: bytes) -> str:
+        return self._of(b"mh/pseud/device", device)
+
+    def grant(self, grant_id: bytes) -> str:
+        return self._of(b"mh/pseud/grant", grant_id)
 
 
 _TABLE = (("time", 24), ("stream", 6), ("value", 9), ("unit", 7), ("device", 8), ("subject", 16))
@@ -241,15 +268,32 @@ def observations_bundle(rows: Iterable[Row], *, now_ms: int | None = None) -> Js
     return _bundle((observation(r, id=observation_id(r)) for r in rows), now_ms)
 
 
-def consent(grant: Grant, grant_id: bytes, *, revoked: bool, subject: str) -> Json:
-    """The grant as a FHIR R4 Consent: ``grantee`` may read these streams in this period."""
+def consent(
+    grant: Grant,
+    grant_id: bytes,
+    *,
+    revoked: bool,
+    subject: str,
+    names: Pseudonyms | None = None,
+) -> Json:
+    """The grant as a FHIR R4 Consent: ``grantee`` may read these streams in this period.
+    With ``names`` (a pseudonymous export) it is identified by the grant's pseudonym, not
+    by the grant id, which every node maps to the patient."""
     period = {"start": iso(grant.from_ms)}
     if not grant.open:
         period["end"] = iso(grant.until_ms)
+    system, gid = (
+        (GRANT_SYSTEM, grant_id.hex())
+        if names is None
+        else (
+            PSEUDONYM_SYSTEM,
+            names.grant(grant_id),
+        )
+    )
     return {
         "resourceType": "Consent",
-        "id": grant_id.hex(),
-        "identifier": [{"system": GRANT_SYSTEM, "value": grant_id.hex()}],
+        "id": gid,
+        "identifier": [{"system": system, "value": gid}],
         "status": "inactive" if revoked else "active",
         "scope": {
             "coding": [
@@ -374,6 +418,7 @@ def audit_bundle(logs: Iterable[AnyAccessLog], *, now_ms: int | None = None) -> 
 
 __all__ = [
     "LOINC",
+    "Pseudonyms",
     "Row",
     "StreamCode",
     "access_log_doc",
@@ -385,7 +430,6 @@ __all__ = [
     "observation",
     "observation_id",
     "observations_bundle",
-    "pseudonym",
     "write_csv",
     "write_table",
 ]

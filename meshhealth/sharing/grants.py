@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 import nacl.public
 
 from meshhealth.crypto.hashing import h
@@ -32,6 +34,7 @@ from meshhealth.wire import Grant, GrantStream, Reading, Rechain, SealedKey
 from meshhealth.wire.types import MAX_GRANT, OPEN
 
 KEY_LEN = 32
+RAW = nacl.encoding.RawEncoder
 _TOO_LONG = (
     f"a bounded grant carries one key per epoch and stream, at most {MAX_GRANT:,} bytes in all: "
     "grant a shorter window, fewer streams, or an open grant"
@@ -92,6 +95,10 @@ class GrantKeys:
     id: bytes
     bounded: dict[tuple[bytes, int], bytes] = field(default_factory=dict)  # (chain, epoch) -> M
     cursors: dict[bytes, ChainCursor] = field(default_factory=dict)  # chain -> open cursor
+    # keys the pseudonyms of an export under this grant: from the grantee's own secret key
+    # and the grant's sealed keys, so only the grantee can compute them (never the grant id
+    # or another public value, which anyone holding the chain could try)
+    pseudonym_key: bytes = b""
 
     @classmethod
     def open(cls, grant: Grant, grantee: Identity) -> GrantKeys:
@@ -99,16 +106,25 @@ class GrantKeys:
             raise ValueError("this grant is for someone else")
         keys = cls(grant, h(grant.encode()))
         box = nacl.public.SealedBox(grantee.box_private)
+        secret = nacl.hash.blake2b(
+            bytes(grantee.box_private), digest_size=32, person=b"mh/pseud-seed", encoder=RAW
+        )
         for s in grant.streams:
             try:
                 plain = box.decrypt(s.sealed)
             except nacl.exceptions.CryptoError as exc:
                 raise ValueError(f"stream {s.stream}: the sealed keys do not open") from exc
+            secret = nacl.hash.blake2b(
+                plain, digest_size=32, key=secret, person=b"mh/pseud-seed", encoder=RAW
+            )
             if s.open:
                 keys.cursors[s.chain_id] = ChainCursor(s.chain_id, s.epoch_ms, s.first_epoch, plain)
             else:
                 for i, e in enumerate(range(s.first_epoch, s.last_epoch + 1)):
                     keys.bounded[(s.chain_id, e)] = plain[i * KEY_LEN : (i + 1) * KEY_LEN]
+        keys.pseudonym_key = nacl.hash.blake2b(
+            keys.id, digest_size=32, key=secret, person=b"mh/pseud-key", encoder=RAW
+        )
         return keys
 
     def follow(self, tx: Rechain, grantee: Identity) -> bool:

@@ -54,7 +54,7 @@ from meshhealth.errors import (
 from meshhealth.ingest.verify import check_one
 from meshhealth.net.client import get_first
 from meshhealth.net.signed_request import sign_request
-from meshhealth.sharing.export import Row, pseudonym
+from meshhealth.sharing.export import Pseudonyms, Row
 from meshhealth.sharing.grants import GrantKeys
 from meshhealth.sharing.keychain import ChainCursor, KeyChain, decode_samples, decrypt
 from meshhealth.wire import (
@@ -155,6 +155,14 @@ class NodeClient:
         async for url, body in self.each_node(path):
             return url, body
         raise NetworkError("no node answered")  # each_node raises first; kept for the checker
+
+
+async def signed_get(
+    session: aiohttp.ClientSession, urls: list[str], me: Identity, path: str
+) -> bytes:
+    """The body of the first node that answers ``GET path`` signed by ``me`` with 200 (the
+    grant and enrolment listings answer only the party they name)."""
+    return (await NodeClient(session, urls, me).first(path))[1]
 
 
 class Refused(AccessDenied):
@@ -300,11 +308,18 @@ class FetchResult:
             f"{self.node_url}, {self.blocks} blocks, {self.bytes_transferred} bytes)"
         )
 
-    def rows(self, subject: str, from_ms: int, to_ms: int) -> list[Row]:
+    def rows(
+        self,
+        subject: str,
+        from_ms: int,
+        to_ms: int,
+        device: Callable[[bytes], str] = bytes.hex,
+    ) -> list[Row]:
         """The samples inside [from_ms, to_ms] as export rows, in time order (a reading that
-        starts before the range can carry samples from before it: those are left out)."""
+        starts before the range can carry samples from before it: those are left out);
+        ``device`` names each device (:meth:`Access.device`: a pseudonym, if it must)."""
         return [
-            Row(subject, o.stream, t, o.unit, v, o.device.hex())
+            Row(subject, o.stream, t, o.unit, v, device(o.device))
             for o in self.readings
             for t, v in o.samples
             if from_ms <= t <= to_ms
@@ -504,7 +519,7 @@ async def grants_to(
     """The keys of every grant any patient made to ``me`` (following the rechains that
     carried an open grant to new key chains), and whether it is revoked; from the first
     node that lists them, each transaction checked against its patient's signature."""
-    doc = json.loads(await get_first(session, urls, f"/v1/grantees/{me.public.hex()}/grants"))
+    doc = json.loads(await signed_get(session, urls, me, f"/v1/grantees/{me.public.hex()}/grants"))
     out = []
     for g in doc["grants"]:
         tx = decode_control(bytes.fromhex(g["tx"]))
@@ -535,6 +550,11 @@ class Access:
     keys_for: KeysFor
     subject: str  # the patient's key (hex) or, under a research grant, a pseudonym
     grants: list[tuple[GrantKeys, bool]]  # (keys, revoked); empty for the patient
+    names: Pseudonyms | None = None  # under a research grant: what the export calls things
+
+    def device(self, key: bytes) -> str:
+        """What an export calls a device: its key, or under a research grant its pseudonym."""
+        return key.hex() if self.names is None else self.names.device(key)
 
 
 def access_of(patient: bytes, mine: list[tuple[GrantKeys, bool]]) -> Access:
@@ -542,11 +562,11 @@ def access_of(patient: bytes, mine: list[tuple[GrantKeys, bool]]) -> Access:
     there are none): a pseudonymous grant that is not revoked names a pseudonym."""
     if not mine:
         raise Refused("no_grant", f"patient {patient.hex()[:8]} has granted us nothing")
-    subject = patient.hex()
-    pseudonymous = [k.id for k, revoked in mine if k.grant.pseudonymous and not revoked]
-    if pseudonymous:
-        subject = pseudonym(pseudonymous[-1], patient)
-    return Access(grant_keys(k for k, _ in mine), subject, mine)
+    pseudonymous = [k for k, revoked in mine if k.grant.pseudonymous and not revoked]
+    if not pseudonymous:
+        return Access(grant_keys(k for k, _ in mine), patient.hex(), mine)
+    names = Pseudonyms(pseudonymous[-1].pseudonym_key)
+    return Access(grant_keys(k for k, _ in mine), names.patient(patient), mine, names)
 
 
 def own_access(patient: bytes, chains: Iterable[KeyChain]) -> Access:

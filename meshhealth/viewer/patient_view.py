@@ -23,7 +23,6 @@ import json
 from aiohttp import web
 
 from meshhealth.crypto.hashing import h
-from meshhealth.net.client import get_first
 from meshhealth.sharing.export import access_log_doc
 from meshhealth.sharing.keychain import KeyChain
 from meshhealth.sharing.provider import VerificationError, audit_trail, own_access
@@ -80,7 +79,7 @@ async def grants(request: web.Request) -> web.Response:
     reader = request.app[READER]
     patient = reader.me.public
     try:
-        body = await get_first(reader.session, reader.urls, f"/v1/patients/{patient.hex()}/grants")
+        _, body = await reader.client().first(f"/v1/patients/{patient.hex()}/grants")
         out = []
         now = now_ms()
         for g in json.loads(body)["grants"]:
