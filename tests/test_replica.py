@@ -13,7 +13,7 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
 from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import InvalidBlock, StorageError
+from meshhealth.errors import InvalidBlock, Rejected, StorageError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.replica import MissingLinks, admit_remote
@@ -401,3 +401,70 @@ def test_a_removed_devices_later_readings_are_pruned_in_a_valid_block() -> None:
     ((_, after),) = dev.readings("hr", [(T0 + 61_000, (70.0,))])
     with pytest.raises(Exception, match="removed"):
         b.admit_reading(after, Reading.decode(after), now + 2000)
+
+
+def _admit(b: Batcher, blk, now: int) -> Commit:  # type: ignore[no-untyped-def]
+    return admit_remote(
+        b,
+        blk.header,
+        blk.entries,
+        check_entries(list(blk.entries)),
+        block_hash_at=lambda n, h: None,
+        now_ms=now,
+    )
+
+
+def test_a_peer_block_cannot_fill_a_mark_that_our_pending_seqs_then_overflow(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 11 fix1 #1 (poc_seqmark): a device's seqs still waiting in our batch count
+    against the stored bound when a peer's block adds seqs for it, so the seal never
+    stores a mark past the bound (before: 64 + 1 gaps stored, or at the default bound a
+    StorageError in the commit that stopped the node)."""
+    world, a, b = two_nodes()
+    b.limits.max_seq_gap = 16  # the stored bound becomes 64
+    cap = b.limits.max_seq_gap_stored
+    rogue = make_rogue(T0)
+    now = T0 + 10_000
+    enrol = rogue_block(world, a.key, [rogue.enrolment.encode()], now)
+    _admit(b, enrol, now)
+    raw = rogue.reading(3, T0 + 1)  # one gapped reading, pending in OUR batch
+    b.admit_reading(raw, Reading.decode(raw), now)
+    gapped = [rogue.reading(5 + 2 * i, T0 + 2 + i) for i in range(cap)]  # exactly the bound
+    blk = rogue_block(world, a.key, gapped, now, height=1, prev=enrol.hash)
+    assert "seqs above a gap" in refused(b, blk, now)
+    assert b.rejects["peer_block_seq_gap"] == 1
+    # one fewer fits: the seal then stores exactly the bound
+    fits = rogue_block(world, a.key, gapped[:-1], now, height=1, prev=enrol.hash)
+    _admit(b, fits, now)
+    c = b.seal(now + 1000)
+    assert len(c.seqmarks[rogue.device.public].above) == cap
+    # and local ingest takes no further gapped seq of that device
+    more = rogue.reading(10_001, T0 + 9_000)
+    with pytest.raises(Rejected):
+        b.admit_reading(more, Reading.decode(more), now)
+
+
+def test_at_the_default_bound_the_seal_after_a_full_peer_block_commits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The PoC at full scale, the mark put in place directly: a peer's block takes the
+    stored mark to MAX_ABOVE_STORED while one gapped seq waits in our batch."""
+    world, a, b = two_nodes()
+    assert b.limits.max_seq_gap_stored == MAX_ABOVE_STORED
+    rogue = make_rogue(T0)
+    now = T0 + 10_000
+    enrol = rogue_block(world, a.key, [rogue.enrolment.encode()], now)
+    _admit(b, enrol, now)
+    dev = rogue.device.public
+    raw = rogue.reading(3, T0 + 1)
+    b.admit_reading(raw, Reading.decode(raw), now)
+    # as if earlier peer blocks had filled the mark to one below the bound
+    b.marks[dev].above = set(range(10, 10 + 2 * (MAX_ABOVE_STORED - 1), 2))
+    last = rogue.reading(5, T0 + 2)  # the mark's 32,768th gap, + 1 pending
+    blk = rogue_block(world, a.key, [last], now, height=1, prev=enrol.hash)
+    assert "seqs above a gap" in refused(b, blk, now)
+    store = Store(tmp_path / "s", map_size_mb=64)
+    try:
+        store.commit_block(b.seal(now + 1000))  # before the fix: StorageError here
+        assert len(b.marks[dev].above) == MAX_ABOVE_STORED
+    finally:
+        store.close()

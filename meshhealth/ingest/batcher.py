@@ -64,6 +64,11 @@ class BatchLimits:
     max_seq_gap: int | None = None
 
     @property
+    def max_seq_gap_local(self) -> int:
+        """The bound on a device's seqs above a gap that local ingest lets in."""
+        return min(self.max_seq_gap or seqmarks.MAX_ABOVE, MAX_ABOVE_STORED)
+
+    @property
     def max_seq_gap_stored(self) -> int:
         """The bound on a device's seqs above a gap in a *peer's* block (see seqmarks)."""
         return min(MAX_ABOVE_STORED, 4 * (self.max_seq_gap or seqmarks.MAX_ABOVE))
@@ -150,6 +155,10 @@ class Batcher:
     def _pending_seqs(self, device: bytes) -> int:
         return sum(len(b.seqs.get(device, ())) for b in self._batches)
 
+    def pending_seqs(self, device: bytes) -> list[int]:
+        """The device's seqs waiting in our batches (they join its mark when sealed)."""
+        return [s for b in self._batches for s in b.seqs.get(device, ())]
+
     def note_remote_head(
         self, node: bytes, height: int, block_hash: bytes, *, carries_entries: bool, now_ms: int
     ) -> None:
@@ -213,7 +222,9 @@ class Batcher:
             self.want_receipt.add(r.device)
             raise Rejected("duplicate", f"seq {r.seq} already stored")
         gaps = self._pending_seqs(r.device)
-        if not mark.room_for(r.seq, pending=gaps, bound=self.limits.max_seq_gap):
+        # what is stored after the seal: the mark, every pending seq and this one; a peer's
+        # block may have filled the mark past our local bound (room only for the gap)
+        if not mark.room_for(r.seq, pending=gaps, bound=self.limits.max_seq_gap_local):
             raise Rejected("seq_window", "too many readings above a gap; re-send the gap first")
         batch = self._place(len(raw))
         self.marks.setdefault(r.device, mark)
@@ -313,10 +324,15 @@ class Batcher:
         for device, seqs in batch.seqs.items():
             if not seqs:
                 continue
-            mark = self.marks[device]
+            mark = self.marks[device].copy()
             for s in seqs:
                 mark.add(s)
-            touched[device] = mark.copy()
+            # admission keeps every mark within the stored bound (admit_reading and
+            # replica.admit_remote count pending seqs): never sign a block whose commit
+            # could not store its marks
+            if len(mark.above) > MAX_ABOVE_STORED:
+                raise LocalError(f"refusing to seal: a seq mark of {len(mark.above)} gaps")
+            touched[device] = mark
         links = list(self._links_due.values())[:MAX_LINKS]  # the rest go in the next block
         block = build_block(
             self.key,
@@ -331,6 +347,9 @@ class Batcher:
             raise LocalError("refusing to seal a block header over its bound")
         for link in links:
             del self._links_due[link.node]
+        for device, mark in touched.items():  # the marks change only once the block is built
+            held = self.marks[device]
+            held.contiguous, held.above = mark.contiguous, set(mark.above)
         # readings batched before their patient's erasure reached us (from a peer's block
         # while they waited here): sealed as received, stored as leaf hashes only
         prune = frozenset(

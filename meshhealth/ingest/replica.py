@@ -234,14 +234,22 @@ def _admit_remote(
         seen.add(e.seq)
         index.append(IndexedReading(i, e.patient, e.stream, e.t_ms))
     # the same bound on a device's out-of-order seqs as local ingest, with room for
-    # honest nodes that took in one device's readings concurrently (seqmarks.py)
+    # honest nodes that took in one device's readings concurrently (seqmarks.py).  It
+    # counts the device's seqs still waiting in our own batches too: they join the
+    # mark when we seal, and a stored mark must never pass the bound (a seal that
+    # cannot be committed would stop the node), so the peer's block is refused here.
+    # Each pending seq adds at most one to the stored gap set, whatever order batches are
+    # sealed in, except the one right after the mark's contiguous part (it only shrinks the
+    # set); so mark + this block + pending, counted so, bounds every mark we will store.
     for device, seqs in adds.items():
         mark = b.marks.get(device, SeqMark()).copy()
         for s in seqs:
             mark.add(s)
-        if len(mark.above) > b.limits.max_seq_gap_stored:
+        pending = b.pending_seqs(device)
+        gapped = len(mark.above) + sum(1 for s in pending if s != mark.contiguous + 1)
+        if gapped > b.limits.max_seq_gap_stored:
             raise bad(
-                f"device {device.hex()[:8]}: {len(mark.above)} seqs above a gap "
+                f"device {device.hex()[:8]}: {gapped} seqs above a gap "
                 f"(at most {b.limits.max_seq_gap_stored})",
                 "seq_gap",
             )
