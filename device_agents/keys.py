@@ -54,7 +54,7 @@ async def follow_rechains(
         try:
             path = f"/v1/devices/{d.id.hex()}/enrollments?patient={d.patient.hex()}"
             body = await get_first(session, node_urls, path, max_bytes=MAX_ANSWER)
-            txs = unpack(body, max_len=MAX_ANSWER)
+            txs = unpack(body, max_len=MAX_ANSWER, max_arrays=1)
             if type(txs) is not list or not all(type(t) is bytes for t in txs):
                 raise MalformedMessage("an enrolment listing is a list of transactions")
         except (NetworkError, RemoteError) as exc:

@@ -42,7 +42,8 @@ def encode_body(entries: Sequence[bytes]) -> bytes:
 
 
 def decode_body(data: bytes) -> tuple[bytes, ...]:
-    raw = unpack(data, max_len=MAX_BLOCK_BYTES + 16)
+    # one array of at most MAX_BLOCK_ENTRIES bins: nothing else is walked or built
+    raw = unpack(data, max_len=MAX_BLOCK_BYTES + 16, max_items=1 + MAX_BLOCK_ENTRIES, max_arrays=1)
     if type(raw) is not list or len(raw) > MAX_BLOCK_ENTRIES:
         raise MalformedMessage("a block body is a bounded list of entries")
     if not all(type(e) is bytes for e in raw):

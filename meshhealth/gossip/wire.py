@@ -31,6 +31,9 @@ MAX_HEADS = 65_536
 MAX_BATCH = 256
 MAX_PEERS = 256
 MAX_URL = 256
+# the largest message's objects: a FullHeads of MAX_HEADS [chain, height] records
+MAX_ITEMS = 3 * MAX_HEADS + 8
+MAX_ARRAYS = MAX_HEADS + 4
 
 RawBlock = tuple[bytes, bytes]  # (encoded header, encoded body)
 _KEY = b_exact(32)
@@ -73,7 +76,7 @@ def encode(msg: Message, blocks: list[RawBlock] | None = None) -> bytes:
 
 
 def decode(data: bytes) -> tuple[Message, list[RawBlock]]:
-    raw = unpack(data, max_len=MAX_GOSSIP)
+    raw = unpack(data, max_len=MAX_GOSSIP, max_items=MAX_ITEMS, max_arrays=MAX_ARRAYS)
     if type(raw) is not list or not raw or type(raw[0]) is not str:
         raise MalformedMessage("not a gossip message")
     tag, args = raw[0], raw[1:]

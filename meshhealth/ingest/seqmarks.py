@@ -55,7 +55,9 @@ class SeqMark:
     @classmethod
     def decode(cls, data: bytes) -> SeqMark:
         try:
-            contiguous, above = unpack(data, max_len=MAX_RECORD)
+            contiguous, above = unpack(
+                data, max_len=MAX_RECORD, max_items=MAX_ABOVE_STORED + 3, max_arrays=2
+            )
             ok = type(contiguous) is int and type(above) is list
             if not ok or not all(type(s) is int and 0 <= s <= MAX_U64 for s in above):
                 raise StorageError("a stored seq mark is not [int, [int...]]")

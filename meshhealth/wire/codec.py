@@ -42,18 +42,96 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack(data: bytes, *, max_len: int) -> Any:
-    """Decode untrusted msgpack, bounded by ``max_len`` before any work."""
+# Decoding builds Python objects, far bigger than their bytes: an empty array is one
+# byte on the wire and ~64 bytes decoded.  So a message past SCAN_FROM bytes is first
+# walked without building anything, counting its objects and arrays against bounds.
+SCAN_FROM = 64 * 1024  # below it, the worst decode is ~4 MiB: not worth a walk
+ARRAY_BYTES = 32  # the default: at most one array per 32 bytes (+16), ~2x the input decoded
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_FIXED.update({0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8})
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin/str: length bytes
+
+
+def scan(data: bytes | bytearray | memoryview, *, max_items: int, max_arrays: int) -> None:
+    """Walk msgpack without decoding it: :class:`MalformedMessage` if it holds more than
+    ``max_items`` objects or ``max_arrays`` arrays, or any map or ext (the wire has none),
+    or is truncated.  Costs O(objects walked), allocates nothing per object."""
+    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    end, pos, todo, items, arrays = len(buf), 0, 1, 0, 0
+    while todo:
+        if pos >= end:
+            raise MalformedMessage("truncated msgpack")
+        b = buf[pos]
+        pos += 1
+        todo -= 1
+        items += 1
+        if items > max_items:
+            raise MalformedMessage(f"more than {max_items} msgpack objects")
+        if b < 0x80 or b >= 0xE0:
+            continue
+        if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+            arrays += 1
+            if arrays > max_arrays:
+                raise MalformedMessage(f"more than {max_arrays} msgpack arrays")
+            if b <= 0x9F:
+                n = b & 0x0F
+            else:
+                w = 2 if b == 0xDC else 4
+                n = int.from_bytes(buf[pos : pos + w], "big")
+                pos += w
+            if n > max_items:
+                raise MalformedMessage(f"an array of {n} items (at most {max_items})")
+            todo += n
+        elif 0xA0 <= b <= 0xBF:
+            pos += b & 0x1F
+        elif b in _SIZED:
+            w = _SIZED[b]
+            pos += w + int.from_bytes(buf[pos : pos + w], "big")
+        elif b in _FIXED:
+            pos += _FIXED[b]
+        else:
+            raise MalformedMessage("msgpack map or ext (the wire has neither)")
+    if pos > end:
+        raise MalformedMessage("truncated msgpack")
+
+
+def _no_map(pairs: Any) -> Any:
+    raise ValueError("a msgpack map (the wire has none)")
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError("a msgpack ext (the wire has none)")
+
+
+def unpack(
+    data: bytes, *, max_len: int, max_items: int | None = None, max_arrays: int | None = None
+) -> Any:
+    """Decode untrusted msgpack, bounded by ``max_len`` before any work, and by object
+    counts: at most ``max_items`` objects (default: no bound past the bytes) and
+    ``max_arrays`` arrays (default: one per :data:`ARRAY_BYTES` bytes, + 16), so that the
+    decoded objects stay within a small multiple of the input bytes.  No maps, no ext."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessage("not bytes")
     if len(data) > max_len:
         raise MalformedMessage(f"message of {len(data)} bytes exceeds the {max_len}-byte bound")
+    n = len(data)
+    items = n if max_items is None else max_items
+    if n > SCAN_FROM:
+        arrays = n // ARRAY_BYTES + 16 if max_arrays is None else max_arrays
+        scan(data, max_items=items, max_arrays=arrays)
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=True,
+            max_array_len=min(items, max(n, 1)),
+            max_bin_len=max_len,
+            max_str_len=max_len,
+            max_map_len=0,
+            max_ext_len=0,
+            object_pairs_hook=_no_map,  # even an empty one
+            ext_hook=_no_ext,
         )
     except Exception as exc:  # msgpack raises a zoo of types; translate once
         raise MalformedMessage(f"undecodable msgpack: {type(exc).__name__}") from exc
