@@ -189,6 +189,10 @@ class GossipConfig:
     send_total_mb: float = 128.0
     # a peer that has not taken a frame from us for this long is disconnected
     slow_peer_s: float = 60.0
+    # another authority's chain may add at most this many body bytes per hour of its
+    # blocks' header times (a bad authority's flood of pruned entries); catch-up of
+    # past hours is not throttled
+    chain_bytes_per_hour: int = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -329,6 +333,10 @@ class NodeConfig:
             raise ConfigError(f"{source}: gossip.claim_timeout_s must be in [0.1, 600]")
         if not 1 <= g.slow_peer_s <= 3600:
             raise ConfigError(f"{source}: gossip.slow_peer_s must be in [1, 3600]")
+        if type(g.chain_bytes_per_hour) is not int or not (
+            1 << 24 <= g.chain_bytes_per_hour <= 1 << 50
+        ):
+            raise ConfigError(f"{source}: gossip.chain_bytes_per_hour must be in [2^24, 2^50]")
         # a maximal block (8 MiB + 64 KiB) must fit in one peer's send queue; a block
         # too big for the buffer is not held but pulled again once its parent is in
         for key, peer, total, least in (

@@ -79,6 +79,7 @@ class Node:
                 ing.max_block_bytes,
                 self.genesis.max_future_skew_ms,
                 ing.max_seq_gap,
+                cfg.gossip.chain_bytes_per_hour,
             ),
             access=access,
             marks={d: m.copy() for d, m in self.store.seqmarks().items()},

@@ -11,12 +11,13 @@ from core_helpers import T0, device_readings, make_rogue, make_world, new_device
 
 from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
+from meshhealth.chain.merkle import pruned
 from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import InvalidBlock, Rejected, StorageError
-from meshhealth.ingest.batcher import Batcher, BatchLimits
+from meshhealth.ingest.batcher import Batcher, BatchLimits, body_size
 from meshhealth.ingest.commit import Commit, IndexedReading
-from meshhealth.ingest.replica import MissingLinks, admit_remote
+from meshhealth.ingest.replica import HOUR_MS, ChainOverBudget, MissingLinks, admit_remote
 from meshhealth.ingest.seqmarks import MAX_ABOVE_STORED, MAX_RECORD, SeqMark
 from meshhealth.ingest.verify import check_entries
 from meshhealth.store.lmdb_store import Store
@@ -468,3 +469,55 @@ def test_at_the_default_bound_the_seal_after_a_full_peer_block_commits(tmp_path)
         assert len(b.marks[dev].above) == MAX_ABOVE_STORED
     finally:
         store.close()
+
+
+def _pruned_block(world, key, n, ts, height, prev):  # type: ignore[no-untyped-def]
+    entries = [pruned(bytes([i % 256]) * 40) for i in range(n)]
+    return rogue_block(world, key, entries, ts, height=height, prev=prev)
+
+
+def test_a_chains_pruned_flood_is_held_to_its_bytes_per_hour(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11 fix1 #3: pruned entries (0xC1 + leaf hash) skip every entry check, so a
+    bad authority could send blocks of them at any rate.  A chain may add at most
+    ``gossip.chain_bytes_per_hour`` body bytes per hour of its header times: backdating
+    is charged to the latest hour the chain has shown, and catch-up of past hours (a
+    node that missed a day) is not throttled."""
+    world, a, b = two_nodes()
+    per_block = body_size([33] * 1000)
+    b.limits.chain_bytes_per_hour = 3 * per_block
+    now = T0 + 30 * HOUR_MS
+    # catch-up: a day of old blocks, three per hour, all admitted
+    prev, height = None, 0
+    for hour in range(24):
+        for k in range(3):
+            blk = _pruned_block(world, a.key, 1000, T0 + hour * HOUR_MS + k, height, prev)
+            _admit(b, blk, now)
+            prev, height = blk.hash, height + 1
+    # now the flood, at our clock: the hour's budget holds, twice over
+    admitted = refused_n = 0
+    for k in range(6):
+        blk = _pruned_block(world, a.key, 1000, now + k, height, prev)
+        try:
+            _admit(b, blk, now + k)
+        except ChainOverBudget:
+            refused_n += 1
+            continue
+        prev, height, admitted = blk.hash, height + 1, admitted + 1
+    assert (admitted, refused_n) == (3, 3)
+    assert b.rejects["peer_block_rate"] == 3
+    # backdated to an old hour: charged to the chain's latest hour, still refused
+    old = _pruned_block(world, a.key, 1000, T0 + HOUR_MS, height, prev)
+    with pytest.raises(ChainOverBudget):
+        _admit(b, old, now + 10)
+    # the next hour of our clock opens the budget again
+    _admit(b, _pruned_block(world, a.key, 1000, now + HOUR_MS, height, prev), now + HOUR_MS)
+
+
+def test_chain_bytes_per_hour_is_configured_and_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from meshhealth.config import NodeConfig
+    from meshhealth.errors import ConfigError
+
+    cfg = NodeConfig.from_doc({"gossip": {"chain_bytes_per_hour": 1 << 30}}, base=tmp_path)
+    assert cfg.gossip.chain_bytes_per_hour == 1 << 30
+    with pytest.raises(ConfigError):
+        NodeConfig.from_doc({"gossip": {"chain_bytes_per_hour": 1000}}, base=tmp_path)

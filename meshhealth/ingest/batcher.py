@@ -62,6 +62,9 @@ class BatchLimits:
     max_future_skew_ms: int = 30_000
     # per device: committed seqs above a gap we take in (None: seqmarks.MAX_ABOVE)
     max_seq_gap: int | None = None
+    # per other authority's chain: body bytes admitted per hour of its blocks' header times
+    # (None: unbounded); see replica.admit_remote
+    chain_bytes_per_hour: int | None = 2 * 1024**3
 
     @property
     def max_seq_gap_local(self) -> int:
@@ -138,6 +141,8 @@ class Batcher:
     erasures_due: list[tuple[bytes, int]] = field(default_factory=list)
     # the network's authorities: a peer's block may link only to their chains (empty: any)
     authorities: frozenset[bytes] = frozenset()
+    # per other chain: (latest header ts seen, its hour, body bytes charged to that hour)
+    chain_rate: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prev:

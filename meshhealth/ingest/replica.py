@@ -45,7 +45,7 @@ from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import InvalidBlock, Rejected, RemoteError
 from meshhealth.ingest import verify
-from meshhealth.ingest.batcher import Batcher
+from meshhealth.ingest.batcher import Batcher, body_size
 from meshhealth.ingest.commit import MAX_HEIGHT, Commit, IndexedReading, index_hour_ok
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
@@ -76,6 +76,15 @@ class RefusedBlock(InvalidBlock):
     def __init__(self, message: str, reason: str, *, node: bytes, height: int):
         super().__init__(message, node=node, height=height)
         self.reason = reason
+
+
+class ChainOverBudget(RefusedBlock):
+    """A peer's block that would take its chain past ``chain_bytes_per_hour`` (reason
+    ``rate``).  The block may well be valid: the peer that forwarded it is not at fault,
+    and the block is pulled again once the chain's next hour opens."""
+
+
+HOUR_MS = 3_600_000
 
 
 def _removed_since(a: AccessState, overlay: AccessState, r: Reading) -> int | None:
@@ -253,7 +262,29 @@ def _admit_remote(
                 f"(at most {b.limits.max_seq_gap_stored})",
                 "seq_gap",
             )
+    # a chain's growth rate: at most chain_bytes_per_hour of bodies per hour of its claimed
+    # time.  A block is charged to the hour of the latest header time the chain has shown
+    # (so backdating buys nothing), and header times are bounded by our clock + skew
+    # above; catch-up of old hours is charged to old hours, so it is not throttled.
+    budget = b.limits.chain_bytes_per_hour
+    rate = None
+    if budget is not None and node != b.me:
+        size = body_size([len(e) for e in entries])
+        last_ts, last_hour, used = b.chain_rate.get(node, (0, -1, 0))
+        at = max(header.ts_ms, last_ts)
+        hour = at // HOUR_MS
+        used = used if hour == last_hour else 0
+        if used + size > budget:
+            raise ChainOverBudget(
+                f"chain {node.hex()[:8]} over {budget} body bytes in the hour of its blocks",
+                "rate",
+                node=node,
+                height=height,
+            )
+        rate = (at, hour, used + size)
     # the block is valid: now change state
+    if rate is not None:
+        b.chain_rate[node] = rate
     for tx in new_txs:
         if b.access.apply(tx) and isinstance(tx, Erase):
             b.erasures_due.append((tx.patient, tx.ts_ms))

@@ -67,7 +67,7 @@ from meshhealth.gossip.messages import (
 )
 from meshhealth.gossip.protocol import Gossip, GossipParams
 from meshhealth.ingest import verify
-from meshhealth.ingest.replica import MissingLinks, admit_remote
+from meshhealth.ingest.replica import ChainOverBudget, MissingLinks, admit_remote
 from meshhealth.net.tls import peer_is_node
 from meshhealth.wire import BlockHeader
 
@@ -835,6 +835,10 @@ class GossipShell:
             self._hold(a)  # with its checks
             for n, h in m.missing:
                 self.dispatch(self.core.on_ahead(src, n, h + 1, now))
+            return False
+        except ChainOverBudget as exc:  # not the forwarder's fault: pulled again later
+            self.counters["chain_over_budget"] += 1
+            log.info("gossip: %s", exc)
             return False
         except PEER_FAULTS as exc:
             self._peer_fault(src, "invalid_block", f"block {chain.hex()[:8]}#{height}", exc)
