@@ -29,9 +29,13 @@ Theory of operation
   their count (and the first of them as evidence) is written when the
   period ends.  At most ``per_patient`` keys per patient and ``total`` keys
   in all are logged per period; refusals beyond are only counted
-  (``unlogged``).  So strangers grow a patient's trail by at most
-  ``2 * per_patient`` refusal logs per period, however many and however
-  often.  Readers a registered patient knows (itself, its grantees) are
+  (``unlogged``), except a read that served data, which past the caps is
+  folded into its reader's summary for the period (one log per reader key
+  and period: bounded by the reader keys the per-key and per-source rate
+  limits let in).  The caps are kept per pool: strangers refused
+  ``no_grant`` fill only their own, never those of the patient's grantees.
+  So strangers grow a patient's trail by at most ``2 * per_patient``
+  refusal logs per period, however many and however often.  Readers a registered patient knows (itself, its grantees) are
   outside the caps, so strangers cannot crowd them out: their kinds are
   bounded by that patient's grants.
 """
@@ -190,8 +194,8 @@ class RefusalLog(Generic[E]):
     total: int = 4_096
     unlogged: int = 0
     _open: dict[tuple[bytes, bytes, str], _Refusals[E]] = field(default_factory=dict)
-    _per_patient: Counter[bytes] = field(default_factory=Counter)
-    _logged: int = 0  # keys logged this period, all patients
+    _per_patient: Counter[tuple[bytes, str]] = field(default_factory=Counter)
+    _logged: Counter[str] = field(default_factory=Counter)  # keys logged this period, per pool
     _period: int = -1
 
     def note(
@@ -204,16 +208,22 @@ class RefusalLog(Generic[E]):
         *,
         capped: bool = True,
         amount: int = 0,
+        pool: str = "strangers",
+        served: bool = False,
     ) -> bool:
         """A refusal happened: True if it is to be logged now (the first of its kind this
         period); else it is counted for the period's summary, or dropped past the caps.
         ``capped=False``: a reader a registered patient knows (itself, a grantee), whose
-        kinds are bounded by the patient's grants, is logged whatever strangers did."""
+        kinds are bounded by the patient's grants, is logged whatever strangers did.
+        ``pool``: whose caps this counts against (strangers refused ``no_grant`` must not
+        use up the caps of an unregistered patient's grantees).  ``served=True``: a read
+        that served data, never dropped: past the caps it is folded into the period's
+        summary of its (reader, patient, reason), however many there are."""
         period = now_ms // self.period_ms
         if period != self._period:
             self._period = period
             self._per_patient.clear()
-            self._logged = 0
+            self._logged.clear()
         key = (reader, patient, reason)
         r = self._open.get(key)
         if r is not None and r.period == period:
@@ -223,16 +233,22 @@ class RefusalLog(Generic[E]):
                 r.evidence = evidence
             return False
         if capped and (
-            self._per_patient[patient] >= self.per_patient or self._logged >= self.total
+            self._per_patient[patient, pool] >= self.per_patient
+            or self._logged[pool] >= self.total
         ):
-            self.unlogged += 1
+            if not served:
+                self.unlogged += 1
+                return False
+            if r is not None:
+                self.unlogged += r.pending
+            self._open[key] = _Refusals(period, 1, amount, evidence)  # summarised, not dropped
             return False
         if r is not None:  # an older period's, not flushed (the caller flushes first)
             self.unlogged += r.pending
         self._open[key] = _Refusals(period)
         if capped:
-            self._per_patient[patient] += 1
-            self._logged += 1
+            self._per_patient[patient, pool] += 1
+            self._logged[pool] += 1
         return True
 
     def due(self, now_ms: int) -> list[tuple[tuple[bytes, bytes, str], int, E, int]]:
