@@ -36,8 +36,9 @@ Theory of operation
   ``no_grant`` fill only their own, never those of the patient's grantees.
   So strangers grow a patient's trail by at most ``2 * per_patient``
   refusal logs per period, however many and however often.  Readers a
-  registered patient knows (itself, its grantees) are outside the caps, so strangers cannot crowd them out: their kinds are
-  bounded by that patient's grants.
+  registered patient knows (itself, its grantees) are outside the caps, so
+  strangers cannot crowd them out: their kinds are bounded by that
+  patient's grants.
 """
 
 from __future__ import annotations
