@@ -234,8 +234,7 @@ class RefusalLog(Generic[E]):
                 r.evidence = evidence
             return False
         if capped and (
-            self._per_patient[patient, pool] >= self.per_patient
-            or self._logged[pool] >= self.total
+            self._per_patient[patient, pool] >= self.per_patient or self._logged[pool] >= self.total
         ):
             if not served:
                 self.unlogged += 1
