@@ -3,14 +3,34 @@ attack to about twice the bound it tests."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import types
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import nacl.signing
+import pytest
+from conftest import NodeProcess
+from yarl import URL
+
+from meshhealth.bench.procs import MOSQUITTO, BrokerProcess
+from meshhealth.cli.demo import setup_network
 from meshhealth.config import ApiConfig
+from meshhealth.crypto.keys import Identity
+from meshhealth.errors import MalformedMessage
 from meshhealth.net.admission import ApiLimits
 from meshhealth.net.limits import RefusalLog
-from meshhealth.net.signed_request import SignedRequest
+from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
 from meshhealth.node import Node
+from meshhealth.sharing.audit import VERIFIED, request_status
+from meshhealth.store.lmdb_store import Store
+from meshhealth.wire import AccessLogV2
+from meshhealth.wire.types import MAX_QUERY_MS
 
 
 def _fake_node(cfg: ApiConfig) -> types.SimpleNamespace:
@@ -59,7 +79,7 @@ def test_served_reads_of_an_unregistered_patient_are_never_dropped_from_the_audi
         n.log_read(_req(grantee), p, "hr", 0, 1, b"g" * 32, 500)
     mine = [x for x in n.logged if x[0] == grantee]
     assert mine, "the grantee's reads are not crowded out by strangers' refusals"
-    n.flush_refusals(10 * 3_600_000 + int(__import__("time").time() * 1000))
+    n.flush_refusals(10 * 3_600_000 + int(time.time() * 1000))
     mine = [x for x in n.logged if x[0] == grantee]
     assert sum(x[5] for x in mine) == reads  # every served read is on chain, counted
     assert sum(x[4] for x in mine) == reads * 500
@@ -78,3 +98,130 @@ def test_served_reads_past_the_caps_are_folded_into_a_summary_not_dropped() -> N
     assert not log.note(g2, p, "read:", 5, 4, pool="readers", served=True, amount=7)
     assert ((g2, p, "read:"), 2, 4, 7) in log.due(1000)
     assert log.unlogged == 2
+
+
+# --- item 2: one signed path, one reading ------------------------------------------------
+
+
+def _honest_log(raw_path: str) -> AccessLogV2:
+    """What an honest node logs for ``raw_path``, read the way aiohttp reads it."""
+    node, reader = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    now = int(time.time() * 1000)
+    hdrs = sign_request(reader, "GET", raw_path, b"", audience=bytes(node.verify_key), t_ms=now)
+    req = ReplayGuard(bytes(node.verify_key)).check("GET", raw_path, b"", hdrs, now)
+    u = URL(raw_path, encoded=True)
+    return AccessLogV2.create(
+        node,
+        network=b"\0" * 32,
+        reader=req.key,
+        patient=bytes.fromhex(u.path.split("/")[3]),
+        stream=u.query["stream"],
+        from_ms=int(u.query["from"]),
+        to_ms=int(u.query["to"]),
+        ts_ms=now,
+        outcome="read",
+        reason=b"",
+        grant=b"\1" * 32,
+        readings=1,
+        count=1,
+        method=req.method,
+        path=req.path,
+        body_hash=req.body_hash,
+        req_ts_ms=req.t_ms,
+        req_nonce=req.nonce,
+        req_sig=req.sig,
+    )
+
+
+def test_a_signed_path_has_one_reading_for_the_server_and_the_verifier() -> None:
+    p = os.urandom(32).hex()
+    good = f"/v1/patients/{p}/readings?stream=hr&from=0&to=1000"
+    assert request_status(_honest_log(good)) == VERIFIED
+    assert request_status(_honest_log(good.replace("stream=hr", "stream=%68r"))) == VERIFIED
+    two_ways = [
+        good + "&stream=zz",
+        good + "&from=7",
+        f"/v1/patients/%{ord(p[0]):02x}{p[1:]}/readings?stream=hr&from=0&to=1000",
+    ]
+    for raw in two_ways:
+        with pytest.raises(MalformedMessage):  # what the node now refuses (400)
+            signed_target(raw)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (.ci/run installs it)")
+    tmp = tmp_path_factory.mktemp("review")
+    broker = BrokerProcess(tmp / "mosquitto")
+    broker.start()
+    cfg = setup_network(tmp / "net", 1, broker=broker.url)[0]
+    n = NodeProcess(cfg, tmp / "node.log")
+    n.start()
+    yield n
+    n.stop()
+    broker.stop()
+
+
+def _signed_get(node: NodeProcess, key: Identity, path: str) -> tuple[int, Any]:
+    audience = bytes.fromhex(node.status()["node"])
+    hdrs = sign_request(
+        key.signing, "GET", path, b"", audience=audience, t_ms=int(time.time() * 1000)
+    )
+    req = urllib.request.Request(node.url + path, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.integration
+def test_the_node_refuses_a_signed_read_its_audit_would_read_another_way(
+    node: NodeProcess,
+) -> None:
+    patient, reader = Identity.generate("patient"), Identity.generate("provider")
+    p = patient.public.hex()
+    good = f"/v1/patients/{p}/readings?stream=hr&from=0&to=1000"
+    assert _signed_get(node, reader, good)[0] == 403  # no grant: refused, logged
+    for raw in (
+        good + "&stream=zz",
+        good + "&to=7",
+        f"/v1/patients/%{ord(p[0]):02x}{p[1:]}/readings?stream=hr&from=0&to=1000",
+    ):
+        code, body = _signed_get(node, reader, raw)
+        assert code == 400 and body["reason"] == "malformed", (raw, code, body)
+
+
+# --- item 5: far-future windows ----------------------------------------------------------
+
+
+def test_a_far_future_window_is_empty_in_the_store_not_an_error(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s", map_size_mb=8)
+    try:
+        patient = os.urandom(32)
+        with s.env.begin(write=True) as txn:  # what a stored reading of (patient, hr) leaves
+            txn.put(b"p" + patient, b"\0\0\0\1", db=s.db["names"])
+            txn.put(b"shr", b"\1", db=s.db["names"])
+        for t in (MAX_QUERY_MS, 2**62, 2**63 - 1, 2**64):
+            assert s.reading_blocks(patient, "hr", t, t) == []
+    finally:
+        s.close()
+
+
+@pytest.mark.integration
+def test_the_api_bounds_a_reads_window_to_year_9999(node: NodeProcess) -> None:
+    patient, reader = Identity.generate("patient"), Identity.generate("provider")
+    base = f"/v1/patients/{patient.public.hex()}"
+    assert (
+        _signed_get(node, reader, f"{base}/readings?stream=hr&from=0&to={MAX_QUERY_MS}")[0] == 403
+    )
+    for t in (MAX_QUERY_MS + 1, 2**62):
+        for path in (f"{base}/readings?stream=hr&from={t}&to={t}", f"{base}/audit?from={t}"):
+            code, body = _signed_get(node, reader, path)
+            assert code == 400 and body["reason"] == "malformed", (path, code, body)
+    doc = json.loads(urllib.request.urlopen(node.url + "/v1/openapi.json", timeout=10).read())
+    params = doc["paths"]["/v1/patients/{key}/readings"]["get"]["parameters"]
+    assert {x.get("name"): x.get("schema", {}).get("maximum") for x in params}[
+        "from"
+    ] == MAX_QUERY_MS
