@@ -19,17 +19,18 @@ from conftest import NodeProcess
 from yarl import URL
 
 from meshhealth.bench.procs import MOSQUITTO, BrokerProcess
+from meshhealth.chain.acl import AccessState
 from meshhealth.cli.demo import setup_network
 from meshhealth.config import ApiConfig
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import MalformedMessage
+from meshhealth.errors import MalformedMessage, RateLimited
 from meshhealth.net.admission import ApiLimits
 from meshhealth.net.limits import RefusalLog
 from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
 from meshhealth.node import Node
 from meshhealth.sharing.audit import VERIFIED, request_status
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import AccessLogV2
+from meshhealth.wire import AccessLogV2, Erase, RegisterPatient
 from meshhealth.wire.types import MAX_QUERY_MS
 
 
@@ -225,3 +226,33 @@ def test_the_api_bounds_a_reads_window_to_year_9999(node: NodeProcess) -> None:
     assert {x.get("name"): x.get("schema", {}).get("maximum") for x in params}[
         "from"
     ] == MAX_QUERY_MS
+
+
+# --- item 3: registering an honest patient again ------------------------------------------
+
+
+def test_an_authority_registering_a_patient_again_cannot_lock_it_out() -> None:
+    net = os.urandom(32)
+    # M's key sorts lower: the registrar the lowest-key rule would charge
+    m, a = sorted(
+        (nacl.signing.SigningKey.generate() for _ in range(2)), key=lambda k: bytes(k.verify_key)
+    )
+    p = nacl.signing.SigningKey.generate()
+    acc = AccessState(registrars=frozenset({bytes(a.verify_key), bytes(m.verify_key)}))
+
+    def reg(auth: nacl.signing.SigningKey, t: int) -> RegisterPatient:
+        return RegisterPatient.create(auth, network=net, patient=bytes(p.verify_key), ts_ms=t)
+
+    budget = 4096
+    lim = ApiLimits(ApiConfig(registrar_bytes_per_hour=budget))
+    now = 10.0
+    assert acc.apply(reg(a, 1))
+    assert acc.apply(reg(m, 2))  # M registers P too (whichever key sorts lower)
+    lim.registrars.take(bytes(m.verify_key), 2 * budget, now)  # and keeps its budget empty
+    tx = Erase.create(p, patient=bytes(p.verify_key), ts_ms=5)
+    lim.tx_admission(tx, tx.encode(), acc, now)()  # charged to A, who has room
+    assert lim.registrars.wait_s(bytes(a.verify_key), budget, now) > 0  # A paid
+    # only when every authority that registered P is spent is P refused
+    lim.registrars.take(bytes(a.verify_key), 2 * budget, now)
+    with pytest.raises(RateLimited):
+        lim.tx_admission(tx, tx.encode(), acc, now)

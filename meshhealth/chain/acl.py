@@ -76,6 +76,8 @@ class AccessState:
     registrars: frozenset[bytes] = frozenset()
     registered: set[bytes] = field(default_factory=set)  # patient keys
     registrar_of: dict[bytes, bytes] = field(default_factory=dict)  # patient -> lowest key
+    # patient -> every authority that registered it (the API charges the one with budget)
+    registered_by: dict[bytes, set[bytes]] = field(default_factory=dict)
     # per patient: bytes of the transactions held in memory here, and how many grants
     held_bytes: Counter[bytes] = field(default_factory=Counter)
     held_grants: Counter[bytes] = field(default_factory=Counter)
@@ -97,6 +99,7 @@ class AccessState:
             self.registrar_of[tx.patient] = min(
                 tx.authority, self.registrar_of.get(tx.patient, tx.authority)
             )
+            self.registered_by.setdefault(tx.patient, set()).add(tx.authority)
             if tx.patient not in self.registered:
                 self.registered.add(tx.patient)
                 self.held_registered += self.held_bytes[tx.patient]

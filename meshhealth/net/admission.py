@@ -145,7 +145,7 @@ class ApiLimits:
         budget, key = (self.registered, patient) if registered else (self.strangers, STRANGERS)
         if _cuts_off(tx, access):  # whatever strangers spent
             return lambda: self.tx_patient.take(patient, cost, now)
-        registrar = access.registrar_of.get(patient, b"") if registered else b""
+        registrar = self._registrar(access, patient, cost, now) if registered else b""
         wait = budget.wait_s(key, cost, now)
         if registrar:
             wait = max(wait, self.registrars.wait_s(registrar, cost, now))
@@ -182,6 +182,20 @@ class ApiLimits:
                 self.registrars.take(registrar, cost, now)
 
         return charge
+
+    def _registrar(self, access: AccessState, patient: bytes, cost: int, now: float) -> bytes:
+        """Whose registrar budget a registered patient's write is charged to: of the
+        authorities that registered it, one whose budget has room (the one that waits
+        least, ties to the lowest key).  So an authority that registers an honest patient
+        again cannot lock it out by keeping its own budget empty: the patient is refused
+        only when every authority that registered it is spent, and the bytes of all
+        registered patients stay within the sum of the registrars' budgets (charging
+        none instead would let two colluding authorities register patients that no
+        registrar budget bounds)."""
+        by = access.registered_by.get(patient)
+        if not by:
+            return access.registrar_of.get(patient, b"")
+        return min(by, key=lambda r: (self.registrars.wait_s(r, cost, now), r))
 
     # --- signed reads --------------------------------------------------------
 
