@@ -25,7 +25,7 @@ from meshhealth.config import ApiConfig
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import MalformedMessage, RateLimited
 from meshhealth.net.admission import ApiLimits
-from meshhealth.net.limits import RefusalLog
+from meshhealth.net.limits import NonceCache, NonceFull, RefusalLog, nonce_source
 from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
 from meshhealth.node import Node
 from meshhealth.sharing.audit import VERIFIED, request_status
@@ -256,3 +256,37 @@ def test_an_authority_registering_a_patient_again_cannot_lock_it_out() -> None:
     lim.registrars.take(bytes(a.verify_key), 2 * budget, now)
     with pytest.raises(RateLimited):
         lim.tx_admission(tx, tx.encode(), acc, now)
+
+
+# --- item 4: the nonce cache's fair share ---------------------------------------------------
+
+
+def _flood(c: NonceCache, source: str, now: int, tries: int) -> int:
+    """A source signing each request with a fresh key until refused; how many it got in."""
+    got = 0
+    for _ in range(tries):
+        try:
+            c.add(os.urandom(32), os.urandom(16), now + 1_000, source, now)
+            got += 1
+        except NonceFull:
+            pass
+    return got
+
+
+def test_a_fresh_key_flood_from_fewer_sources_than_the_bound_locks_no_reader_out() -> None:
+    total, per_source = 1024, 128  # the bound: total / per_source = 8 sources
+    c = NonceCache(1_000, total=total, per_key=64, per_source=per_source)
+    now = 1_000_000
+    held = sum(_flood(c, f"10.0.0.{s}", now, 2 * per_source) for s in range(7))
+    assert held > c.soft  # past the soft limit: shares apply
+    honest = os.urandom(32)
+    for _ in range(16):  # one reader key, many requests: never down to one nonce a key
+        c.add(honest, os.urandom(16), now, "198.51.100.7", now)
+    # sixteen /64s of one /48 are one source: together at most its cap
+    c2 = NonceCache(1_000, total=total, per_key=64, per_source=per_source)
+    assert sum(_flood(c2, f"2001:db8:0:{s:x}::/64", now, 2 * per_source) for s in range(16)) == (
+        per_source
+    )
+    c2.add(honest, os.urandom(16), now, "2001:db8:1::/64", now)  # another /48: served
+    assert nonce_source("2001:db8:0:5::/64") == "2001:db8::/48"
+    assert nonce_source("10.0.0.1") == "10.0.0.1"

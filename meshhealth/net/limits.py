@@ -17,12 +17,15 @@ Theory of operation
 * :class:`NonceCache` remembers each accepted signed request's nonce until
   its signed time has left the clock window (after that the window check
   refuses a replay anyway).  Nonces are kept per signer key and counted per
-  source; a key or a source at its own cap is refused (429), never anyone
-  else.  Past 80 % of the total, only a key *and* source holding less than
-  an equal share of the total are still taken, up to the total: to lock
-  others out a flood must come from more than ``0.8 * total / per_source``
-  sources, each at its own cap, and even then only until its nonces expire
-  (one clock window).
+  source (an IPv6 source by its /48); a key or a source at its own cap is
+  refused (429), never anyone else.  Past 80 % of the total, only a source
+  holding less than an equal share of the total (counting the newcomer) is
+  still taken, up to the total; fresh keys buy nothing.  To lock a new
+  source out, a flood must hold the whole total: at least
+  ``total / min(per_source, what one source may hold live)`` sources, each
+  at its cap (a nonce lives at most two clock windows: its signed time may
+  be one window ahead), and the lockout ends at most two windows after the
+  flood stops.
 * :class:`RefusalLog` decides which refused reads become an access log on
   chain.  The first refusal of a (reader, patient, reason) in a period is
   logged at once; the rest of that period are counted, and one log with
@@ -44,6 +47,7 @@ Theory of operation
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -115,6 +119,20 @@ class NonceFull(RateLimited):
         self.who = who
 
 
+def nonce_source(source: str) -> str:
+    """What the nonce cache counts as one source: an IPv6 address or /64 is counted by
+    its /48 (one site's allocation: a /48 holds 65,536 /64s), anything else as it is."""
+    if ":" not in source:
+        return source
+    try:
+        net = ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        return source
+    if net.version != 6 or net.prefixlen <= 48:
+        return source
+    return str(net.supernet(new_prefix=48))
+
+
 class NonceCache:
     """Nonces of accepted signed requests, per signer key, until their window is over."""
 
@@ -143,6 +161,7 @@ class NonceCache:
     def add(self, key: bytes, nonce: bytes, t_ms: int, source: str, now_ms: int) -> None:
         """Remember a checked request's nonce, or raise :class:`NonceFull`."""
         self._expire(now_ms)
+        source = nonce_source(source)
         mine = self._keys.get(key, {})
         retry = (self._heap[0][0] - now_ms) / 1000 if self._heap else 1.0
         if len(mine) >= self.per_key:
@@ -151,9 +170,10 @@ class NonceCache:
             self._refuse("source", max(0.001, retry))
         n = len(self._heap)
         if n >= self.soft:
-            key_share = self.total // max(1, len(self._keys))
-            source_share = self.total // max(1, len(self._sources))
-            if n >= self.total or len(mine) >= key_share or self._sources[source] >= source_share:
+            # shared by source only: fresh keys are free to make, sources are not (a share
+            # by key let a flood of fresh keys drive every key's share down to one nonce)
+            sources = len(self._sources) + (source not in self._sources)
+            if n >= self.total or self._sources[source] >= self.total // sources:
                 self._refuse("full", max(0.001, retry))
         expiry = t_ms + self.window_ms
         self._keys.setdefault(key, {})[nonce] = expiry
