@@ -16,6 +16,7 @@ from typing import Any
 import nacl.signing
 import pytest
 from conftest import NodeProcess
+from core_helpers import make_rogue
 from yarl import URL
 
 from meshhealth.bench.procs import MOSQUITTO, BrokerProcess
@@ -24,13 +25,13 @@ from meshhealth.cli.demo import setup_network
 from meshhealth.config import ApiConfig
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import MalformedMessage, RateLimited
-from meshhealth.net.admission import ApiLimits
+from meshhealth.net.admission import STRANGERS, ApiLimits
 from meshhealth.net.limits import NonceCache, NonceFull, RefusalLog, nonce_source
 from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
 from meshhealth.node import Node
 from meshhealth.sharing.audit import VERIFIED, request_status
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import AccessLogV2, Erase, RegisterPatient
+from meshhealth.wire import AccessLogV2, Erase, Rechain, RegisterPatient, RemoveDevice, SealedKey
 from meshhealth.wire.types import MAX_QUERY_MS
 
 
@@ -290,3 +291,55 @@ def test_a_fresh_key_flood_from_fewer_sources_than_the_bound_locks_no_reader_out
     c2.add(honest, os.urandom(16), now, "2001:db8:1::/64", now)  # another /48: served
     assert nonce_source("2001:db8:0:5::/64") == "2001:db8::/48"
     assert nonce_source("10.0.0.1") == "10.0.0.1"
+
+
+# --- item 6: erasing and rechaining whatever strangers spent -------------------------------
+
+
+def test_a_drained_strangers_budget_stops_no_erase_nor_the_rechain_after_a_cut() -> None:
+    cut = 40_000  # each patient's allowance; strangers' budget: one transaction's worth
+    lim = ApiLimits(ApiConfig(stranger_bytes_per_hour=70_000, cut_bytes_per_patient_hour=cut))
+    acc, now = AccessState(), 10.0
+    rogue = make_rogue(1)  # an unregistered patient with a device on "hr"
+    assert acc.apply(rogue.enrolment)
+    lim.strangers.take(STRANGERS, 2 * 70_000, now)  # a stranger drained the shared budget
+
+    def rechain(ts: int) -> Rechain:
+        return Rechain.create(
+            rogue.patient.signing,
+            ts_ms=ts,
+            stream="hr",
+            chain_id=os.urandom(8),
+            start_epoch=0,
+            epoch_ms=60_000,
+            devices=(SealedKey(rogue.device.public, 0, os.urandom(80)),),
+            grants=(),
+        )
+
+    def admit(tx: Any) -> None:
+        lim.tx_admission(tx, tx.encode(), acc, now)()
+        assert acc.apply(tx)
+
+    early = rechain(5)
+    with pytest.raises(RateLimited):  # no cut yet: an ordinary write, on the spent budget
+        lim.tx_admission(early, early.encode(), acc, now)
+    remove = RemoveDevice.create(
+        rogue.patient.signing, patient=rogue.patient.public, device=os.urandom(32), ts_ms=10
+    )
+    acc.apply(remove)  # a cut (held here from another node)
+    admit(rechain(20))  # the rechain after it: let through
+    again = rechain(30)  # a second one of the same stream, no new cut: the spent budget
+    with pytest.raises(RateLimited):
+        lim.tx_admission(again, again.encode(), acc, now)
+    admit(Erase.create(rogue.patient.signing, patient=rogue.patient.public, ts_ms=40))
+    admit(rechain(50))  # and the rechain after the erasure
+    # a patient erasing over and over is held to its own allowance (twice it: refused)
+    refused = 0
+    for ts in range(60, 60 + 2 * cut // 100):
+        e = Erase.create(rogue.patient.signing, patient=rogue.patient.public, ts_ms=ts)
+        try:
+            admit(e)
+        except RateLimited:
+            refused += 1
+    assert refused > 0
+    assert lim.cuts.wait_s(rogue.patient.public, 200, now) > 0

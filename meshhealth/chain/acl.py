@@ -78,6 +78,9 @@ class AccessState:
     registrar_of: dict[bytes, bytes] = field(default_factory=dict)  # patient -> lowest key
     # patient -> every authority that registered it (the API charges the one with budget)
     registered_by: dict[bytes, set[bytes]] = field(default_factory=dict)
+    # patient -> the latest ts_ms of its revocations, device removals and erasures (a
+    # rechain after one is what the API lets through whatever strangers spent)
+    last_cut: dict[bytes, int] = field(default_factory=dict)
     # per patient: bytes of the transactions held in memory here, and how many grants
     held_bytes: Counter[bytes] = field(default_factory=Counter)
     held_grants: Counter[bytes] = field(default_factory=Counter)
@@ -110,6 +113,8 @@ class AccessState:
         self.held_total += len(raw)
         if tx.patient in self.registered:
             self.held_registered += len(raw)
+        if isinstance(tx, Revoke | Erase | RemoveDevice):
+            self.last_cut[tx.patient] = max(tx.ts_ms, self.last_cut.get(tx.patient, -1))
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
             self.enrolments[tid] = tx
@@ -151,6 +156,10 @@ class AccessState:
         born = max((ts for ts, c in moves if c == chain_id), default=-1)
         later = [ts for ts, c in moves if c != chain_id and ts > born]
         return min(later) if later else None
+
+    def last_rechain(self, patient: bytes, stream: str) -> int:
+        """The ts_ms of ``patient``'s latest rechain of ``stream`` (-1: none)."""
+        return max((ts for ts, _ in self._moves.get((patient, stream), ())), default=-1)
 
     def is_revoked(self, grant_id: bytes) -> bool:
         g = self.grants.get(grant_id)

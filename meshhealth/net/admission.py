@@ -39,6 +39,7 @@ from meshhealth.net.limits import TokenBuckets, hourly
 from meshhealth.wire import (
     Control,
     EnrollDevice,
+    Erase,
     Grant,
     Rechain,
     RegisterPatient,
@@ -85,6 +86,24 @@ def _cuts_off(tx: Control, access: AccessState) -> bool:
     return g is not None and g.patient == tx.patient and not access.is_revoked(tx.grant)
 
 
+def _follows_cut(tx: Control, access: AccessState) -> bool:
+    """An erasure of a patient that holds something here, later than its last one; or the
+    first rechain of one of the patient's streams since its latest revocation, removal or
+    erasure (what makes the cut stick): let through on the patient's own small allowance,
+    whatever strangers spent."""
+    if isinstance(tx, Erase):
+        return access.held_bytes[tx.patient] > 0 and tx.ts_ms > access.erased.get(tx.patient, -1)
+    if not isinstance(tx, Rechain):
+        return False
+    cut = access.last_cut.get(tx.patient)
+    return (
+        cut is not None
+        and tx.ts_ms >= cut
+        and access.last_rechain(tx.patient, tx.stream) < cut
+        and any((k.to, tx.patient, tx.stream) in access.streams for k in tx.devices)
+    )
+
+
 class ApiLimits:
     """The node's buckets and budgets; every method takes ``now`` in seconds."""
 
@@ -104,6 +123,7 @@ class ApiLimits:
         )
         # per registering authority: few keys (the genesis), never dropped
         self.registrars: TokenBuckets[bytes] = hourly(cfg.registrar_bytes_per_hour)
+        self.cuts: TokenBuckets[bytes] = hourly(cfg.cut_bytes_per_patient_hour, max_keys=n)
         self.read_source: TokenBuckets[str] = TokenBuckets(
             cfg.read_source_per_s, cfg.read_source_burst, max_keys=n
         )
@@ -145,6 +165,19 @@ class ApiLimits:
         budget, key = (self.registered, patient) if registered else (self.strangers, STRANGERS)
         if _cuts_off(tx, access):  # whatever strangers spent
             return lambda: self.tx_patient.take(patient, cost, now)
+        if _follows_cut(tx, access) and not self.cuts.wait_s(patient, cost, now):
+            if access.held_bytes[patient] + len(raw) > self.cfg.max_held_bytes_per_patient:
+                raise Rejected(
+                    "held_quota",
+                    f"a patient's transactions hold at most "
+                    f"{self.cfg.max_held_bytes_per_patient} bytes",
+                )
+
+            def charge_cut() -> None:
+                self.tx_patient.take(patient, cost, now)
+                self.cuts.take(patient, cost, now)
+
+            return charge_cut
         registrar = self._registrar(access, patient, cost, now) if registered else b""
         wait = budget.wait_s(key, cost, now)
         if registrar:
