@@ -24,14 +24,23 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.cli.demo import setup_network
 from meshhealth.config import ApiConfig
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import MalformedMessage, RateLimited
+from meshhealth.errors import MalformedMessage, RateLimited, Rejected
 from meshhealth.net.admission import STRANGERS, ApiLimits
 from meshhealth.net.limits import NonceCache, NonceFull, RefusalLog, nonce_source
 from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
 from meshhealth.node import Node
 from meshhealth.sharing.audit import VERIFIED, request_status
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import AccessLogV2, Erase, Rechain, RegisterPatient, RemoveDevice, SealedKey
+from meshhealth.wire import (
+    AccessLogV2,
+    Erase,
+    Grant,
+    GrantStream,
+    Rechain,
+    RegisterPatient,
+    RemoveDevice,
+    SealedKey,
+)
 from meshhealth.wire.types import MAX_QUERY_MS
 
 
@@ -343,3 +352,46 @@ def test_a_drained_strangers_budget_stops_no_erase_nor_the_rechain_after_a_cut()
             refused += 1
     assert refused > 0
     assert lim.cuts.wait_s(rogue.patient.public, 200, now) > 0
+
+
+# --- item 7: other chains' strangers do not use up this node's stranger quota ---------------
+
+
+def _grant(patient: Identity, keys: int = 60) -> Grant:
+    s = GrantStream("hr", os.urandom(8), 0, 1000, 0, keys - 1, os.urandom(48 + 32 * keys))
+    return Grant.create(
+        patient.signing,
+        grantee=os.urandom(32),
+        ts_ms=1,
+        from_ms=0,
+        until_ms=keys * 1000,
+        pseudonymous=0,
+        streams=(s,),
+    )
+
+
+def test_a_bad_authoritys_stranger_grants_do_not_lock_strangers_out_of_this_node() -> None:
+    quota = 20_000
+    lim = ApiLimits(ApiConfig(max_stranger_held_bytes=quota))
+    acc, now = AccessState(), 10.0
+    held = 0
+    while held < 2 * quota:  # a bad authority's own blocks: throwaway keys' grants, held here
+        g = _grant(Identity.generate("patient"))
+        assert acc.apply(g)
+        held += len(g.encode())
+    assert acc.held_by_strangers > quota
+    admitted = 0
+    for _ in range(2 * quota // len(_grant(Identity.generate("patient")).encode())):
+        g = _grant(Identity.generate("patient"))  # strangers asking THIS node
+        try:
+            lim.tx_admission(g, g.encode(), acc, now)()
+        except Rejected as exc:
+            assert exc.reason == "stranger_quota"
+            break
+        acc.apply(g)
+        admitted += len(g.encode())
+    assert admitted > quota // 2  # the quota is ours to give, not the bad authority's
+    assert lim.stranger_held_total <= quota  # and it still holds for what we admit
+    g = _grant(Identity.generate("patient"))
+    with pytest.raises(Rejected):
+        lim.tx_admission(g, g.encode(), acc, now)

@@ -46,6 +46,7 @@ from meshhealth.wire import (
     RemoveDevice,
     Revoke,
 )
+from meshhealth.wire.types import MAX_TX
 
 STRANGERS = b"strangers"
 
@@ -124,6 +125,11 @@ class ApiLimits:
         # per registering authority: few keys (the genesis), never dropped
         self.registrars: TokenBuckets[bytes] = hourly(cfg.registrar_bytes_per_hour)
         self.cuts: TokenBuckets[bytes] = hourly(cfg.cut_bytes_per_patient_hour, max_keys=n)
+        # what this node admitted for unregistered patients (the local stranger quota):
+        # at most max_stranger_held_bytes in all, so at most that / 100 B patients
+        self.stranger_held: dict[bytes, int] = {}
+        self.stranger_held_total = 0
+        self._purged_at = -1  # how many patients were registered at the last purge
         self.read_source: TokenBuckets[str] = TokenBuckets(
             cfg.read_source_per_s, cfg.read_source_burst, max_keys=n
         )
@@ -200,21 +206,39 @@ class ApiLimits:
                     "held_quota",
                     f"a patient's transactions hold at most {cfg.max_held_bytes_per_patient} bytes",
                 )
-            strangers = access.held_by_strangers
-            if not registered and strangers + len(raw) > cfg.max_stranger_held_bytes:
+            if not registered and self._strangers_held(access) + len(raw) > (
+                cfg.max_stranger_held_bytes
+            ):
                 raise Rejected(
                     "stranger_quota",
                     "unregistered patients hold all the memory they may here (ask an "
                     "authority to register this key)",
                 )
 
+        grows = not registered and isinstance(tx, EnrollDevice | Grant | Rechain)
+
         def charge() -> None:
             self.tx_patient.take(patient, cost, now)
             budget.take(key, cost, now)
+            if grows:
+                self.stranger_held[patient] = self.stranger_held.get(patient, 0) + len(raw)
+                self.stranger_held_total += len(raw)
             if registrar:
                 self.registrars.take(registrar, cost, now)
 
         return charge
+
+    def _strangers_held(self, access: AccessState) -> int:
+        """Bytes of unregistered patients' transactions that THIS node admitted through its
+        API and still counts as strangers' (other chains' are held, but a bad authority's
+        own blocks must not use up our admission quota).  Patients registered since are
+        dropped from the count when it would refuse."""
+        near = self.stranger_held_total >= self.cfg.max_stranger_held_bytes - MAX_TX
+        if near and len(access.registered) != self._purged_at:  # once per new registration
+            self._purged_at = len(access.registered)
+            for p in [p for p in self.stranger_held if p in access.registered]:
+                self.stranger_held_total -= self.stranger_held.pop(p)
+        return self.stranger_held_total
 
     def _registrar(self, access: AccessState, patient: bytes, cost: int, now: float) -> bytes:
         """Whose registrar budget a registered patient's write is charged to: of the
