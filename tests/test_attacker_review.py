@@ -23,13 +23,17 @@ from meshhealth.bench.procs import MOSQUITTO, BrokerProcess
 from meshhealth.chain.acl import AccessState
 from meshhealth.cli.demo import setup_network
 from meshhealth.config import ApiConfig
+from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import MalformedMessage, RateLimited, Rejected
 from meshhealth.net.admission import STRANGERS, ApiLimits
+from meshhealth.net.api import _grant_doc, key_txs
 from meshhealth.net.limits import NonceCache, NonceFull, RefusalLog, nonce_source
 from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
 from meshhealth.node import Node
 from meshhealth.sharing.audit import VERIFIED, request_status
+from meshhealth.sharing.listing import device_txs
+from meshhealth.sharing.serve import decide
 from meshhealth.store.lmdb_store import Store
 from meshhealth.wire import (
     AccessLogV2,
@@ -395,3 +399,48 @@ def test_a_bad_authoritys_stranger_grants_do_not_lock_strangers_out_of_this_node
     g = _grant(Identity.generate("patient"))
     with pytest.raises(Rejected):
         lim.tx_admission(g, g.encode(), acc, now)
+
+
+# --- item 8: listings and reads cost what they return, not every transaction held ----------
+
+
+class _NoWalk(dict):  # type: ignore[type-arg]
+    """A dict that refuses to be walked: what a per-request O(all transactions) scan hits."""
+
+    def _walked(self, *_: Any) -> Any:
+        raise AssertionError("walked every transaction held")
+
+    items = values = keys = __iter__ = _walked  # type: ignore[assignment]
+
+
+def test_listings_and_reads_use_indexes_not_a_walk_of_every_transaction() -> None:
+    acc = AccessState()
+    rogue = make_rogue(1)
+    acc.apply(rogue.enrolment)
+    mine = _grant(rogue.patient)
+    acc.apply(mine)
+    gid = h(mine.encode())
+    rc = Rechain.create(
+        rogue.patient.signing,
+        ts_ms=5,
+        stream="hr",
+        chain_id=os.urandom(8),
+        start_epoch=0,
+        epoch_ms=60_000,
+        devices=(SealedKey(rogue.device.public, 0, os.urandom(80)),),
+        grants=(SealedKey(gid, 0, os.urandom(80)),),
+    )
+    acc.apply(rc)
+    for _ in range(40):  # others' grants: what a listing must not walk
+        acc.apply(_grant(Identity.generate("patient")))
+    for name in ("grants", "rechains", "enrolments", "removals"):
+        setattr(acc, name, _NoWalk(getattr(acc, name)))
+    assert acc.may_read(mine.grantee, rogue.patient.public, "hr", 500) == gid
+    d = decide(acc, mine.grantee, rogue.patient.public, "hr", 0, 1000)
+    assert d.allowed and d.grant == gid
+    assert set(acc.grants_of(rogue.patient.public)) == {gid}
+    assert set(acc.grants_to(mine.grantee)) == {gid}
+    assert key_txs(acc, rogue.patient.public) == [rogue.enrolment.encode(), rc.encode()]
+    assert _grant_doc(acc, gid, mine)["rechains"] == [rc.encode().hex()]
+    txs, cut = device_txs(acc, rogue.device.public)
+    assert txs == [rc.encode(), rogue.enrolment.encode()] and not cut

@@ -45,7 +45,15 @@ from meshhealth.sharing.grants import grant_doc
 from meshhealth.sharing.listing import device_txs
 from meshhealth.sharing.serve import collect, decide
 from meshhealth.web import static_file
-from meshhealth.wire import BlockHeader, Grant, RegisterPatient, decode_control
+from meshhealth.wire import (
+    BlockHeader,
+    EnrollDevice,
+    Grant,
+    Rechain,
+    RegisterPatient,
+    RemoveDevice,
+    decode_control,
+)
 from meshhealth.wire.codec import name_str, pack
 from meshhealth.wire.types import MAX_CONTROL, MAX_QUERY_MS, MAX_REQUEST_PATH
 
@@ -234,12 +242,9 @@ async def enrollments(request: web.Request) -> web.Response:
 def key_txs(access: Any, patient: bytes) -> list[bytes]:
     """A patient's enrolments, rechains and device removals: which device may write which
     key chain, and which no longer writes (a rechain must not seal to it)."""
-    return [
-        tx.encode()
-        for txs in (access.enrolments.values(), access.rechains.values(), access.removals.values())
-        for tx in txs
-        if tx.patient == patient
-    ]
+    txs = [tx for tx in access.patient_txs(patient) if not isinstance(tx, Grant)]
+    kinds = (EnrollDevice, Rechain, RemoveDevice)  # the order they were always listed in
+    return [tx.encode() for kind in kinds for tx in txs if isinstance(tx, kind)]
 
 
 async def patient_enrollments(request: web.Request) -> web.Response:
@@ -262,7 +267,7 @@ def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
         # rechains that sealed a new chain's key to this grant (an open grant follows them)
         "rechains": [
             tx.encode().hex()
-            for tx in access.rechains.values()
+            for tx in access.rechains_to(gid).values()
             if any(k.to == gid for k in tx.grants)
         ],
     }
@@ -278,9 +283,10 @@ async def grants(request: web.Request) -> web.Response:
     if (refused := await _signed_by_one_of(request, who, what=f"this {side}'s grants")) is not None:
         return refused
     access = request.app[NODE].batcher.access
+    mine = access.grants_of(who) if side == "patient" else access.grants_to(who)
     out = [
         _grant_doc(access, gid, g)
-        for gid, g in sorted(access.grants.items(), key=lambda kv: kv[1].ts_ms)
+        for gid, g in sorted(mine.items(), key=lambda kv: kv[1].ts_ms)
         if getattr(g, side) == who
     ]
     return web.json_response({"grants": out})
