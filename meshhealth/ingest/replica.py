@@ -20,6 +20,8 @@ our own ingest would check it:
   (:data:`~meshhealth.ingest.seqmarks.MAX_ABOVE_STORED`); a reading
   of a device its patient removed (D1), timed at or after the removal, is
   pruned (its leaf hash kept, counted as ``removed_device``), not served;
+* access logs signed by the producer; no L1 log in a block that holds an
+  L2 one (an L1 carries no signed request, so any request bytes);
 * every *link*: the block must link only to blocks we already hold, with
   matching hashes.  Links are how causality travels.  A reading's
   enrolment may sit in a third chain, and it always sits at or below
@@ -49,6 +51,7 @@ from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import MAX_HEIGHT, Commit, IndexedReading, index_hour_ok
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
+    AccessLog,
     BlockHeader,
     Control,
     EnrollDevice,
@@ -71,7 +74,7 @@ class MissingLinks(Exception):
 class RefusedBlock(InvalidBlock):
     """A peer's block that admission refuses; ``reason`` labels the reject counter
     (``peer_block_<reason>`` in the ingest statistics): ``future``, ``index_range``,
-    ``size``, ``link``, ``seq_gap`` or ``entry``."""
+    ``size``, ``link``, ``seq_gap``, ``log_version`` or ``entry``."""
 
     def __init__(self, message: str, reason: str, *, node: bytes, height: int):
         super().__init__(message, node=node, height=height)
@@ -170,6 +173,8 @@ def _admit_remote(
     txs: list[tuple[bytes, int]] = []
     audit: list[tuple[bytes, int, bytes, int]] = []
     prune: set[int] = set()
+    l1: list[int] = []  # the block's L1 access logs (no signed request)
+    l2 = False  # whether it holds an L2 one
     for i, (raw, res) in enumerate(zip(entries, checked, strict=True)):
         if res[0] is not None:
             raise bad(f"entry {i}: {res[0]}")
@@ -193,6 +198,10 @@ def _admit_remote(
                 raise bad(f"entry {i}: an access log signed by another node")
             if e.ts_ms > latest_ms:
                 raise bad(f"entry {i}: an access log from the future", "future")
+            if isinstance(e, AccessLog):
+                l1.append(i)
+            else:
+                l2 = True
             audit.append((e.patient, e.ts_ms, e.request, i))
             continue
         if isinstance(e, EquivocationProof):
@@ -233,6 +242,10 @@ def _admit_remote(
             continue
         seen.add(e.seq)
         index.append(IndexedReading(i, e.patient, e.stream, e.t_ms))
+    if l1 and l2:
+        # a producer that logs L2 (the reader's signed request) has no honest reason to
+        # log an L1 in the same block: an L1 carries any request bytes it likes
+        raise bad(f"entry {l1[0]}: an L1 access log in a block of L2 ones", "log_version")
     # the same bound on a device's out-of-order seqs as local ingest, with room for
     # honest nodes that took in one device's readings concurrently (seqmarks.py)
     for device, seqs in adds.items():
