@@ -18,8 +18,10 @@ our own ingest would check it:
 * readings from enrolled devices, on a known key chain and epoch, and no
   more seqs above a device's gap than a stored seq mark may hold
   (:data:`~meshhealth.ingest.seqmarks.MAX_ABOVE_STORED`); a reading
-  of a device its patient removed (D1), timed at or after the removal, is
-  pruned (its leaf hash kept, counted as ``removed_device``), not served;
+  of a device its patient removed (D1), timed at or after the removal, or in
+  a block sealed ``REMOVAL_GRACE_MS`` or more after it (whatever the reading's
+  time: a stolen key backdates), is pruned (its leaf hash kept, counted as
+  ``removed_device``), not served;
 * access logs signed by the producer; no L1 log in a block that holds an
   L2 one (an L1 carries no signed request, so any request bytes);
 * every *link*: the block must link only to blocks we already hold, with
@@ -41,7 +43,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 
-from meshhealth.chain.acl import AccessState
+from meshhealth.chain.acl import AccessState, removed_reading
 from meshhealth.chain.block import MAX_BLOCK_ENTRIES, Block, verify_body
 from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
@@ -81,14 +83,14 @@ class RefusedBlock(InvalidBlock):
         self.reason = reason
 
 
-def _removed_since(a: AccessState, overlay: AccessState, r: Reading) -> int | None:
-    """When ``r``'s device was removed for its patient, if that is at or before ``r``."""
-    times = [
-        t
+def _removed_since(a: AccessState, overlay: AccessState, r: Reading, block_ts_ms: int) -> bool:
+    """Whether ``r``'s device was removed for its patient before ``r``'s time, or long
+    enough before the block was sealed that its producer should have known
+    (:func:`~meshhealth.chain.acl.removed_reading`)."""
+    return any(
+        removed_reading(t, r, block_ts_ms)
         for t in (a.removed_at(r.device, r.patient), overlay.removed_at(r.device, r.patient))
-        if t is not None and r.t_last_ms >= t
-    ]
-    return min(times) if times else None
+    )
 
 
 def admit_remote(
@@ -227,10 +229,11 @@ def _admit_remote(
                 raise bad(f"entry {i}: {exc.reason}") from exc
         if max(b.access.erased.get(e.patient, -1), overlay.erased.get(e.patient, -1)) >= e.t_ms:
             prune.add(i)  # its patient erased it: keep only its leaf hash
-        elif _removed_since(b.access, overlay, e) is not None:
-            # its patient removed the device (a stolen key) before this reading's time; the
-            # producer sealed it before it saw the removal, so the block stays valid, but
-            # we keep only its leaf hash and serve it to no one
+        elif _removed_since(b.access, overlay, e, header.ts_ms):
+            # its patient removed the device (a stolen key) before this reading's time, or
+            # well before the block was sealed (a backdated reading); the producer may not
+            # have seen the removal yet, so the block stays valid, but we keep only its
+            # leaf hash and serve it to no one
             prune.add(i)
             b.reject("removed_device")
         mark = b.marks.get(e.device)
