@@ -444,3 +444,19 @@ def test_listings_and_reads_use_indexes_not_a_walk_of_every_transaction() -> Non
     assert _grant_doc(acc, gid, mine)["rechains"] == [rc.encode().hex()]
     txs, cut = device_txs(acc, rogue.device.public)
     assert txs == [rc.encode(), rogue.enrolment.encode()] and not cut
+
+
+def test_a_reader_seen_in_the_window_keeps_a_floor_behind_a_flooding_address() -> None:
+    c = NonceCache(1_000, total=64, per_key=64, per_source=64, key_floor=4)  # soft: 52
+    now = 1_000_000
+    reader = os.urandom(32)
+    c.add(reader, os.urandom(16), now, "10.0.0.1", now)  # seen before the flood
+    assert _flood(c, "10.0.0.1", now, 49) == 49  # its address floods with fresh keys
+    assert _flood(c, "10.0.0.2", now, 4) == 4  # another source: past the soft limit
+    assert c.soft < len(c) < c.total
+    with pytest.raises(NonceFull):  # the flooding address is past its share: fresh keys no
+        c.add(os.urandom(32), os.urandom(16), now, "10.0.0.1", now)
+    for _ in range(3):  # the reader it already held keeps up to its floor
+        c.add(reader, os.urandom(16), now, "10.0.0.1", now)
+    with pytest.raises(NonceFull):  # and no more
+        c.add(reader, os.urandom(16), now, "10.0.0.1", now)

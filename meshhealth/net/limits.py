@@ -20,7 +20,9 @@ Theory of operation
   source (an IPv6 source by its /48); a key or a source at its own cap is
   refused (429), never anyone else.  Past 80 % of the total, only a source
   holding less than an equal share of the total (counting the newcomer) is
-  still taken, up to the total; fresh keys buy nothing.  To lock a new
+  still taken, up to the total, or a key already holding one but fewer than
+  ``key_floor`` (8) nonces (a reader sharing an address with a flood);
+  fresh keys buy nothing, and no source passes its own cap.  To lock a new
   source out, a flood must hold the whole total: at least
   ``total / min(per_source, what one source may hold live)`` sources, each
   at its cap (a nonce lives at most two clock windows: its signed time may
@@ -137,9 +139,15 @@ class NonceCache:
     """Nonces of accepted signed requests, per signer key, until their window is over."""
 
     def __init__(
-        self, window_ms: int, *, total: int = 65_536, per_key: int = 4_096, per_source: int = 8_192
+        self,
+        window_ms: int,
+        *,
+        total: int = 65_536,
+        per_key: int = 4_096,
+        per_source: int = 8_192,
+        key_floor: int = 8,
     ) -> None:
-        self.window_ms, self.total = window_ms, total
+        self.window_ms, self.total, self.key_floor = window_ms, total, key_floor
         self.per_key, self.per_source = min(per_key, total), min(per_source, total)
         self.soft = total - total // 5  # past this, only light keys and sources
         self._keys: dict[bytes, dict[bytes, int]] = {}  # key -> nonce -> expiry ms
@@ -172,8 +180,11 @@ class NonceCache:
         if n >= self.soft:
             # shared by source only: fresh keys are free to make, sources are not (a share
             # by key let a flood of fresh keys drive every key's share down to one nonce)
+            # by source only, with a floor for a key seen in the window (a reader behind
+            # the same address as a flood keeps a few requests in flight)
             sources = len(self._sources) + (source not in self._sources)
-            if n >= self.total or self._sources[source] >= self.total // sources:
+            over = self._sources[source] >= self.total // sources
+            if n >= self.total or (over and not 0 < len(mine) < self.key_floor):
                 self._refuse("full", max(0.001, retry))
         expiry = t_ms + self.window_ms
         self._keys.setdefault(key, {})[nonce] = expiry
