@@ -26,7 +26,7 @@ from meshhealth.config import ApiConfig
 from meshhealth.crypto.hashing import h
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import MalformedMessage, RateLimited, Rejected
-from meshhealth.net.admission import STRANGERS, ApiLimits
+from meshhealth.net.admission import CUT_ERASES_PER_HOUR, STRANGERS, ApiLimits
 from meshhealth.net.api import _grant_doc, key_txs
 from meshhealth.net.limits import NonceCache, NonceFull, RefusalLog, nonce_source
 from meshhealth.net.signed_request import ReplayGuard, SignedRequest, sign_request, signed_target
@@ -354,8 +354,7 @@ def test_a_drained_strangers_budget_stops_no_erase_nor_the_rechain_after_a_cut()
             admit(e)
         except RateLimited:
             refused += 1
-    assert refused > 0
-    assert lim.cuts.wait_s(rogue.patient.public, 200, now) > 0
+    assert refused >= 2 * cut // 100 - CUT_ERASES_PER_HOUR  # a few an hour, no more
 
 
 # --- item 7: other chains' strangers do not use up this node's stranger quota ---------------

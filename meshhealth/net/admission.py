@@ -49,6 +49,8 @@ from meshhealth.wire import (
 from meshhealth.wire.types import MAX_TX
 
 STRANGERS = b"strangers"
+# erasures per patient per hour let through on its own allowance (more go on the budgets)
+CUT_ERASES_PER_HOUR = 4
 
 
 def entry_bytes(raw: bytes) -> int:
@@ -125,6 +127,7 @@ class ApiLimits:
         # per registering authority: few keys (the genesis), never dropped
         self.registrars: TokenBuckets[bytes] = hourly(cfg.registrar_bytes_per_hour)
         self.cuts: TokenBuckets[bytes] = hourly(cfg.cut_bytes_per_patient_hour, max_keys=n)
+        self.cut_erases: TokenBuckets[bytes] = hourly(CUT_ERASES_PER_HOUR, max_keys=n)
         # what this node admitted for unregistered patients (the local stranger quota):
         # at most max_stranger_held_bytes in all, so at most that / 100 B patients
         self.stranger_held: dict[bytes, int] = {}
@@ -171,7 +174,11 @@ class ApiLimits:
         budget, key = (self.registered, patient) if registered else (self.strangers, STRANGERS)
         if _cuts_off(tx, access):  # whatever strangers spent
             return lambda: self.tx_patient.take(patient, cost, now)
-        if _follows_cut(tx, access) and not self.cuts.wait_s(patient, cost, now):
+        if (
+            _follows_cut(tx, access)
+            and not self.cuts.wait_s(patient, cost, now)
+            and not (isinstance(tx, Erase) and self.cut_erases.wait_s(patient, 1, now))
+        ):
             if access.held_bytes[patient] + len(raw) > self.cfg.max_held_bytes_per_patient:
                 raise Rejected(
                     "held_quota",
@@ -182,6 +189,8 @@ class ApiLimits:
             def charge_cut() -> None:
                 self.tx_patient.take(patient, cost, now)
                 self.cuts.take(patient, cost, now)
+                if isinstance(tx, Erase):
+                    self.cut_erases.take(patient, 1, now)
 
             return charge_cut
         registrar = self._registrar(access, patient, cost, now) if registered else b""
