@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -191,3 +192,66 @@ def test_claims_about_our_own_chain_are_left_to_the_shell() -> None:
     assert g.wanted() == {}
     # once the shell checked our own header at that height, it asks the core to fetch
     assert g.want(B, A, 3, 1.2) == [Send(B, Pull(A, 0, 3))]
+
+
+def _serve(g: Gossip, sends: list[Send], now: float, honest: bytes, liar: bytes) -> list[Send]:
+    """Answer ``g``'s pulls: ``honest`` with the blocks asked, ``liar`` with a block we
+    hold (a reply that moves nothing), then apply what arrived, in order.  Returns what
+    ``g`` sends next (answered on the next round)."""
+    more: list[Send] = []
+    for s in sends:
+        if not isinstance(s.message, Pull):
+            continue
+        chain, lo, hi = s.message.chain, s.message.from_height, s.message.to_height
+        if s.peer == liar:
+            held = g.head(chain)
+            more += g.on_blocks_arrived(liar, chain, held, now, from_height=held)
+            g.on_duplicate(liar, now)
+        elif s.peer == honest:
+            more += g.on_blocks_arrived(honest, chain, hi, now, from_height=lo)
+            for h in range(lo, hi + 1):
+                if h == g.head(chain) + 1:
+                    more += g.on_block_stored(honest, chain, h, now, forward=False)
+    return more
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["other_chain", "own_chain"])
+def test_a_liar_answering_with_blocks_we_hold_cannot_keep_the_catch_up(own: bool) -> None:
+    """issue 11 #12 (attacker review): a peer claims head+2, pushes head+1 unsolicited,
+    then answers every pull with a block we already hold.  An unsolicited Blocks frame
+    does not take the pull over, and a reply that does not move our head is no answer
+    (the claim is dropped, the next peer asked), so the honest peer's 1,000 blocks
+    arrive.  For our own chain the shell re-adds every proved claim each second
+    (core.want): a distrusted peer is skipped there too."""
+    liar, honest = B, C  # on a tie the lower key is asked first: the liar
+    chain = A if own else D
+    g = core(A, pull_batch=64, pull_timeout_s=2.0, distrust_s=10.0)
+    g.restore({chain: 5})
+
+    def claim(p: bytes, h: int, t: float) -> list[Send]:
+        if own:
+            return g.want(p, chain, h, t)
+        return g.on_message(p, FullHeads(((chain, h),)), t)
+
+    now = 0.0
+    pending = claim(honest, 1000, now)
+    assert pending == [Send(honest, Pull(chain, 6, 69))]
+    # the liar's lie and its one true block, unsolicited: the pull stays where it was
+    pending += claim(liar, 1000 if own else 7, now)
+    took = g.on_blocks_arrived(liar, chain, 6, now, from_height=6)
+    assert took == []
+    pending = took + g.on_block_stored(liar, chain, 6, now, forward=False)
+    assert g._pulls[chain].src == honest
+    # (the honest peer's reply to that first pull is lost: it must be asked again)
+    pulls: Counter[bytes] = Counter(s.peer for s in pending)
+    while now < 30.0 and g.head(chain) < 1000:
+        now += 0.2
+        sends = pending + g.on_tick(now)
+        # the liar keeps its claim just ahead of us (the lowest claim is asked first; our
+        # own chain: it proved 1,000 too), and the shell re-wants every proved claim
+        sends += claim(liar, 1000 if own else g.head(chain) + 2, now)
+        sends += claim(honest, 1000, now)
+        pulls.update(s.peer for s in sends if isinstance(s.message, Pull))
+        pending = _serve(g, sends, now, honest, liar)
+    assert g.head(chain) == 1000, (g.head(chain), pulls)
+    assert pulls[honest] > 0

@@ -95,6 +95,19 @@ class Peer:
     penalties: int = 0
 
 
+@dataclass(slots=True)
+class _Pull:
+    """The batch of one chain in flight: asked of ``src``, heights ``start..end``."""
+
+    start: int
+    end: int
+    deadline: float
+    src: NodeId
+    # a block of this chain from ``src`` was stored since this pull was sent: only that
+    # counts as an answer (a reply of blocks we hold, or of junk, is no answer at all)
+    progressed: bool = False
+
+
 def _entry_hash(chain: NodeId, height: int) -> int:
     return int.from_bytes(
         hashlib.blake2b(chain + height.to_bytes(8, "big"), digest_size=16).digest(), "big"
@@ -123,8 +136,8 @@ class Gossip:
     stats: Statistics = field(default_factory=Statistics)
     _advanced: OrderedDict[NodeId, float] = field(default_factory=OrderedDict)
     _digest: int = 0
-    # chain -> the batch in flight: (its last height, deadline, asked peer, answered)
-    _pulls: dict[NodeId, tuple[int, float, NodeId, bool]] = field(default_factory=dict)
+    # chain -> the batch in flight
+    _pulls: dict[NodeId, _Pull] = field(default_factory=dict)
     # chain -> {peer: the head it claims for that chain}; one claim per peer and chain, so
     # one peer's lie cannot hide another's truth (catch-up asks the others when it stalls)
     _want: dict[NodeId, dict[NodeId, int]] = field(default_factory=dict)
@@ -244,7 +257,7 @@ class Gossip:
         self._advanced[chain] = now
         self._advanced.move_to_end(chain)
         pull = self._pulls.get(chain)
-        if pull is not None and height >= pull[0]:
+        if pull is not None and height >= pull.end:
             del self._pulls[chain]
 
     def restore(self, heads: dict[NodeId, int]) -> None:
@@ -290,6 +303,9 @@ class Gossip:
             return []
         if height != self.head(chain) + 1:
             raise ValueError(f"block {height} stored above head {self.head(chain)}: not contiguous")
+        pull = self._pulls.get(chain)
+        if pull is not None and src == pull.src:
+            pull.progressed = True  # it moved our head: the one answer that counts
         self._advance(chain, height, now)
         sends = self._continue_pull(chain, now)
         if forward:
@@ -329,11 +345,14 @@ class Gossip:
         """Pull ``chain`` up to ``upto`` from ``src`` (a claim the caller accepts)."""
         if upto <= self.head(chain):
             return []
+        until = self._distrust.get((src, chain))
+        if until is not None and until > now:
+            return []  # it was asked and did not deliver: the others' turn (see _expire_pulls)
         claims = self._want.setdefault(chain, {})
         if upto > claims.get(src, -1):
             claims[src] = upto
         pending = self._pulls.get(chain)
-        if pending is not None and pending[1] > now:
+        if pending is not None and pending.deadline > now:
             return []
         return self._issue_pull(chain, now)
 
@@ -342,28 +361,46 @@ class Gossip:
         return {c: max(claims.values()) for c, claims in self._want.items() if claims}
 
     def on_blocks_arrived(
-        self, src: NodeId, chain: NodeId, to_height: int, now: float
+        self,
+        src: NodeId,
+        chain: NodeId,
+        to_height: int,
+        now: float,
+        *,
+        from_height: int | None = None,
     ) -> list[Send]:
         """A pull reply arrived (its blocks are still to be checked).
 
         During a catch-up, ask for the next batch right away, from where this
         reply ends (a reply may be shorter than asked), so it is on its way
-        while this one is verified and applied.
+        while this one is verified and applied.  Only a reply to the pull in
+        flight does this: from the peer asked, starting where it was asked
+        and within its range (the shell passes ``from_height``).  Anything
+        else (a Blocks frame nobody asked for) changes nothing here: the
+        pull stays with the peer it was sent to.  Arriving is no answer
+        either: only a block that moves our head does (:class:`_Pull`), and
+        the next batch keeps this one's deadline until one has.
         """
         self._heard(src, now)
         pending = self._pulls.get(chain)
-        if pending is not None and pending[2] == src:
-            self._pulls[chain] = (pending[0], pending[1], src, True)
+        if pending is None or pending.src != src:
+            return []
+        if from_height is not None and from_height != pending.start:
+            return []
+        if to_height > pending.end or to_height <= self.head(chain):
+            return []
         claims = self._want.get(chain)
-        if not claims or to_height <= self.head(chain):
+        if not claims or claims.get(src, -1) <= to_height:
             return []
-        if claims.get(src, -1) <= to_height:
-            return []
-        return self._issue_pull(chain, now, start=to_height + 1, src=src)
+        deadline = now + self.params.pull_timeout_s if pending.progressed else pending.deadline
+        return self._issue_pull(chain, now, start=to_height + 1, src=src, deadline=deadline)
 
-    def _source(self, chain: NodeId, prefer: NodeId | None = None) -> NodeId | None:
+    def _source(
+        self, chain: NodeId, prefer: NodeId | None = None, avoid: NodeId | None = None
+    ) -> NodeId | None:
         """Whom to pull ``chain`` from: ``prefer`` if its claim is still ahead of us, else
-        the peer with the lowest claim ahead of us (the least a liar can make us wait)."""
+        the peer with the lowest claim ahead of us (the least a liar can make us wait),
+        other than ``avoid`` if there is another."""
         head = self.head(chain)
         claims = self._want.get(chain, {})
         for peer in [p for p, upto in claims.items() if upto <= head]:
@@ -373,20 +410,28 @@ class Gossip:
             return None
         if prefer is not None and prefer in claims:
             return prefer
-        return min(claims, key=lambda p: (claims[p], p))
+        others = [p for p in claims if p != avoid] or list(claims)
+        return min(others, key=lambda p: (claims[p], p))
 
     def _issue_pull(
-        self, chain: NodeId, now: float, start: int | None = None, src: NodeId | None = None
+        self,
+        chain: NodeId,
+        now: float,
+        start: int | None = None,
+        src: NodeId | None = None,
+        *,
+        avoid: NodeId | None = None,
+        deadline: float | None = None,
     ) -> list[Send]:
-        pending = self._pulls.get(chain)
-        src = self._source(chain, src or (pending[2] if pending is not None else None))
+        src = self._source(chain, src, avoid)
         if src is None:
             self._pulls.pop(chain, None)
             return []
         upto = self._want[chain][src]
         start = self.head(chain) + 1 if start is None else start
         end = min(upto, start + self.params.pull_batch - 1)
-        self._pulls[chain] = (end, now + self.params.pull_timeout_s, src, False)
+        deadline = now + self.params.pull_timeout_s if deadline is None else deadline
+        self._pulls[chain] = _Pull(start, end, deadline, src)
         self.stats.pulls_sent += 1
         return [Send(src, Pull(chain, start, end))]
 
@@ -402,20 +447,23 @@ class Gossip:
         return self._issue_pull(chain, now)
 
     def _expire_pulls(self, now: float) -> list[Send]:
-        """Pulls past their deadline: a peer that never answered loses its claim about
-        that chain for ``distrust_s``, and the catch-up goes on from another claim."""
+        """Pulls past their deadline.  A peer that did not move our head (no reply, or a
+        reply of blocks we hold, or of junk) loses its claim about that chain for
+        ``distrust_s``; one that did, but not all the way, keeps it.  Either way the next
+        batch goes to another peer claiming that chain, if there is one, so a peer that
+        answers slowly or not at all cannot keep the catch-up to itself."""
         out: list[Send] = []
-        for chain, (_, deadline, src, answered) in list(self._pulls.items()):
-            if deadline > now:
+        for chain, pull in list(self._pulls.items()):
+            if pull.deadline > now:
                 continue
             self.stats.pull_timeouts += 1
-            if not answered:
+            del self._pulls[chain]
+            if not pull.progressed:
                 claims = self._want.get(chain, {})
-                if claims.pop(src, None) is not None:
+                if claims.pop(pull.src, None) is not None:
                     self.stats.claims_dropped += 1
-                self._distrust[(src, chain)] = now + self.params.distrust_s
-                del self._pulls[chain]
-            out += self._issue_pull(chain, now)
+                self._distrust[(pull.src, chain)] = now + self.params.distrust_s
+            out += self._issue_pull(chain, now, avoid=pull.src)
         if len(self._distrust) > 1024:
             self._distrust = {k: t for k, t in self._distrust.items() if t > now}
         return out

@@ -116,6 +116,9 @@ HANDSHAKE_S = 10.0
 MAX_LINKS_PER_PEER = 2  # connections to one peer (one each way); a newer one ends the oldest
 MAX_OBSERVERS = 32  # read-only peers connected at once
 MAX_REPLY_BYTES = 4 * MiB  # a pull reply stops adding blocks here (one always fits)
+# start-up sync: no block of our own chain for this long, while a peer proved it is longer,
+# is logged and shown (gossip.own_sync_stalled_s in /v1/status); the fetch goes on
+OWN_SYNC_STALL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ class GossipShell:
         # peer -> (height, deadline, when to ask again for our header there)
         self.own_claims: dict[bytes, tuple[int, float, float]] = {}
         self.liars: set[bytes] = set()  # peers that could not back a claim about our chain
+        self.own_stalled_since: float | None = None  # our chain's fetch moved no block since
         self.synced = not peer_urls
         if not self.synced:
             node.pipeline.may_seal.clear()  # sync_own_chain sets it again
@@ -336,9 +340,27 @@ class GossipShell:
         first: float | None = None
         ok, behind, next_log = self.synced, False, time.monotonic() + timeout
         next_want = time.monotonic() + 1.0
+        last_mine, moved = -2, time.monotonic()
         while not ok:
             self._expire_own_claims()
             mine = (self.node.store.head(self.me) or (-1, b""))[0]
+            if mine != last_mine:
+                last_mine, moved, self.own_stalled_since = mine, time.monotonic(), None
+            elif (
+                behind
+                and self.own_stalled_since is None
+                and time.monotonic() - moved >= OWN_SYNC_STALL_S
+            ):
+                self.own_stalled_since = moved
+                self.counters["own_sync_stalled"] += 1
+                log.warning(
+                    "gossip: no peer delivered a block of our own chain for %.0f s "
+                    "(we hold %d, peers proved %d): not sealing below a proved head; "
+                    "still asking every peer that proved one, in turn",
+                    time.monotonic() - moved,
+                    mine,
+                    max(self.own_reports.values()),
+                )
             if self.own_reports:
                 first = first or time.monotonic()
                 connected = {p for p, c in self.conns.items() if c.authority} - self.liars
@@ -363,6 +385,7 @@ class GossipShell:
                 next_log = time.monotonic() + timeout
             await asyncio.sleep(0.05)
         self.synced = True
+        self.own_stalled_since = None
         self.own_claims.clear()
         self.node.pipeline.may_seal.set()
         self.counters["startup_sync_ok" if ok else "startup_sync_timeout"] += 1
@@ -595,7 +618,11 @@ class GossipShell:
                 except RemoteError:
                     bodies.append(None)  # _apply decodes it again and rejects it
             checks = iter(self.node.pipeline.verify_blocks([b for b in bodies if b is not None]))
-            self.dispatch(self.core.on_blocks_arrived(conn.peer, msg.chain, msg.to_height, now))
+            self.dispatch(
+                self.core.on_blocks_arrived(
+                    conn.peer, msg.chain, msg.to_height, now, from_height=msg.from_height
+                )
+            )
             heights = range(msg.from_height, msg.to_height + 1)
             for h, raw, body in zip(heights, raws, bodies, strict=True):
                 checked = None if body is None else next(checks)
@@ -930,6 +957,9 @@ class GossipShell:
         return {
             "connections": sorted(p.hex()[:8] for p in self.conns),
             "synced": self.synced,
+            "own_sync_stalled_s": None
+            if self.own_stalled_since is None
+            else round(time.monotonic() - self.own_stalled_since, 1),
             "buffered": self.buffered,
             "buffered_bytes": self.buffer_bytes,
             "buffered_bytes_by_peer": {p.hex()[:8]: n for p, n in self.buffer_by_peer.items()},
