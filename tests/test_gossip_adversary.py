@@ -535,3 +535,65 @@ async def test_checks_of_a_dropped_block_are_not_run(tmp_path, monkeypatch):
         p._pool.shutdown()
     finally:
         store.close()
+
+
+# --- attacker review: thousands of tiny signed blocks above a gap nobody fills ------------
+
+PEER_BLOCKS, GAP_S = 32, 3.0
+
+
+@pytest.fixture(scope="module")
+def gapnet(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One victim node, A (a small per-peer block count and gap time); the test holds the
+    keys of authorities C and D."""
+    root = tmp_path_factory.mktemp("gapnet")
+    cfgs = setup_network(root / "net", 4, broker=broker.url, shared_group="mh")
+    cfgs[0] = gossip(
+        cfgs[0], peers=[], peer_exchange=False, buffer_peer_blocks=PEER_BLOCKS, buffer_gap_s=GAP_S
+    )
+    nodes = launch(cfgs[:1], root)
+    keys = [load_identity(c.key_path) for c in cfgs]
+    try:
+        yield nodes[0], keys, Genesis.load(cfgs[0].genesis_path).network_id
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+async def test_tiny_blocks_above_an_unfilled_gap_are_counted_per_peer_and_evicted(gapnet):
+    """An authority pushes twice its per-peer block count of tiny signed blocks of its own
+    chain at head+2.. and never head+1: it holds at most ``buffer_peer_blocks`` of them,
+    another peer's out-of-order block is still held, and after ``buffer_gap_s`` without
+    the gap filling every waiting block is evicted (counted)."""
+    a, keys, net = gapnet
+    c, d = keys[2], keys[3]
+    cs, ds = c.public.hex()[:8], d.public.hex()[:8]
+    async with GossipPeer(a.url, c, net) as pc, GossipPeer(a.url, d, net) as pd:
+        for h in range(2, 2 + 2 * PEER_BLOCKS):
+            await pc.send(wire.encode(Push(c.public, h, 0), [block(c, net, h)]))
+
+        def settled() -> dict[str, Any] | None:
+            g = a.status()["gossip"]
+            held = g["buffered_by_peer"].get(cs, 0)
+            return g if held + g.get("buffer_dropped", 0) >= 2 * PEER_BLOCKS else None
+
+        g = await eventually(settled, 30, "A to take C's blocks")
+        assert g["buffered_by_peer"][cs] == PEER_BLOCKS, g
+        assert g["buffer_dropped"] >= PEER_BLOCKS, g
+        # an honest peer's out-of-order block still finds room
+        await pd.send(wire.encode(Push(d.public, 1, 0), [block(d, net, 1)]))
+        g = await eventually(
+            lambda: (s := a.status()["gossip"])["buffered_by_peer"].get(ds) and s,
+            10,
+            "A to hold D's block",
+        )
+        assert g["buffered_by_peer"][ds] == 1, g
+        # neither gap is filled: after buffer_gap_s both chains' waiting blocks are gone
+        g = await eventually(
+            lambda: (s := a.status()["gossip"])["buffered"] == 0 and s,
+            GAP_S + 10,
+            "the waiting blocks to be evicted",
+        )
+    assert g["buffer_evicted"] == PEER_BLOCKS + 1, g
+    assert g["buffered_bytes"] == 0 and g["buffered_by_peer"] == {}, g
+    assert a.proc is not None and a.proc.poll() is None

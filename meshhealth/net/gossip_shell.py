@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from meshhealth.node import Node
 
 log = logging.getLogger(__name__)
-MAX_BUFFERED = 4096  # blocks in the out-of-order buffer (besides its byte bounds)
+MAX_BUFFERED = 4096  # blocks in the out-of-order buffer, in all (besides its byte bounds)
 MAX_QUEUED = 512  # frames in one peer's send queue (besides its byte bounds)
 MiB = 1024 * 1024
 # errors decoding or admitting what a peer sent that are not yet RemoteErrors: a bug in a
@@ -137,6 +137,10 @@ class GossipLimits:
     send_total_bytes: int = 128 * MiB
     slow_peer_s: float = 60.0  # a peer that finishes no frame for this long is cut off
     claim_timeout_s: float = 10.0  # to back a claim about our own chain with our header
+    # blocks one peer can have waiting (besides bytes: thousands of tiny signed blocks are
+    # cheap to make), and how long a chain's waiting blocks may wait for its head to move
+    buffer_peer_blocks: int = MAX_BUFFERED // 4
+    buffer_gap_s: float = 60.0
 
 
 def arrival_cost(a: Arrival) -> int:
@@ -209,6 +213,9 @@ class GossipShell:
         self.buffered = 0
         self.buffer_bytes = 0  # what the buffer holds, in all and per sending peer
         self.buffer_by_peer: Counter[bytes] = Counter()
+        self.buffer_blocks_by_peer: Counter[bytes] = Counter()
+        # chain -> since when its buffered blocks wait without its head moving
+        self._gap_since: dict[bytes, float] = {}
         self.send_bytes = 0  # what every send queue holds, in all and per peer (every
         self.send_by_peer: Counter[bytes] = Counter()  # connection of that peer together)
         self.counters: Counter[str] = Counter()
@@ -395,6 +402,22 @@ class GossipShell:
         while True:
             await asyncio.sleep(self.core.params.tick_s)
             self.dispatch(self.core.on_tick(time.monotonic()))
+            self._evict_stale(time.monotonic())
+
+    def _evict_stale(self, now: float) -> None:
+        """Drop the buffered blocks of every chain whose head has not moved for
+        ``buffer_gap_s`` while they waited: a gap nobody fills (a peer that pushes blocks
+        far ahead and never the one that follows our head) must not hold the buffer for
+        good.  They are counted (``buffer_evicted``) and pulled again when the gap fills."""
+        for chain, since in list(self._gap_since.items()):
+            if now - since < self.limits.buffer_gap_s:
+                continue
+            for h in list(self.buffer.get(chain, {})):
+                old = self._take(chain, h)
+                if old is not None:
+                    self._discard(old)
+                    self.counters["buffer_evicted"] += 1
+            self._gap_since.pop(chain, None)
 
     async def _dial_forever(self, session: aiohttp.ClientSession, url: str) -> None:
         delay = 0.5
@@ -867,6 +890,8 @@ class GossipShell:
             self._peer_fault(src, "invalid_block", f"block {chain.hex()[:8]}#{height}", exc)
             return False
         self.counters["blocks_applied"] += 1
+        if chain in self._gap_since:
+            self._gap_since[chain] = now  # its head moved: what waits may apply next
         self.latency.append((chain, height, time.time() * 1000 - header.ts_ms))
         self.dispatch(
             self.core.on_block_stored(src, chain, height, now, hops=a.hops, forward=forward)
@@ -890,6 +915,7 @@ class GossipShell:
         cost, lim = arrival_cost(a), self.limits
         if (
             self.buffered >= MAX_BUFFERED
+            or self.buffer_blocks_by_peer[a.src] >= lim.buffer_peer_blocks
             or self.buffer_by_peer[a.src] + cost > lim.buffer_peer_bytes
             or self.buffer_bytes + cost > lim.buffer_total_bytes
         ):
@@ -897,10 +923,12 @@ class GossipShell:
             self._discard(a)
             return
         self.buffer[a.chain] = held  # only a chain with a block in it has an entry
+        self._gap_since.setdefault(a.chain, time.monotonic())
         held[a.height] = a
         self.buffered += 1
         self.buffer_bytes += cost
         self.buffer_by_peer[a.src] += cost
+        self.buffer_blocks_by_peer[a.src] += 1
 
     def _take(self, chain: bytes, height: int) -> Arrival | None:
         held = self.buffer.get(chain)
@@ -912,8 +940,12 @@ class GossipShell:
             self.buffer_by_peer[block.src] -= cost
             if self.buffer_by_peer[block.src] <= 0:
                 del self.buffer_by_peer[block.src]
+            self.buffer_blocks_by_peer[block.src] -= 1
+            if self.buffer_blocks_by_peer[block.src] <= 0:
+                del self.buffer_blocks_by_peer[block.src]
         if held is not None and not held:
             del self.buffer[chain]
+            self._gap_since.pop(chain, None)
         return block
 
     async def _drain(self, chain: bytes) -> None:
@@ -963,10 +995,14 @@ class GossipShell:
             "buffered": self.buffered,
             "buffered_bytes": self.buffer_bytes,
             "buffered_bytes_by_peer": {p.hex()[:8]: n for p, n in self.buffer_by_peer.items()},
+            "buffered_by_peer": {p.hex()[:8]: n for p, n in self.buffer_blocks_by_peer.items()},
             "send_queued_bytes": self.send_bytes,
             "limits": {
                 "buffer_peer_bytes": self.limits.buffer_peer_bytes,
                 "buffer_total_bytes": self.limits.buffer_total_bytes,
+                "buffer_peer_blocks": self.limits.buffer_peer_blocks,
+                "buffer_total_blocks": MAX_BUFFERED,
+                "buffer_gap_s": self.limits.buffer_gap_s,
                 "send_peer_bytes": self.limits.send_peer_bytes,
                 "send_total_bytes": self.limits.send_total_bytes,
             },
