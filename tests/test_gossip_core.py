@@ -255,3 +255,38 @@ def test_a_liar_answering_with_blocks_we_hold_cannot_keep_the_catch_up(own: bool
         pending = _serve(g, sends, now, honest, liar)
     assert g.head(chain) == 1000, (g.head(chain), pulls)
     assert pulls[honest] > 0
+
+
+def test_a_buffered_blocks_charge_covers_its_decoded_entries_and_check_results() -> None:
+    """issue 11 #7 (attacker review): a block waiting in the buffer is charged at least
+    what its decoded entries and its check results (a reading's fields, rebuilt in the
+    parent from the verifier's reply) take, measured, so the buffer's byte bounds hold."""
+    import asyncio
+    import pickle
+    import time
+    import tracemalloc
+
+    from core_helpers import make_rogue
+
+    from meshhealth.chain.block import decode_body, encode_body
+    from meshhealth.ingest import verify
+    from meshhealth.net.gossip_shell import Arrival, arrival_cost
+
+    rogue = make_rogue(time.time_ns() // 1_000_000)
+    n, t0 = 1000, 1_700_000_000_000
+    body = encode_body([rogue.reading(i + 1, t0 + i) for i in range(n)])
+    reply = pickle.dumps(verify.check_entries(list(decode_body(body))))  # as from a worker
+    loop = asyncio.new_event_loop()
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        entries = list(decode_body(body))
+        checked = loop.create_future()
+        checked.set_result(pickle.loads(reply))
+        taken = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        a = Arrival(B, B, 5, (b"h" * 200, body), 0, checked, entries)
+        cost = arrival_cost(a) - len(body) - 200  # the raw frame is charged as is
+        assert taken <= cost <= 2 * taken, (taken, cost)
+    finally:
+        loop.close()

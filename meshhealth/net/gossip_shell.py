@@ -143,13 +143,25 @@ class GossipLimits:
     buffer_gap_s: float = 60.0
 
 
+# what one decoded entry costs besides its bytes: a bytes object's header and its list slot
+ENTRY_OVERHEAD = 40
+# what one entry's check result costs besides its bytes: a reading's is a tuple of twelve
+# fields, each its own object (measured with tracemalloc: ~450 bytes above the reading's
+# size, so a 225-byte reading's result takes ~680; tests/test_gossip_core.py)
+RESULT_OVERHEAD = 512
+
+
 def arrival_cost(a: Arrival) -> int:
-    """The bytes a buffered block keeps alive: raw header and body, and the body decoded."""
+    """The bytes a buffered block keeps alive: raw header and body, the body decoded, and
+    its entries' check results."""
     cost = len(a.raw[0]) + len(a.raw[1]) + 256
     if a.entries is not None:
-        cost += sum(len(e) + 40 for e in a.entries)  # a bytes object's overhead, and its slot
-    if a.checked is not None:
-        cost += len(a.raw[1])  # the checks' results (a reading's fields, rebuilt) at most
+        n, size = len(a.entries), sum(map(len, a.entries))
+        cost += size + n * ENTRY_OVERHEAD
+        if a.checked is not None:
+            cost += size + n * RESULT_OVERHEAD
+    elif a.checked is not None:  # (not made so: checks start from the decoded body)
+        cost += 4 * len(a.raw[1])
     return cost
 
 
