@@ -597,3 +597,77 @@ async def test_tiny_blocks_above_an_unfilled_gap_are_counted_per_peer_and_evicte
     assert g["buffer_evicted"] == PEER_BLOCKS + 1, g
     assert g["buffered_bytes"] == 0 and g["buffered_by_peer"] == {}, g
     assert a.proc is not None and a.proc.poll() is None
+
+
+async def test_a_liar_answering_pulls_with_blocks_we_hold_does_not_keep_the_catch_up(
+    broker, tmp_path
+):
+    """Attacker review of issue 11 #12: the liar claims head+2 of a chain, sends head+1 (a
+    true block) unsolicited, then answers every pull with a block the victim holds.  Such
+    a reply is no answer: the victim drops the liar's claim and catches up from the honest
+    node (on main it asked the liar forever and stayed at height 0)."""
+    from meshhealth.gossip.messages import Blocks
+
+    cfgs = setup_network(tmp_path / "net", 4, broker=broker.url)
+    net = Genesis.load(cfgs[0].genesis_path).network_id
+    keys = [load_identity(c.key_path) for c in cfgs]
+    liar, producer = keys[2], keys[3]
+    top, raws, prev = 19, [], net
+    for h in range(top + 1):
+        raws.append(block(producer, net, h, prev=prev))
+        prev = build_hash(raws[-1][0])
+    honest_cfg = gossip(cfgs[1], peers=[], peer_exchange=False)
+    honest = node_process(honest_cfg, tmp_path / "honest.log")
+    proxy = FaultProxy(honest_cfg.api.port)  # the victim reaches the honest node only later
+    await proxy.start()
+    proxy.cut()
+    first = wire.encode(Blocks(producer.public, 0, 0, 0), [raws[0]])
+    pulls = []
+
+    async def lie_and_stall(ws: Any) -> None:
+        await ws.send_bytes(wire.encode(FullHeads(((producer.public, 1),))))
+        await ws.send_bytes(first)  # unsolicited, and true
+
+        async def keep_claiming() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                await ws.send_bytes(wire.encode(FullHeads(((producer.public, 1),))))
+
+        task = asyncio.create_task(keep_claiming())
+        try:
+            async for frame in ws:
+                msg, _ = wire.decode(frame.data)
+                if isinstance(msg, Pull) and msg.chain == producer.public:
+                    pulls.append(msg)
+                    await ws.send_bytes(first)  # a block it holds: no progress
+        finally:
+            task.cancel()
+
+    server = GossipServer(liar, net, lie_and_stall)
+    await server.start(cfgs[2].api.port)
+    victim_cfg = gossip(
+        cfgs[0], peers=[proxy.url, server.url], peer_exchange=False, startup_sync_s=1
+    )
+    victim = node_process(victim_cfg, tmp_path / "victim.log")
+    try:
+        await asyncio.to_thread(honest.start, 30)
+        async with GossipPeer(honest.url, producer, net) as p:
+            for h, raw in enumerate(raws):
+                await p.send(wire.encode(Push(producer.public, h, 0), [raw]))
+            await eventually(
+                lambda: height(honest, producer.public) == top, 30, "the honest node's copy"
+            )
+        await asyncio.to_thread(victim.start, 30)
+        await eventually(lambda: height(victim, producer.public) == 0, 20, "the liar's block")
+        await eventually(lambda: pulls, 20, "a pull to the liar")
+        proxy.heal()
+        await eventually(
+            lambda: height(victim, producer.public) == top, 30, "catch-up from the honest peer"
+        )
+        core = victim.status()["gossip"]["core"]
+        assert core["pull_timeouts"] >= 1, core  # the liar's pull expired: no progress
+    finally:
+        victim.stop()
+        honest.stop()
+        await proxy.close()
+        await server.close()

@@ -246,11 +246,11 @@ def test_a_liar_answering_with_blocks_we_hold_cannot_keep_the_catch_up(own: bool
     pulls: Counter[bytes] = Counter(s.peer for s in pending)
     while now < 30.0 and g.head(chain) < 1000:
         now += 0.2
-        sends = pending + g.on_tick(now)
         # the liar keeps its claim just ahead of us (the lowest claim is asked first; our
-        # own chain: it proved 1,000 too), and the shell re-wants every proved claim
-        sends += claim(liar, 1000 if own else g.head(chain) + 2, now)
-        sends += claim(honest, 1000, now)
+        # own chain: it proved 1,000 too), and the shell re-wants every proved claim; a
+        # claim may come in after a pull's deadline, before the tick that expires it
+        sends = pending + claim(liar, 1000 if own else g.head(chain) + 2, now)
+        sends += claim(honest, 1000, now) + g.on_tick(now)
         pulls.update(s.peer for s in sends if isinstance(s.message, Pull))
         pending = _serve(g, sends, now, honest, liar)
     assert g.head(chain) == 1000, (g.head(chain), pulls)

@@ -352,9 +352,13 @@ class Gossip:
         if upto > claims.get(src, -1):
             claims[src] = upto
         pending = self._pulls.get(chain)
-        if pending is not None and pending.deadline > now:
+        if pending is None:
+            return self._issue_pull(chain, now)
+        if pending.deadline > now:
             return []
-        return self._issue_pull(chain, now)
+        # past its deadline, before the tick saw it: expire it here, as the tick would (a
+        # claim renewed every tick must not re-issue an unanswered pull to its liar)
+        return self._expire(chain, pending, now)
 
     def wanted(self) -> dict[NodeId, int]:
         """Per chain, the highest head a peer claims that we have not reached."""
@@ -454,19 +458,21 @@ class Gossip:
         answers slowly or not at all cannot keep the catch-up to itself."""
         out: list[Send] = []
         for chain, pull in list(self._pulls.items()):
-            if pull.deadline > now:
-                continue
-            self.stats.pull_timeouts += 1
-            del self._pulls[chain]
-            if not pull.progressed:
-                claims = self._want.get(chain, {})
-                if claims.pop(pull.src, None) is not None:
-                    self.stats.claims_dropped += 1
-                self._distrust[(pull.src, chain)] = now + self.params.distrust_s
-            out += self._issue_pull(chain, now, avoid=pull.src)
+            if pull.deadline <= now:
+                out += self._expire(chain, pull, now)
         if len(self._distrust) > 1024:
             self._distrust = {k: t for k, t in self._distrust.items() if t > now}
         return out
+
+    def _expire(self, chain: NodeId, pull: _Pull, now: float) -> list[Send]:
+        self.stats.pull_timeouts += 1
+        del self._pulls[chain]
+        if not pull.progressed:
+            claims = self._want.get(chain, {})
+            if claims.pop(pull.src, None) is not None:
+                self.stats.claims_dropped += 1
+            self._distrust[(pull.src, chain)] = now + self.params.distrust_s
+        return self._issue_pull(chain, now, avoid=pull.src)
 
     # --- control messages ---------------------------------------------------------
 
