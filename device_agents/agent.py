@@ -8,8 +8,10 @@ node-signed receipt covers it:
 * a receipt deletes the readings it covers only if it is an A2 receipt
   (:class:`~meshhealth.wire.ReceiptV2`) signed by an authority of our network,
   names the block holding them, and covers no seq above the highest this
-  device sent.  Any other receipt is refused and counted, and never moves the
-  outbox: an authority cannot make a device drop readings it never published
+  device sent (persisted in the outbox once each publish returns, so a restart
+  does not count readings produced but never sent as sent).  Any other receipt
+  is refused and counted, and never moves the outbox: an authority cannot make
+  a device drop readings it never published
   (A1 receipts, from nodes before A2, name no block: refused as ``old_receipts``;
   upgrade the nodes before the devices).  The latest receipt that moved the
   outbox is kept per (device, authority), as signed evidence of what that
@@ -54,9 +56,10 @@ RECEIPTS_TOPIC = "mh/v1/receipts/{device}"
 class _Track:
     acked: int = 0  # highest seq a receipt covered
     sent_upto: int = 0  # highest seq published on the current connection
-    # highest seq published (by this process, or produced before it started): no receipt
-    # may go above it
+    # highest seq published (by this process, or by an earlier one: persisted in the
+    # outbox after each publish returns): no receipt may go above it
     sent_max: int = 0
+    saved: int = 0  # the sent_max the outbox holds
     held: dict[bytes, int] = field(default_factory=dict)  # authority -> seq it receipted
     progress_at: float = field(default_factory=time.monotonic)
     backoff: float = 0.0
@@ -98,8 +101,12 @@ class Agent:
         self.client_id = client_id
         self.resend_after, self.window = resend_after, window
         self.username, self.password = username, password
-        # what a previous run produced may have been sent: it counts as sent
-        self.track = {d.id: _Track(sent_max=d.next_seq - 1) for d in self.devices.values()}
+        # what a previous run published (as the outbox recorded it), not all it produced:
+        # a receipt above it would delete readings no node ever saw
+        self.track = {}
+        for d in self.devices.values():
+            sent = outbox.sent(d.id)
+            self.track[d.id] = _Track(sent_max=sent, saved=sent)
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.stats = {
@@ -251,11 +258,16 @@ class Agent:
                     # receipt (else a device idle for a while re-sends at once)
                     t.progress_at = time.monotonic()
                 topic = READINGS_TOPIC.format(device=dev.hex())
-                for seq, raw in batch:
-                    await client.publish(topic, raw, qos=1)
-                    t.sent_upto = seq
-                    t.sent_max = max(t.sent_max, seq)
-                    self.stats["published"] += 1
+                try:
+                    for seq, raw in batch:
+                        await client.publish(topic, raw, qos=1)
+                        t.sent_upto = seq
+                        t.sent_max = max(t.sent_max, seq)
+                        self.stats["published"] += 1
+                finally:  # what was published, even if the connection broke mid-batch
+                    if t.sent_max > t.saved:
+                        self.outbox.mark_sent(dev, t.sent_max)
+                        t.saved = t.sent_max
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.5)
 

@@ -8,6 +8,11 @@ Keys::
     b"a" + device(32) + node(32) -> the latest receipt (A2, signed) of that
                                    authority that deleted readings: what it
                                    claims to store, and in which block
+    b"s" + device(32)           -> seq(8): the highest seq actually published
+                                   (written after the publish returned): a
+                                   restarted agent refuses receipts above it,
+                                   so readings produced but never sent cannot
+                                   be deleted by a lying receipt
 
 A reading and the device's next sequence number are written in one
 transaction, so a restarted agent never reuses a sequence number (which
@@ -102,6 +107,24 @@ class Outbox:
                 txn.put(b"r" + device + struct.pack(">Q", seq), reading)
             for device, state in states.items():
                 txn.put(b"d" + device, pack(state))
+
+        self._write(fn)
+
+    def sent(self, device: bytes) -> int:
+        """The highest seq of ``device`` published (0: none known; an outbox from before
+        this record counts nothing as sent: its unreceipted readings are re-sent on the
+        first connection anyway, and receipts above what is re-sent are refused)."""
+        with self._lock, self.env.begin() as txn:
+            v = txn.get(b"s" + device)
+        return 0 if v is None else int(struct.unpack(">Q", v)[0])
+
+    def mark_sent(self, device: bytes, seq: int) -> None:
+        """Record that ``device``'s readings up to ``seq`` were published (never lowers)."""
+
+        def fn(txn: Any) -> None:
+            v = txn.get(b"s" + device)
+            if v is None or struct.unpack(">Q", v)[0] < seq:
+                txn.put(b"s" + device, struct.pack(">Q", seq))
 
         self._write(fn)
 

@@ -152,14 +152,17 @@ async def test_a_removed_device_is_cut_off_and_backdated_readings_are_refused(
         [
             (stolen, one(stolen, now_ms())),  # the stolen key's new reading: refused
             (stolen, one(stolen, now_ms() + 1000)),
+            # backdated into [enrolment, removal) with a new seq, on the old chain: refused
+            # too (issue 11: a removal refuses every new reading of the device)
+            (stolen, signed_only(stolen, t_e + 1000)),
             (kept, one(kept, now_ms())),  # the kept device, on the new chain: stored
         ],
     )
     st = await until(
-        node, lambda s: s["rejects"].get("removed_device", 0) >= 2, "the stolen key refused"
+        node, lambda s: s["rejects"].get("removed_device", 0) >= 3, "the stolen key refused"
     )
     st = await until(node, lambda s: s["readings_committed"] == committed + 1, "kept stored")
-    assert st["rejects"]["removed_device"] == 2, st["rejects"]
+    assert st["rejects"]["removed_device"] == 3, st["rejects"]
     assert Reading.decode(one(kept, now_ms())).chain_id == rc.chain_id
 
 

@@ -79,3 +79,64 @@ def test_readings_split_at_key_epochs_and_size(tmp_path: Path) -> None:
     )
     big = dev.readings("hr", [(start + 10_000 + i * 10, (70.0,)) for i in range(1000)])
     assert all(len(r) <= 4096 for _, r in big) and len(big) >= 5
+
+
+def test_a_restart_counts_only_what_was_published_as_sent(tmp_path: Path) -> None:
+    """Issue 11: the highest published seq is persisted once each publish returns; after a
+    restart with readings produced but never sent, a receipt above it (one lying authority)
+    is refused and deletes nothing; one within it deletes what it covers."""
+    import asyncio
+
+    import aiomqtt
+    import nacl.signing
+    import pytest
+
+    from device_agents.agent import Agent
+    from meshhealth.wire import ReceiptV2
+
+    net = b"\7" * 32
+    auth = nacl.signing.SigningKey.generate()
+    dev, chain = _device()
+    t0 = (chain.start_epoch + 1) * chain.epoch_ms
+    readings = dev.readings("hr", [(t0 + i * 1000, (60.0 + i,)) for i in range(10)], max_samples=1)
+    box = Outbox(tmp_path / "ob")
+    box.put_many([(dev.id, s, r) for s, r in readings], {dev.id: dev.state()})
+
+    class Broken:  # the connection breaks after 4 publishes
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        async def publish(self, topic: str, raw: bytes, qos: int) -> None:
+            if len(self.sent) == 4:
+                raise aiomqtt.MqttError("connection lost")
+            self.sent.append(raw)
+
+    def agent_of(box: Outbox, d: Device) -> Agent:
+        return Agent(
+            box, [d], "mqtt://127.0.0.1:1", network=net, authorities={bytes(auth.verify_key)}
+        )
+
+    client = Broken()
+    with pytest.raises(aiomqtt.MqttError):
+        asyncio.run(agent_of(box, dev)._send(client))  # type: ignore[arg-type]
+    assert len(client.sent) == 4 and box.sent(dev.id) == 4
+    box.close()
+
+    box = Outbox(tmp_path / "ob")  # restart: 10 produced, 4 published
+    (state,) = box.states().values()
+    again = Device.from_state(state)
+    assert again.next_seq == 11
+    agent = agent_of(box, again)
+    assert agent.track[dev.id].sent_max == 4
+
+    def rc(seq: int) -> bytes:
+        return ReceiptV2.create(
+            auth, network=net, device=dev.id, seq=seq, chain=bytes(auth.verify_key),
+            height=1, hash=b"\1" * 32, ts_ms=1,
+        ).encode()  # fmt: skip
+
+    asyncio.run(agent._on_receipt(rc(10)))  # a lie: seqs 5..10 were never sent
+    assert box.count(dev.id) == 10 and agent.stats["receipts_beyond_sent"] == 1
+    asyncio.run(agent._on_receipt(rc(4)))
+    assert box.count(dev.id) == 6 and agent.stats["acked"] == 4
+    box.close()

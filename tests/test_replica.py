@@ -13,7 +13,7 @@ from meshhealth.chain.acl import AccessState
 from meshhealth.chain.block import build_block
 from meshhealth.config import Authority, Genesis
 from meshhealth.crypto.keys import Identity
-from meshhealth.errors import InvalidBlock, StorageError
+from meshhealth.errors import InvalidBlock, Rejected, StorageError
 from meshhealth.ingest.batcher import Batcher, BatchLimits
 from meshhealth.ingest.commit import Commit, IndexedReading
 from meshhealth.ingest.replica import MissingLinks, admit_remote
@@ -376,7 +376,10 @@ def test_a_removed_devices_later_readings_are_pruned_in_a_valid_block() -> None:
 
     world, a, b = two_nodes()
     dev, tx = new_device(world)
-    now = T0 + 120_000
+    now = T0 + 80_000  # sealed within REMOVAL_GRACE_MS of the removal: A may not know it
+    # what a stolen key publishes after the removal, backdated before it (made now: the
+    # device's key cursor forgets old epochs)
+    ((_, backdated),) = dev.readings("hr", [(T0 + 1_000, (70.0,))])
     a.admit_tx(tx.encode(), tx, now)
     raws = [raw for _, raw in device_readings(dev, "hr", T0, T0 + 60_000)]
     for raw in raws:
@@ -397,7 +400,43 @@ def test_a_removed_devices_later_readings_are_pruned_in_a_valid_block() -> None:
     late = {i for i, e in enumerate(entries) if i and Reading.decode(e).t_last_ms >= cut}
     assert late and c.prune == frozenset(late) and len(late) < len(raws)
     assert b.rejects["removed_device"] == len(late)
-    # and B's own ingest refuses the device from the removal on
+    # and B's own ingest refuses the device's new readings, whatever their time
     ((_, after),) = dev.readings("hr", [(T0 + 61_000, (70.0,))])
     with pytest.raises(Exception, match="removed"):
         b.admit_reading(after, Reading.decode(after), now + 2000)
+    with pytest.raises(Rejected, match="removed") as exc:
+        b.admit_reading(backdated, Reading.decode(backdated), now + 2000)
+    assert exc.value.reason == "removed_device"
+
+
+def test_a_removed_devices_backdated_readings_in_a_late_block_are_pruned() -> None:
+    """Issue 11: a stolen key publishes readings backdated into [enrolment, removal); in a
+    block sealed REMOVAL_GRACE_MS or more after the removal (its producer should have
+    known of it), every reading of that device is pruned, whatever its time; the block
+    stays valid."""
+    from meshhealth.chain.acl import REMOVAL_GRACE_MS
+    from meshhealth.wire import RemoveDevice
+
+    world, a, b = two_nodes()
+    dev, tx = new_device(world)
+    other, tx2 = new_device(world)
+    cut = T0 + 60_000
+    now = cut + REMOVAL_GRACE_MS
+    a.admit_tx(tx.encode(), tx, now)
+    a.admit_tx(tx2.encode(), tx2, now)
+    raws = [raw for _, raw in device_readings(dev, "hr", T0, cut - 1_000)]  # all backdated
+    kept = [raw for _, raw in device_readings(other, "hr", T0, cut - 1_000)]
+    for raw in raws + kept:
+        a.admit_reading(raw, Reading.decode(raw), now)
+    commit = a.seal(now)
+    removal = RemoveDevice.create(world.patient.signing, device=dev.id, ts_ms=cut)
+    b.admit_tx(removal.encode(), removal, now)
+    entries = commit.block.entries
+    c = admit_remote(
+        b, commit.block.header, entries, check_entries(list(entries)),
+        block_hash_at=lambda n, h: None, now_ms=now + 1000,
+    )  # fmt: skip
+    mine = {i for i, e in enumerate(entries) if e in raws}
+    assert len(mine) == len(raws) and all(Reading.decode(entries[i]).t_last_ms < cut for i in mine)
+    assert c.prune == frozenset(mine)
+    assert b.rejects["removed_device"] == len(raws)

@@ -326,9 +326,10 @@ def test_the_universe_reaches_every_outcome() -> None:
 
 
 def test_removal_and_enrolment_floor_in_the_access_state() -> None:
-    """D1 refuses a device's readings of its patient from the earliest removal on, and only
-    at ingest; E2's import window lowers the floor below the enrolment time, E1's is its
-    time (less a minute of clock skew)."""
+    """D1 refuses at ingest every new reading of a device for its patient once the removal
+    is known, whatever its time (a stolen key backdates into [enrolment, removal)), and
+    only at ingest; the earliest removal is its time; E2's import window lowers the floor
+    below the enrolment time, E1's is its time (less a minute of clock skew)."""
     n = U.named
     P1, P2 = (p.public for p in U.patients)
     d2, d4 = U.devices[1].public, U.devices[3].public
@@ -339,15 +340,20 @@ def test_removal_and_enrolment_floor_in_the_access_state() -> None:
     by = {(r.device, r.patient, r.stream, r.t_ms): r for r in U.readings}
     assert outcome(full, by[(d2, P2, "spo2", T0 + 7 * M)]) == "removed_device"
     assert outcome(full, by[(d2, P2, "spo2", T0 + 7 * M)], ingest=False) == "ok"
-    assert outcome(full, by[(d2, P2, "spo2", T0 + 2 * M)]) == "ok"  # before its removal
-    assert outcome(full, by[(d2, P1, "hr", T0 + 4 * M)]) == "ok"
+    # before its removal, yet new at ingest: a stolen key backdating (issue 11)
+    assert outcome(full, by[(d2, P2, "spo2", T0 + 2 * M)]) == "removed_device"
+    assert outcome(full, by[(d2, P2, "spo2", T0 + 2 * M)], ingest=False) == "ok"
+    assert outcome(full, by[(d2, P1, "hr", T0 + 4 * M)]) == "removed_device"
+    assert outcome(full, by[(d2, P1, "hr", T0 + 4 * M)], ingest=False) == "ok"
     assert outcome(full, by[(d4, P1, "hr", T0 + M)]) == "before_enrollment"
     assert outcome(full, by[(d4, P1, "hr", T0 + M)], ingest=False) == "ok"
     assert outcome(full, by[(d4, P1, "hr", T0 + 4 * M)]) == "ok"  # inside the import window
     only_late = AccessState()
     for k in ("e_p2_d2", "k_p2_spo2_b", "d_p2_d2_late"):
         only_late.apply(n[k])
-    assert outcome(only_late, by[(d2, P2, "spo2", T0 + 7 * M)]) == "ok"
+    assert outcome(only_late, by[(d2, P2, "spo2", T0 + 7 * M)]) == "removed_device"
+    assert only_late.removed_at(d2, P2) == T0 + 8 * M
+    assert outcome(state_of([]), by[(d2, P2, "spo2", T0 + 7 * M)]) != "removed_device"
     assert outcome(only_late, by[(d2, P2, "spo2", T0 + 9 * M)]) == "removed_device"
     e1_only = AccessState()
     e1_only.apply(n["e_p1_d4"])
@@ -857,3 +863,19 @@ def test_a_device_is_given_only_each_streams_latest_rechain() -> None:
     for order in (raws, raws[::-1]):
         assert latest_rechains(order, p1.public) == {"hr": k1}
     assert set(latest_rechains(raws, U.patients[1].public)) == {"spo2"}
+
+
+def test_a_removed_devices_reading_is_dropped_by_time_or_by_its_blocks_seal() -> None:
+    """Issue 11: what a replica prunes and a provider skips of a removed device: a reading
+    timed at or after the removal, or any reading in a block sealed REMOVAL_GRACE_MS or
+    more after it (a stolen key backdating into [enrolment, removal))."""
+    from meshhealth.chain.acl import REMOVAL_GRACE_MS, removed_reading
+
+    d2, P2 = U.devices[1].public, U.patients[1].public
+    by = {(r.device, r.patient, r.stream, r.t_ms): r for r in U.readings}
+    early = by[(d2, P2, "spo2", T0 + 2 * M)]
+    cut = T0 + 6 * M
+    assert not removed_reading(None, early, cut + 10 * REMOVAL_GRACE_MS)
+    assert not removed_reading(cut, early, cut + REMOVAL_GRACE_MS - 1)  # A had not seen it
+    assert removed_reading(cut, early, cut + REMOVAL_GRACE_MS)
+    assert removed_reading(cut, by[(d2, P2, "spo2", T0 + 7 * M)], T0 + 7 * M)

@@ -21,7 +21,9 @@ any order agree — a CRDT, with no consensus round:
   enrolments for that patient: an enrolment's time (E1), or the start of the
   import window it names (E2) — the minimum, so the order does not matter;
 * a removal (D1) ends a device's writing for its patient from its time on;
-  several removals end it at the earliest.
+  several removals end it at the earliest.  Once one is known, ingest takes in
+  none of that device's readings for that patient, whatever their time (a
+  stolen key would backdate them into [enrolment, removal)).
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ from meshhealth.wire import (
 # a device's clock may run behind its patient's: readings this much older than an
 # enrolment (E1) still count as after it
 ENROLL_GRACE_MS = 60_000
+# a block sealed this long after a device's removal (D1) was sealed by a producer that
+# should have known of it: whatever their times, its readings of that device are pruned
+# (kept as leaf hashes, so the block stays valid) and served to no one (issue 11)
+REMOVAL_GRACE_MS = 60_000
+
+
+def removed_reading(removed: int | None, r: Reading, block_ts_ms: int) -> bool:
+    """Whether ``r``, in a block sealed at ``block_ts_ms``, is a removed device's: timed
+    at or after the removal, or in a block sealed ``REMOVAL_GRACE_MS`` after it (a
+    stolen key backdating its readings into [enrolment, removal))."""
+    if removed is None:
+        return False
+    return r.t_last_ms >= removed or block_ts_ms >= removed + REMOVAL_GRACE_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +219,14 @@ class AccessState:
         transaction making it so (a block's validity must not depend on arrival
         order): a reading of an erased patient from before the erasure, one on a
         key chain the patient has since replaced (a revoked grantee may hold it), one
-        of a device the patient removed, from its removal on (a stolen key), and one
-        from before the device's enrolment floor (a backdated reading).  Of these, a
-        replica prunes a removed device's readings from others' blocks (see
+        of a device the patient removed, whatever its time (a stolen key backdates
+        its readings into [enrolment, removal)), and one from before the device's
+        enrolment floor (a backdated reading).  Of these, a replica prunes a removed
+        device's readings from others' blocks (:func:`removed_reading`, see
         :mod:`meshhealth.ingest.replica`); the rest stay valid there.
         """
         if ingest:
-            removed = self.removed.get((r.device, r.patient))
-            if removed is not None and r.t_last_ms >= removed:
+            if (r.device, r.patient) in self.removed:
                 raise Rejected("removed_device", f"{r.device.hex()[:8]} was removed")
             floor = self.floors.get((r.device, r.patient))
             if floor is not None and r.t_ms < floor - ENROLL_GRACE_MS:

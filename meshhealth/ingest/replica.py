@@ -18,8 +18,12 @@ our own ingest would check it:
 * readings from enrolled devices, on a known key chain and epoch, and no
   more seqs above a device's gap than a stored seq mark may hold
   (:data:`~meshhealth.ingest.seqmarks.MAX_ABOVE_STORED`); a reading
-  of a device its patient removed (D1), timed at or after the removal, is
-  pruned (its leaf hash kept, counted as ``removed_device``), not served;
+  of a device its patient removed (D1), timed at or after the removal, or in
+  a block sealed ``REMOVAL_GRACE_MS`` or more after it (whatever the reading's
+  time: a stolen key backdates), is pruned (its leaf hash kept, counted as
+  ``removed_device``), not served;
+* access logs signed by the producer; no L1 log in a block that holds an
+  L2 one (an L1 carries no signed request, so any request bytes);
 * every *link*: the block must link only to blocks we already hold, with
   matching hashes.  Links are how causality travels.  A reading's
   enrolment may sit in a third chain, and it always sits at or below
@@ -39,7 +43,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 
-from meshhealth.chain.acl import AccessState
+from meshhealth.chain.acl import AccessState, removed_reading
 from meshhealth.chain.block import MAX_BLOCK_ENTRIES, Block, verify_body
 from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
@@ -49,6 +53,7 @@ from meshhealth.ingest.batcher import Batcher
 from meshhealth.ingest.commit import MAX_HEIGHT, Commit, IndexedReading, index_hour_ok
 from meshhealth.ingest.seqmarks import SeqMark
 from meshhealth.wire import (
+    AccessLog,
     BlockHeader,
     Control,
     EnrollDevice,
@@ -71,21 +76,21 @@ class MissingLinks(Exception):
 class RefusedBlock(InvalidBlock):
     """A peer's block that admission refuses; ``reason`` labels the reject counter
     (``peer_block_<reason>`` in the ingest statistics): ``future``, ``index_range``,
-    ``size``, ``link``, ``seq_gap`` or ``entry``."""
+    ``size``, ``link``, ``seq_gap``, ``log_version`` or ``entry``."""
 
     def __init__(self, message: str, reason: str, *, node: bytes, height: int):
         super().__init__(message, node=node, height=height)
         self.reason = reason
 
 
-def _removed_since(a: AccessState, overlay: AccessState, r: Reading) -> int | None:
-    """When ``r``'s device was removed for its patient, if that is at or before ``r``."""
-    times = [
-        t
+def _removed_since(a: AccessState, overlay: AccessState, r: Reading, block_ts_ms: int) -> bool:
+    """Whether ``r``'s device was removed for its patient before ``r``'s time, or long
+    enough before the block was sealed that its producer should have known
+    (:func:`~meshhealth.chain.acl.removed_reading`)."""
+    return any(
+        removed_reading(t, r, block_ts_ms)
         for t in (a.removed_at(r.device, r.patient), overlay.removed_at(r.device, r.patient))
-        if t is not None and r.t_last_ms >= t
-    ]
-    return min(times) if times else None
+    )
 
 
 def admit_remote(
@@ -170,6 +175,8 @@ def _admit_remote(
     txs: list[tuple[bytes, int]] = []
     audit: list[tuple[bytes, int, bytes, int]] = []
     prune: set[int] = set()
+    l1: list[int] = []  # the block's L1 access logs (no signed request)
+    l2 = False  # whether it holds an L2 one
     for i, (raw, res) in enumerate(zip(entries, checked, strict=True)):
         if res[0] is not None:
             raise bad(f"entry {i}: {res[0]}")
@@ -193,6 +200,10 @@ def _admit_remote(
                 raise bad(f"entry {i}: an access log signed by another node")
             if e.ts_ms > latest_ms:
                 raise bad(f"entry {i}: an access log from the future", "future")
+            if isinstance(e, AccessLog):
+                l1.append(i)
+            else:
+                l2 = True
             audit.append((e.patient, e.ts_ms, e.request, i))
             continue
         if isinstance(e, EquivocationProof):
@@ -218,10 +229,11 @@ def _admit_remote(
                 raise bad(f"entry {i}: {exc.reason}") from exc
         if max(b.access.erased.get(e.patient, -1), overlay.erased.get(e.patient, -1)) >= e.t_ms:
             prune.add(i)  # its patient erased it: keep only its leaf hash
-        elif _removed_since(b.access, overlay, e) is not None:
-            # its patient removed the device (a stolen key) before this reading's time; the
-            # producer sealed it before it saw the removal, so the block stays valid, but
-            # we keep only its leaf hash and serve it to no one
+        elif _removed_since(b.access, overlay, e, header.ts_ms):
+            # its patient removed the device (a stolen key) before this reading's time, or
+            # well before the block was sealed (a backdated reading); the producer may not
+            # have seen the removal yet, so the block stays valid, but we keep only its
+            # leaf hash and serve it to no one
             prune.add(i)
             b.reject("removed_device")
         mark = b.marks.get(e.device)
@@ -233,6 +245,10 @@ def _admit_remote(
             continue
         seen.add(e.seq)
         index.append(IndexedReading(i, e.patient, e.stream, e.t_ms))
+    if l1 and l2:
+        # a producer that logs L2 (the reader's signed request) has no honest reason to
+        # log an L1 in the same block: an L1 carries any request bytes it likes
+        raise bad(f"entry {l1[0]}: an L1 access log in a block of L2 ones", "log_version")
     # the same bound on a device's out-of-order seqs as local ingest, with room for
     # honest nodes that took in one device's readings concurrently (seqmarks.py)
     for device, seqs in adds.items():

@@ -41,7 +41,7 @@ import aiohttp
 import nacl.exceptions
 
 from meshhealth.chain import merkle
-from meshhealth.chain.acl import AccessState
+from meshhealth.chain.acl import AccessState, removed_reading
 from meshhealth.config import Genesis
 from meshhealth.crypto.keys import Identity
 from meshhealth.errors import (
@@ -251,10 +251,10 @@ def check_part(
             access.check_reading(r)
         except RemoteError as exc:
             raise VerificationError(f"{where}: a reading of a device not enrolled: {exc}") from exc
-        removed = access.removed_at(r.device, r.patient)
-        if removed is not None and r.t_last_ms >= removed:
-            # the patient removed the device before this reading's time (a stolen key); a
-            # node sealed it before it saw the removal: not the patient's data, skip it
+        if removed_reading(access.removed_at(r.device, r.patient), r, hdr.ts_ms):
+            # the patient removed the device before this reading's time, or well before
+            # the block was sealed (a stolen key backdating); a node sealed it before it
+            # saw the removal: not the patient's data, skip it
             bad.append((r.device, r.seq))
             continue
         key = scope.keys.get((r.chain_id, r.epoch))

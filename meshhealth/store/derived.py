@@ -25,8 +25,9 @@ their leaf hashes (only the hash is left, not the device and seq):
   consistent (id <-> name, below its counter); names no index record uses
   any more (an erased patient) are allowed.
 
-Where the same transaction (or two access logs with one audit key) sits in
-two chains, the stored location may be either of them.
+Where the same transaction sits in two chains, the stored ``acl`` location
+may be either of them; the ``audit`` index has one record per access log
+location (its key holds the location), so there is nothing to choose.
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ from meshhealth.chain.merkle import is_pruned
 from meshhealth.crypto.hashing import h
 from meshhealth.errors import MalformedMessage, MeshHealthError, RemoteError
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.store.lmdb_store import HOUR_MS, SHARED_STREAM, Store, chain_key
+from meshhealth.store.lmdb_store import (
+    AUDIT_FORMAT,
+    AUDIT_FORMAT_V,
+    HOUR_MS,
+    SHARED_STREAM,
+    Store,
+    audit_key,
+    chain_key,
+)
 from meshhealth.wire import BlockHeader, EquivocationProof, Reading, decode_entry
 from meshhealth.wire.codec import unpack
 from meshhealth.wire.types import ACCESS_LOGS, CONTROL_CLASSES
@@ -139,8 +148,8 @@ def scan(store: Store) -> Scan:
                 if isinstance(e, CONTROL_CLASSES):
                     sc.access.apply(e)
             elif isinstance(e, ACCESS_LOGS):
-                akey = e.patient + struct.pack(">Q", e.ts_ms) + e.request[:8]
-                sc.audit.setdefault(akey, []).append(_loc(key, i))
+                loc = _loc(key, i)
+                sc.audit.setdefault(audit_key(e.patient, e.ts_ms, loc), []).append(loc)
     for key in store.bodies_without_header():
         sc.problems.append(f"bodies: {key.hex()}: a body with no header")
     return sc
@@ -314,7 +323,14 @@ def check(store: Store, sc: Scan) -> list[str]:
     _exact("heads", sc.heads, raw["heads"], out)
     _exact("links", sc.links, raw["links"], out)
     _located("acl", sc.acl, raw["acl"], out)
-    _located("audit", sc.audit, raw["audit"], out)
+    if raw["meta"].get(AUDIT_FORMAT) != AUDIT_FORMAT_V and raw["audit"]:
+        # a store of the old format, opened read-only (a node start would rebuild it)
+        out.append(
+            "audit: an index of the old key format (patient + ts + request, where two logs "
+            "can share a record): `store reindex` or starting the node rebuilds it"
+        )
+    else:
+        _located("audit", sc.audit, raw["audit"], out)
     _check_readings(store, _names(raw["names"], out), out)
     for device, v in sorted(raw["seqmarks"].items()):
         stored = _decode_mark(v)

@@ -10,8 +10,13 @@ Named databases::
     seqmarks  device(32)                  -> SeqMark
     acl       entry hash(32)              -> node(32) + height(8) + index(4), for every
               control transaction and equivocation proof
-    audit     patient(32) + ts(8) + request(8) -> node(32) + height(8) + index(4), for
-              every access log (the patient's audit trail, from every chain)
+    audit     patient(32) + ts(8) + node(32) + height(8) + index(4) -> node(32) +
+              height(8) + index(4), for every access log (the patient's audit trail,
+              from every chain).  The key holds the log's location, so two logs never
+              share a record: a bad authority that copies an honest log's patient, time
+              and request into its own log cannot overwrite the honest one (issue 11).
+              Stores of the old format (patient + ts + request[:8], which could collide)
+              are re-indexed when opened (meta ``audit_format``)
     links     node(32) + chain(32)        -> height(8): the highest block of ``chain``
               that ``node``'s blocks link to (what confirmation counts)
     names     kind(1) + name               -> small local id, and ``~`` kind(1) id -> name
@@ -54,12 +59,13 @@ import lmdb
 from meshhealth.chain.block import Block, decode_body, encode_body
 from meshhealth.chain.merkle import is_pruned, pruned
 from meshhealth.crypto.hashing import h
-from meshhealth.errors import InvalidBlock, StorageError
+from meshhealth.errors import InvalidBlock, RemoteError, StorageError
 from meshhealth.ingest.commit import HOUR_MS as HOUR_MS  # re-exported: the index unit
 from meshhealth.ingest.commit import MAX_INDEX_HOUR, Commit
 from meshhealth.ingest.seqmarks import SeqMark
-from meshhealth.wire import BlockHeader, Reading
+from meshhealth.wire import BlockHeader, Reading, decode_entry
 from meshhealth.wire.codec import pack, unpack
+from meshhealth.wire.types import ACCESS_LOGS
 
 # the stream id every stream name past the 254th shares in the readings index: a bucket
 # may then hold readings of several streams, and readers filter by the entries' fields
@@ -67,6 +73,8 @@ SHARED_STREAM = b"\xff"
 COMPACT_NAME = "data.mdb.compact"  # the compacting copy, while it is written
 COMPACT_TXN_BYTES = 32 << 20  # what one transaction of the compacting copy writes
 COMPACT_DUE = b"compact_due"  # meta: an erasure freed pages compact() has not cleared
+AUDIT_FORMAT = b"audit_format"  # meta: the audit index's key format (absent: the old one)
+AUDIT_FORMAT_V = b"\x02"  # patient + ts + location: one record per log, never shared
 _DBS = (
     "headers",
     "bodies",
@@ -83,6 +91,12 @@ _DBS = (
 
 def chain_key(node: bytes, height: int) -> bytes:
     return node + struct.pack(">Q", height)
+
+
+def audit_key(patient: bytes, ts_ms: int, loc: bytes) -> bytes:
+    """The audit index key of the access log at ``loc`` (node(32) + height(8) +
+    index(4)): its location is part of it, so no other log can take its record."""
+    return patient + struct.pack(">Q", ts_ms) + loc
 
 
 def _u32(v: int, what: str, hdr: BlockHeader) -> bytes:
@@ -149,6 +163,37 @@ class Store:
         self._gate = _Gate()
         self.compactions = 0
         self.compact_seconds = 0.0
+        self.audit_migrated = 0  # records the old-format audit index was rebuilt into
+        if not readonly:
+            self.audit_migrated = int(self._write(self._migrate_audit))
+
+    def _migrate_audit(self, txn: Any) -> int:
+        """Rebuild the audit index from the blocks if it is of the old format (its key
+        was patient + ts + request[:8]: two logs could share, and overwrite, a record).
+        Once per store; returns the records written."""
+        if txn.get(AUDIT_FORMAT, db=self.db["meta"]) == AUDIT_FORMAT_V:
+            return 0
+        n = 0
+        if txn.stat(self.db["audit"])["entries"]:
+            txn.drop(self.db["audit"], delete=False)
+            for key, raw in txn.cursor(db=self.db["bodies"]):
+                try:
+                    entries = decode_body(bytes(raw))
+                except RemoteError:
+                    continue  # verify_chain's to report
+                for i, e in enumerate(entries):
+                    if is_pruned(e):
+                        continue
+                    try:
+                        log = decode_entry(e)
+                    except RemoteError:
+                        continue
+                    if isinstance(log, ACCESS_LOGS):
+                        loc = bytes(key) + struct.pack(">I", i)
+                        txn.put(audit_key(log.patient, log.ts_ms, loc), loc, db=self.db["audit"])
+                        n += 1
+        txn.put(AUDIT_FORMAT, AUDIT_FORMAT_V, db=self.db["meta"])
+        return n
 
     def _open(self) -> None:
         try:
@@ -246,12 +291,9 @@ class Store:
             txn.put(device, mark.encode(), db=self.db["seqmarks"])
         for tx_hash, index in c.txs:
             txn.put(tx_hash, key + struct.pack(">I", index), db=self.db["acl"])
-        for patient, ts, request, index in c.audit:
-            txn.put(
-                patient + struct.pack(">Q", ts) + request[:8],
-                key + struct.pack(">I", index),
-                db=self.db["audit"],
-            )
+        for patient, ts, _request, index in c.audit:
+            loc = key + struct.pack(">I", index)
+            txn.put(audit_key(patient, ts, loc), loc, db=self.db["audit"])
         for link in hdr.links:  # links only move forward along a chain
             txn.put(hdr.node + link.node, struct.pack(">Q", link.height), db=self.db["links"])
         n = int.from_bytes(txn.get(b"readings", b"\0" * 8, db=self.db["meta"]), "big")
@@ -409,7 +451,8 @@ class Store:
         self, patient: bytes, from_ms: int = 0, to_ms: int = 2**63 - 1
     ) -> list[tuple[bytes, bytes, int, int]]:
         """(entry, node, height, index) of every access log about ``patient`` logged in
-        [from_ms, to_ms], from every chain, in time order."""
+        [from_ms, to_ms], from every chain, in time order.  One log copied into a
+        second chain is listed once (at its first location in key order)."""
         with self._read() as txn:
             cur = txn.cursor(db=self.db["audit"])
             locs: list[bytes] = []
@@ -418,10 +461,16 @@ class Store:
                     if k[:32] != patient or struct.unpack(">Q", k[32:40])[0] > to_ms:
                         break
                     locs.append(bytes(v))
-        return [
-            (e, loc[:32], struct.unpack(">Q", loc[32:40])[0], struct.unpack(">I", loc[40:])[0])
-            for e, loc in zip(self.entries_at(locs), locs, strict=True)
-        ]
+        seen: set[bytes] = set()
+        out: list[tuple[bytes, bytes, int, int]] = []
+        for e, loc in zip(self.entries_at(locs), locs, strict=True):
+            if e in seen:
+                continue
+            seen.add(e)
+            out.append(
+                (e, loc[:32], struct.unpack(">Q", loc[32:40])[0], struct.unpack(">I", loc[40:])[0])
+            )
+        return out
 
     def prune_patient(self, patient: bytes, upto_ms: int) -> int:
         """Erase: replace every stored reading of ``patient`` that starts at or before
@@ -655,6 +704,7 @@ class Store:
                 txn.put(bkey, pack(idx), db=self.db["readings"])
                 n += 1
             txn.put(b"readings", reading_count.to_bytes(8, "big"), db=self.db["meta"])
+            txn.put(AUDIT_FORMAT, AUDIT_FORMAT_V, db=self.db["meta"])
             return n
 
         return int(self._write(write))
