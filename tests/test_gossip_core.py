@@ -290,3 +290,25 @@ def test_a_buffered_blocks_charge_covers_its_decoded_entries_and_check_results()
         assert taken <= cost <= 2 * taken, (taken, cost)
     finally:
         loop.close()
+
+
+def test_a_peer_that_keeps_leaving_pulls_without_progress_is_distrusted_longer() -> None:
+    """Each further pull of a chain a peer leaves without progress doubles how long its
+    claims about that chain are ignored (up to ``max_distrust_s``); progress clears it."""
+    g = core(A, pull_timeout_s=2.0, distrust_s=10.0, max_distrust_s=35.0)
+    now, held = 0.0, []
+    for _ in range(4):
+        assert g.on_message(C, FullHeads(((D, 100),)), now) != []  # heard again, asked
+        now += 2.5
+        g.on_tick(now)  # no progress: ignored for a while
+        held.append(g._distrust[(C, D)] - now)
+        assert g.on_message(C, FullHeads(((D, 100),)), now + held[-1] - 0.1) == []
+        now += held[-1]
+    assert held == [10.0, 20.0, 35.0, 35.0]
+    g.on_connected(C, now - 1.0, fresh=False)  # a second link: nothing forgiven
+    assert g.on_message(C, FullHeads(((D, 100),)), now - 1.0) == []
+    g.on_connected(C, now - 1.0)  # its only link, new (a partition healed): forgiven
+    assert g._strikes == {} and g._distrust == {}
+    assert g.on_message(C, FullHeads(((D, 100),)), now) == [Send(C, Pull(D, 0, 63))]
+    g.on_block_stored(C, D, 0, now, forward=False)  # progress: a clean slate
+    assert (C, D) not in g._strikes

@@ -75,6 +75,9 @@ class GossipParams:
     # a peer whose pull for a chain went unanswered: its claims about that chain are
     # ignored this long, and the catch-up goes on from the other peers' claims
     distrust_s: float = 10.0
+    # ... doubled for each further pull of that chain it leaves without progress, up to this
+    # (a new connection to it starts it afresh: a partition that healed is no lie)
+    max_distrust_s: float = 120.0
 
 
 class PeerStatus(Enum):
@@ -143,6 +146,8 @@ class Gossip:
     _want: dict[NodeId, dict[NodeId, int]] = field(default_factory=dict)
     # (peer, chain) -> until when that peer's claims about that chain are ignored
     _distrust: dict[tuple[NodeId, NodeId], float] = field(default_factory=dict)
+    # (peer, chain) -> pulls in a row it left without progress (cleared by progress)
+    _strikes: dict[tuple[NodeId, NodeId], int] = field(default_factory=dict)
     _alive_cache: list[NodeId] | None = None
     _cache_until: float = 0.0
     # peer exchange: where each known peer can be dialed
@@ -165,14 +170,20 @@ class Gossip:
             if not claims:
                 del self._want[chain]
         self._distrust = {k: t for k, t in self._distrust.items() if k[0] != peer}
+        self._strikes = {k: n for k, n in self._strikes.items() if k[0] != peer}
 
-    def on_connected(self, peer: NodeId, now: float) -> list[Send]:
+    def on_connected(self, peer: NodeId, now: float, *, fresh: bool = True) -> list[Send]:
         """A connection to ``peer`` came up: compare full head vectors at once.
 
         This is how a restarted or wiped node learns, before it seals
         anything, how far its own chain (and every other) already got.
+        ``fresh``: no other connection to ``peer`` was up (it was cut off, or
+        partitioned away), so its pulls that went unanswered are forgiven.
         """
         self._heard(peer, now)
+        if fresh:
+            self._distrust = {k: t for k, t in self._distrust.items() if k[0] != peer}
+            self._strikes = {k: n for k, n in self._strikes.items() if k[0] != peer}
         self.stats.full_heads_requested += 1
         return [Send(peer, FullHeadsRequest())]
 
@@ -306,6 +317,7 @@ class Gossip:
         pull = self._pulls.get(chain)
         if pull is not None and src == pull.src:
             pull.progressed = True  # it moved our head: the one answer that counts
+            self._strikes.pop((src, chain), None)
         self._advance(chain, height, now)
         sends = self._continue_pull(chain, now)
         if forward:
@@ -460,8 +472,9 @@ class Gossip:
         for chain, pull in list(self._pulls.items()):
             if pull.deadline <= now:
                 out += self._expire(chain, pull, now)
-        if len(self._distrust) > 1024:
+        if len(self._distrust) > 1024 or len(self._strikes) > 1024:
             self._distrust = {k: t for k, t in self._distrust.items() if t > now}
+            self._strikes = {k: n for k, n in self._strikes.items() if k in self._distrust}
         return out
 
     def _expire(self, chain: NodeId, pull: _Pull, now: float) -> list[Send]:
@@ -471,7 +484,10 @@ class Gossip:
             claims = self._want.get(chain, {})
             if claims.pop(pull.src, None) is not None:
                 self.stats.claims_dropped += 1
-            self._distrust[(pull.src, chain)] = now + self.params.distrust_s
+            key = (pull.src, chain)
+            strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+            hold = self.params.distrust_s * 2 ** min(strikes - 1, 32)
+            self._distrust[key] = now + min(self.params.max_distrust_s, hold)
         return self._issue_pull(chain, now, avoid=pull.src)
 
     # --- control messages ---------------------------------------------------------

@@ -554,7 +554,8 @@ class GossipShell:
         self.conns[conn.peer] = conn
         self.counters["connected"] += 1
         writer = asyncio.create_task(self._write(conn))
-        self.dispatch(self.core.on_connected(conn.peer, time.monotonic()))
+        fresh = len(self._links.get(conn.peer, ())) <= 1  # its first link, or its only one
+        self.dispatch(self.core.on_connected(conn.peer, time.monotonic(), fresh=fresh))
         if self.peer_exchange:
             self.dispatch([Send(conn.peer, self.core.peer_list(self.advertise_url))])
         try:
