@@ -140,6 +140,9 @@ class ApiConfig:
     # all the patients one authority registered, together, per hour (a bad authority
     # registering throwaway keys gets no more than this out of honest nodes)
     registrar_bytes_per_hour: int = 67_108_864
+    # each patient's erasures and the rechains after a revocation, removal or erasure,
+    # per hour: outside the budgets above, so strangers cannot spend them away
+    cut_bytes_per_patient_hour: int = 131_072
     # what the access state may hold per patient (this node refuses more)
     max_grants_per_patient: int = 1_024
     max_held_bytes_per_patient: int = 8_388_608
@@ -370,6 +373,7 @@ def _check_api(cfg: NodeConfig, source: str) -> None:
         "stranger_bytes_per_hour",
         "registered_bytes_per_hour",
         "registrar_bytes_per_hour",
+        "cut_bytes_per_patient_hour",
         "max_held_bytes_per_patient",
         "max_stranger_held_bytes",
     ):

@@ -211,22 +211,31 @@ class Node:
         reason: str,
         grant: bytes,
         readings: int = 0,
+        *,
+        served: bool = False,
     ) -> None:
         """A refused (or empty, or over-budget) read: logged if it is the first of its
         reader, patient and reason this period, else counted into the period's summary
-        (:class:`RefusalLog`)."""
+        (:class:`RefusalLog`).  ``served``: the read served data, and is never dropped."""
         now = now_ms()
         self.flush_refusals(now)
         evidence = (stream, from_ms, to_ms, outcome, reason, grant, req)
         # a stranger is refused no_grant (or not_patient, on the audit trail); a registered
         # patient and its grantees get other answers, and are logged outside the caps (an
         # unregistered patient's grantees may be a stranger's own throwaway keys)
-        known = (
-            reason not in ("no_grant", "not_patient") and patient in self.batcher.access.registered
-        )
+        stranger = reason in ("no_grant", "not_patient")
+        known = not stranger and patient in self.batcher.access.registered
         kind = f"{outcome}:{reason}"
         if self.refusals.note(
-            req.key, patient, kind, evidence, now, capped=not known, amount=readings
+            req.key,
+            patient,
+            kind,
+            evidence,
+            now,
+            capped=not known,
+            amount=readings,
+            pool="strangers" if stranger else "readers",
+            served=served,
         ):
             self.log_access(req, patient, stream, from_ms, to_ms, outcome, reason, grant, readings)
 
@@ -246,7 +255,9 @@ class Node:
         if patient not in self.batcher.access.registered and not self.limits.read_log(
             req.key, time.monotonic()
         ):
-            self.log_refusal(req, patient, stream, from_ms, to_ms, "read", "", grant, readings)
+            self.log_refusal(
+                req, patient, stream, from_ms, to_ms, "read", "", grant, readings, served=True
+            )
             return
         self.log_access(req, patient, stream, from_ms, to_ms, "read", "", grant, readings)
 

@@ -91,6 +91,18 @@ class AccessState:
     registrars: frozenset[bytes] = frozenset()
     registered: set[bytes] = field(default_factory=set)  # patient keys
     registrar_of: dict[bytes, bytes] = field(default_factory=dict)  # patient -> lowest key
+    # patient -> every authority that registered it (the API charges the one with budget)
+    registered_by: dict[bytes, set[bytes]] = field(default_factory=dict)
+    # patient -> the latest ts_ms of its revocations, device removals and erasures (a
+    # rechain after one is what the API lets through whatever strangers spent)
+    last_cut: dict[bytes, int] = field(default_factory=dict)
+    # indexes (tx ids, in arrival order), so listings and reads cost what they return,
+    # not every transaction held: patient -> its enrolments, rechains and removals;
+    # grantee -> its grants; a sealed key's recipient (device or grant id) -> rechains
+    _by_patient: dict[bytes, list[bytes]] = field(default_factory=dict)
+    _by_grantee: dict[bytes, list[bytes]] = field(default_factory=dict)
+    _rechains_to: dict[bytes, list[bytes]] = field(default_factory=dict)
+    _enrolments_of: dict[bytes, list[bytes]] = field(default_factory=dict)  # device ->
     # per patient: bytes of the transactions held in memory here, and how many grants
     held_bytes: Counter[bytes] = field(default_factory=Counter)
     held_grants: Counter[bytes] = field(default_factory=Counter)
@@ -112,6 +124,7 @@ class AccessState:
             self.registrar_of[tx.patient] = min(
                 tx.authority, self.registrar_of.get(tx.patient, tx.authority)
             )
+            self.registered_by.setdefault(tx.patient, set()).add(tx.authority)
             if tx.patient not in self.registered:
                 self.registered.add(tx.patient)
                 self.held_registered += self.held_bytes[tx.patient]
@@ -122,6 +135,9 @@ class AccessState:
         self.held_total += len(raw)
         if tx.patient in self.registered:
             self.held_registered += len(raw)
+        if isinstance(tx, Revoke | Erase | RemoveDevice):
+            self.last_cut[tx.patient] = max(tx.ts_ms, self.last_cut.get(tx.patient, -1))
+        self._index(tid, tx)
         if isinstance(tx, EnrollDevice):
             self.known_devices.add(tx.device)
             self.enrolments[tid] = tx
@@ -164,12 +180,49 @@ class AccessState:
         later = [ts for ts, c in moves if c != chain_id and ts > born]
         return min(later) if later else None
 
+    def _index(self, tid: bytes, tx: Control) -> None:
+        if isinstance(tx, EnrollDevice | Rechain | RemoveDevice | Grant):
+            self._by_patient.setdefault(tx.patient, []).append(tid)
+        if isinstance(tx, Grant):
+            self._by_grantee.setdefault(tx.grantee, []).append(tid)
+        elif isinstance(tx, EnrollDevice):
+            self._enrolments_of.setdefault(tx.device, []).append(tid)
+        elif isinstance(tx, Rechain):
+            for to in {k.to for k in (*tx.devices, *tx.grants)}:
+                self._rechains_to.setdefault(to, []).append(tid)
+
+    def patient_txs(self, patient: bytes) -> list[Control]:
+        """``patient``'s enrolments, grants, rechains and removals held here, in arrival
+        order (an id no longer held is skipped)."""
+        out: list[Control] = []
+        held = (self.enrolments, self.grants, self.rechains, self.removals)
+        for tid in self._by_patient.get(patient, ()):
+            out += [d[tid] for d in held if tid in d][:1]
+        return out
+
+    def grants_to(self, grantee: bytes) -> dict[bytes, Grant]:
+        """The grants naming ``grantee``, by id."""
+        return {t: self.grants[t] for t in self._by_grantee.get(grantee, ()) if t in self.grants}
+
+    def rechains_to(self, to: bytes) -> dict[bytes, Rechain]:
+        """The rechains sealing a key to ``to`` (a device key, or a grant id), by id."""
+        return {t: self.rechains[t] for t in self._rechains_to.get(to, ()) if t in self.rechains}
+
+    def enrolments_of(self, device: bytes) -> dict[bytes, EnrollDevice]:
+        """The enrolments of ``device``, by id."""
+        got = self._enrolments_of.get(device, ())
+        return {t: self.enrolments[t] for t in got if t in self.enrolments}
+
+    def last_rechain(self, patient: bytes, stream: str) -> int:
+        """The ts_ms of ``patient``'s latest rechain of ``stream`` (-1: none)."""
+        return max((ts for ts, _ in self._moves.get((patient, stream), ())), default=-1)
+
     def is_revoked(self, grant_id: bytes) -> bool:
         g = self.grants.get(grant_id)
         return g is not None and (g.patient, grant_id) in self.revoked
 
     def grants_of(self, patient: bytes) -> dict[bytes, Grant]:
-        return {gid: g for gid, g in self.grants.items() if g.patient == patient}
+        return {t: self.grants[t] for t in self._by_patient.get(patient, ()) if t in self.grants}
 
     def may_read(self, reader: bytes, patient: bytes, stream: str, t_ms: int) -> bytes | None:
         """Why ``reader`` may read ``patient``'s ``stream`` at ``t_ms``: ``b"self"`` for the
@@ -178,10 +231,9 @@ class AccessState:
             return None
         if reader == patient:
             return b"self"
-        for gid, g in sorted(self.grants.items()):  # by id: the same answer on every replica
+        for gid, g in sorted(self.grants_to(reader).items()):  # by id: on every replica
             if (
-                g.grantee == reader
-                and g.patient == patient
+                g.patient == patient
                 and (patient, gid) not in self.revoked
                 and g.covers(t_ms)
                 and any(s.stream == stream for s in g.streams)

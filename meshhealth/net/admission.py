@@ -39,14 +39,18 @@ from meshhealth.net.limits import TokenBuckets, hourly
 from meshhealth.wire import (
     Control,
     EnrollDevice,
+    Erase,
     Grant,
     Rechain,
     RegisterPatient,
     RemoveDevice,
     Revoke,
 )
+from meshhealth.wire.types import MAX_TX
 
 STRANGERS = b"strangers"
+# erasures per patient per hour let through on its own allowance (more go on the budgets)
+CUT_ERASES_PER_HOUR = 4
 
 
 def entry_bytes(raw: bytes) -> int:
@@ -85,6 +89,24 @@ def _cuts_off(tx: Control, access: AccessState) -> bool:
     return g is not None and g.patient == tx.patient and not access.is_revoked(tx.grant)
 
 
+def _follows_cut(tx: Control, access: AccessState) -> bool:
+    """An erasure of a patient that holds something here, later than its last one; or the
+    first rechain of one of the patient's streams since its latest revocation, removal or
+    erasure (what makes the cut stick): let through on the patient's own small allowance,
+    whatever strangers spent."""
+    if isinstance(tx, Erase):
+        return access.held_bytes[tx.patient] > 0 and tx.ts_ms > access.erased.get(tx.patient, -1)
+    if not isinstance(tx, Rechain):
+        return False
+    cut = access.last_cut.get(tx.patient)
+    return (
+        cut is not None
+        and tx.ts_ms >= cut
+        and access.last_rechain(tx.patient, tx.stream) < cut
+        and any((k.to, tx.patient, tx.stream) in access.streams for k in tx.devices)
+    )
+
+
 class ApiLimits:
     """The node's buckets and budgets; every method takes ``now`` in seconds."""
 
@@ -104,6 +126,13 @@ class ApiLimits:
         )
         # per registering authority: few keys (the genesis), never dropped
         self.registrars: TokenBuckets[bytes] = hourly(cfg.registrar_bytes_per_hour)
+        self.cuts: TokenBuckets[bytes] = hourly(cfg.cut_bytes_per_patient_hour, max_keys=n)
+        self.cut_erases: TokenBuckets[bytes] = hourly(CUT_ERASES_PER_HOUR, max_keys=n)
+        # what this node admitted for unregistered patients (the local stranger quota):
+        # at most max_stranger_held_bytes in all, so at most that / 100 B patients
+        self.stranger_held: dict[bytes, int] = {}
+        self.stranger_held_total = 0
+        self._purged_at = -1  # how many patients were registered at the last purge
         self.read_source: TokenBuckets[str] = TokenBuckets(
             cfg.read_source_per_s, cfg.read_source_burst, max_keys=n
         )
@@ -145,7 +174,26 @@ class ApiLimits:
         budget, key = (self.registered, patient) if registered else (self.strangers, STRANGERS)
         if _cuts_off(tx, access):  # whatever strangers spent
             return lambda: self.tx_patient.take(patient, cost, now)
-        registrar = access.registrar_of.get(patient, b"") if registered else b""
+        if (
+            _follows_cut(tx, access)
+            and not self.cuts.wait_s(patient, cost, now)
+            and not (isinstance(tx, Erase) and self.cut_erases.wait_s(patient, 1, now))
+        ):
+            if access.held_bytes[patient] + len(raw) > self.cfg.max_held_bytes_per_patient:
+                raise Rejected(
+                    "held_quota",
+                    f"a patient's transactions hold at most "
+                    f"{self.cfg.max_held_bytes_per_patient} bytes",
+                )
+
+            def charge_cut() -> None:
+                self.tx_patient.take(patient, cost, now)
+                self.cuts.take(patient, cost, now)
+                if isinstance(tx, Erase):
+                    self.cut_erases.take(patient, 1, now)
+
+            return charge_cut
+        registrar = self._registrar(access, patient, cost, now) if registered else b""
         wait = budget.wait_s(key, cost, now)
         if registrar:
             wait = max(wait, self.registrars.wait_s(registrar, cost, now))
@@ -167,21 +215,53 @@ class ApiLimits:
                     "held_quota",
                     f"a patient's transactions hold at most {cfg.max_held_bytes_per_patient} bytes",
                 )
-            strangers = access.held_by_strangers
-            if not registered and strangers + len(raw) > cfg.max_stranger_held_bytes:
+            if not registered and self._strangers_held(access) + len(raw) > (
+                cfg.max_stranger_held_bytes
+            ):
                 raise Rejected(
                     "stranger_quota",
                     "unregistered patients hold all the memory they may here (ask an "
                     "authority to register this key)",
                 )
 
+        grows = not registered and isinstance(tx, EnrollDevice | Grant | Rechain)
+
         def charge() -> None:
             self.tx_patient.take(patient, cost, now)
             budget.take(key, cost, now)
+            if grows:
+                self.stranger_held[patient] = self.stranger_held.get(patient, 0) + len(raw)
+                self.stranger_held_total += len(raw)
             if registrar:
                 self.registrars.take(registrar, cost, now)
 
         return charge
+
+    def _strangers_held(self, access: AccessState) -> int:
+        """Bytes of unregistered patients' transactions that THIS node admitted through its
+        API and still counts as strangers' (other chains' are held, but a bad authority's
+        own blocks must not use up our admission quota).  Patients registered since are
+        dropped from the count when it would refuse."""
+        near = self.stranger_held_total >= self.cfg.max_stranger_held_bytes - MAX_TX
+        if near and len(access.registered) != self._purged_at:  # once per new registration
+            self._purged_at = len(access.registered)
+            for p in [p for p in self.stranger_held if p in access.registered]:
+                self.stranger_held_total -= self.stranger_held.pop(p)
+        return self.stranger_held_total
+
+    def _registrar(self, access: AccessState, patient: bytes, cost: int, now: float) -> bytes:
+        """Whose registrar budget a registered patient's write is charged to: of the
+        authorities that registered it, one whose budget has room (the one that waits
+        least, ties to the lowest key).  So an authority that registers an honest patient
+        again cannot lock it out by keeping its own budget empty: the patient is refused
+        only when every authority that registered it is spent, and the bytes of all
+        registered patients stay within the sum of the registrars' budgets (charging
+        none instead would let two colluding authorities register patients that no
+        registrar budget bounds)."""
+        by = access.registered_by.get(patient)
+        if not by:
+            return access.registrar_of.get(patient, b"")
+        return min(by, key=lambda r: (self.registrars.wait_s(r, cost, now), r))
 
     # --- signed reads --------------------------------------------------------
 

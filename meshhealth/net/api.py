@@ -40,14 +40,22 @@ from meshhealth.net.admission import source_of
 from meshhealth.net.dashboard import dashboard_doc
 from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
 from meshhealth.net.metrics import node_registry, render
-from meshhealth.net.signed_request import RequestAuthError, SignedRequest
+from meshhealth.net.signed_request import RequestAuthError, SignedRequest, signed_target
 from meshhealth.sharing.grants import grant_doc
 from meshhealth.sharing.listing import device_txs
 from meshhealth.sharing.serve import collect, decide
 from meshhealth.web import static_file
-from meshhealth.wire import BlockHeader, Grant, RegisterPatient, decode_control
+from meshhealth.wire import (
+    BlockHeader,
+    EnrollDevice,
+    Grant,
+    Rechain,
+    RegisterPatient,
+    RemoveDevice,
+    decode_control,
+)
 from meshhealth.wire.codec import name_str, pack
-from meshhealth.wire.types import MAX_CONTROL, MAX_REQUEST_PATH
+from meshhealth.wire.types import MAX_CONTROL, MAX_QUERY_MS, MAX_REQUEST_PATH
 
 NODE: web.AppKey[Any] = web.AppKey("node", Any)
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)  # this node's, not the global one
@@ -234,12 +242,9 @@ async def enrollments(request: web.Request) -> web.Response:
 def key_txs(access: Any, patient: bytes) -> list[bytes]:
     """A patient's enrolments, rechains and device removals: which device may write which
     key chain, and which no longer writes (a rechain must not seal to it)."""
-    return [
-        tx.encode()
-        for txs in (access.enrolments.values(), access.rechains.values(), access.removals.values())
-        for tx in txs
-        if tx.patient == patient
-    ]
+    txs = [tx for tx in access.patient_txs(patient) if not isinstance(tx, Grant)]
+    kinds = (EnrollDevice, Rechain, RemoveDevice)  # the order they were always listed in
+    return [tx.encode() for kind in kinds for tx in txs if isinstance(tx, kind)]
 
 
 async def patient_enrollments(request: web.Request) -> web.Response:
@@ -262,7 +267,7 @@ def _grant_doc(access: Any, gid: bytes, g: Grant) -> dict[str, Any]:
         # rechains that sealed a new chain's key to this grant (an open grant follows them)
         "rechains": [
             tx.encode().hex()
-            for tx in access.rechains.values()
+            for tx in access.rechains_to(gid).values()
             if any(k.to == gid for k in tx.grants)
         ],
     }
@@ -278,9 +283,10 @@ async def grants(request: web.Request) -> web.Response:
     if (refused := await _signed_by_one_of(request, who, what=f"this {side}'s grants")) is not None:
         return refused
     access = request.app[NODE].batcher.access
+    mine = access.grants_of(who) if side == "patient" else access.grants_to(who)
     out = [
         _grant_doc(access, gid, g)
-        for gid, g in sorted(access.grants.items(), key=lambda kv: kv[1].ts_ms)
+        for gid, g in sorted(mine.items(), key=lambda kv: kv[1].ts_ms)
         if getattr(g, side) == who
     ]
     return web.json_response({"grants": out})
@@ -296,6 +302,10 @@ async def _signed_by(request: web.Request) -> SignedRequest:
     node = request.app[NODE]
     if len(request.raw_path.encode()) > MAX_REQUEST_PATH:
         raise MalformedMessage(f"a signed read's path is at most {MAX_REQUEST_PATH} bytes")
+    # what we serve is what the patient's verifier will read from the signed path
+    segs, query = signed_target(request.raw_path)
+    if segs != request.path.split("/") or query != dict(request.query):
+        raise MalformedMessage("a signed request's path must parse one way only")
     source = source_of(request.remote)
     now = time.monotonic()
     node.limits.read_source_charge(source, now)
@@ -317,8 +327,8 @@ def _ms(request: web.Request, name: str, default: int | None = None) -> int:
         v = int(text or "")
     except ValueError:
         raise MalformedMessage(f"query parameter {name!r}: Unix ms expected") from None
-    if not 0 <= v < 1 << 63:
-        raise MalformedMessage(f"query parameter {name!r} out of range")
+    if not 0 <= v <= MAX_QUERY_MS:
+        raise MalformedMessage(f"query parameter {name!r}: Unix ms in [0, {MAX_QUERY_MS}]")
     return v
 
 
@@ -357,7 +367,10 @@ async def audit(request: web.Request) -> web.Response:
     node = request.app[NODE]
     req = await _signed_by(request)
     patient = _key(request.match_info["key"])
-    lo, hi = _ms(request, "from", 0), _ms(request, "to", int(time.time() * 1000) + 86_400_000)
+    lo, hi = (
+        _ms(request, "from", 0),
+        _ms(request, "to", min(MAX_QUERY_MS, int(time.time() * 1000) + 86_400_000)),
+    )
     if req.key != patient:
         node.log_refusal(req, patient, "audit", lo, hi, "denied", "not_patient", b"")
         return _err(403, "not_patient", "only the patient may read their audit trail")

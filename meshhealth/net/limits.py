@@ -17,28 +17,39 @@ Theory of operation
 * :class:`NonceCache` remembers each accepted signed request's nonce until
   its signed time has left the clock window (after that the window check
   refuses a replay anyway).  Nonces are kept per signer key and counted per
-  source; a key or a source at its own cap is refused (429), never anyone
-  else.  Past 80 % of the total, only a key *and* source holding less than
-  an equal share of the total are still taken, up to the total: to lock
-  others out a flood must come from more than ``0.8 * total / per_source``
-  sources, each at its own cap, and even then only until its nonces expire
-  (one clock window).
+  source (an IPv6 source by its /48); a key or a source at its own cap is
+  refused (429), never anyone else.  Past 80 % of the total, only a source
+  holding less than an equal share of the total (counting the newcomer) is
+  still taken, up to the total, or a key already holding one but fewer than
+  ``key_floor`` (8) nonces (a reader sharing an address with a flood);
+  fresh keys buy nothing, and no source passes its own cap.  To lock a new
+  source out, a flood must hold the whole total: at least
+  ``total / min(per_source, what one source may hold live)`` sources, each
+  at its cap (a nonce lives at most two clock windows: its signed time may
+  be one window ahead), and the lockout ends at most two windows after the
+  flood stops.
 * :class:`RefusalLog` decides which refused reads become an access log on
   chain.  The first refusal of a (reader, patient, reason) in a period is
   logged at once; the rest of that period are counted, and one log with
   their count (and the first of them as evidence) is written when the
   period ends.  At most ``per_patient`` keys per patient and ``total`` keys
   in all are logged per period; refusals beyond are only counted
-  (``unlogged``).  So strangers grow a patient's trail by at most
-  ``2 * per_patient`` refusal logs per period, however many and however
-  often.  Readers a registered patient knows (itself, its grantees) are
-  outside the caps, so strangers cannot crowd them out: their kinds are
-  bounded by that patient's grants.
+  (``unlogged``), except a read that served data, which past the caps is
+  folded into its reader's summary for the period (one log per reader key
+  and period: bounded by the reader keys the per-key and per-source rate
+  limits let in).  The caps are kept per pool: strangers refused
+  ``no_grant`` fill only their own, never those of the patient's grantees.
+  So strangers grow a patient's trail by at most ``2 * per_patient``
+  refusal logs per period, however many and however often.  Readers a
+  registered patient knows (itself, its grantees) are outside the caps, so
+  strangers cannot crowd them out: their kinds are bounded by that
+  patient's grants.
 """
 
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -110,13 +121,33 @@ class NonceFull(RateLimited):
         self.who = who
 
 
+def nonce_source(source: str) -> str:
+    """What the nonce cache counts as one source: an IPv6 address or /64 is counted by
+    its /48 (one site's allocation: a /48 holds 65,536 /64s), anything else as it is."""
+    if ":" not in source:
+        return source
+    try:
+        net = ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        return source
+    if net.version != 6 or net.prefixlen <= 48:
+        return source
+    return str(net.supernet(new_prefix=48))
+
+
 class NonceCache:
     """Nonces of accepted signed requests, per signer key, until their window is over."""
 
     def __init__(
-        self, window_ms: int, *, total: int = 65_536, per_key: int = 4_096, per_source: int = 8_192
+        self,
+        window_ms: int,
+        *,
+        total: int = 65_536,
+        per_key: int = 4_096,
+        per_source: int = 8_192,
+        key_floor: int = 8,
     ) -> None:
-        self.window_ms, self.total = window_ms, total
+        self.window_ms, self.total, self.key_floor = window_ms, total, key_floor
         self.per_key, self.per_source = min(per_key, total), min(per_source, total)
         self.soft = total - total // 5  # past this, only light keys and sources
         self._keys: dict[bytes, dict[bytes, int]] = {}  # key -> nonce -> expiry ms
@@ -138,6 +169,7 @@ class NonceCache:
     def add(self, key: bytes, nonce: bytes, t_ms: int, source: str, now_ms: int) -> None:
         """Remember a checked request's nonce, or raise :class:`NonceFull`."""
         self._expire(now_ms)
+        source = nonce_source(source)
         mine = self._keys.get(key, {})
         retry = (self._heap[0][0] - now_ms) / 1000 if self._heap else 1.0
         if len(mine) >= self.per_key:
@@ -146,9 +178,13 @@ class NonceCache:
             self._refuse("source", max(0.001, retry))
         n = len(self._heap)
         if n >= self.soft:
-            key_share = self.total // max(1, len(self._keys))
-            source_share = self.total // max(1, len(self._sources))
-            if n >= self.total or len(mine) >= key_share or self._sources[source] >= source_share:
+            # shared by source only: fresh keys are free to make, sources are not (a share
+            # by key let a flood of fresh keys drive every key's share down to one nonce)
+            # by source only, with a floor for a key seen in the window (a reader behind
+            # the same address as a flood keeps a few requests in flight)
+            sources = len(self._sources) + (source not in self._sources)
+            over = self._sources[source] >= self.total // sources
+            if n >= self.total or (over and not 0 < len(mine) < self.key_floor):
                 self._refuse("full", max(0.001, retry))
         expiry = t_ms + self.window_ms
         self._keys.setdefault(key, {})[nonce] = expiry
@@ -190,8 +226,8 @@ class RefusalLog(Generic[E]):
     total: int = 4_096
     unlogged: int = 0
     _open: dict[tuple[bytes, bytes, str], _Refusals[E]] = field(default_factory=dict)
-    _per_patient: Counter[bytes] = field(default_factory=Counter)
-    _logged: int = 0  # keys logged this period, all patients
+    _per_patient: Counter[tuple[bytes, str]] = field(default_factory=Counter)
+    _logged: Counter[str] = field(default_factory=Counter)  # keys logged this period, per pool
     _period: int = -1
 
     def note(
@@ -204,16 +240,22 @@ class RefusalLog(Generic[E]):
         *,
         capped: bool = True,
         amount: int = 0,
+        pool: str = "strangers",
+        served: bool = False,
     ) -> bool:
         """A refusal happened: True if it is to be logged now (the first of its kind this
         period); else it is counted for the period's summary, or dropped past the caps.
         ``capped=False``: a reader a registered patient knows (itself, a grantee), whose
-        kinds are bounded by the patient's grants, is logged whatever strangers did."""
+        kinds are bounded by the patient's grants, is logged whatever strangers did.
+        ``pool``: whose caps this counts against (strangers refused ``no_grant`` must not
+        use up the caps of an unregistered patient's grantees).  ``served=True``: a read
+        that served data, never dropped: past the caps it is folded into the period's
+        summary of its (reader, patient, reason), however many there are."""
         period = now_ms // self.period_ms
         if period != self._period:
             self._period = period
             self._per_patient.clear()
-            self._logged = 0
+            self._logged.clear()
         key = (reader, patient, reason)
         r = self._open.get(key)
         if r is not None and r.period == period:
@@ -223,16 +265,21 @@ class RefusalLog(Generic[E]):
                 r.evidence = evidence
             return False
         if capped and (
-            self._per_patient[patient] >= self.per_patient or self._logged >= self.total
+            self._per_patient[patient, pool] >= self.per_patient or self._logged[pool] >= self.total
         ):
-            self.unlogged += 1
+            if not served:
+                self.unlogged += 1
+                return False
+            if r is not None:
+                self.unlogged += r.pending
+            self._open[key] = _Refusals(period, 1, amount, evidence)  # summarised, not dropped
             return False
         if r is not None:  # an older period's, not flushed (the caller flushes first)
             self.unlogged += r.pending
         self._open[key] = _Refusals(period)
         if capped:
-            self._per_patient[patient] += 1
-            self._logged += 1
+            self._per_patient[patient, pool] += 1
+            self._logged[pool] += 1
         return True
 
     def due(self, now_ms: int) -> list[tuple[tuple[bytes, bytes, str], int, E, int]]:

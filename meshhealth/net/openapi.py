@@ -13,7 +13,7 @@ from meshhealth.net.metrics import CONTENT_TYPE as METRICS_TYPE
 from meshhealth.net.metrics import FAMILIES
 from meshhealth.net.signed_request import HEADERS, TAG
 from meshhealth.wire.codec import DOMAIN
-from meshhealth.wire.types import MAX_CONTROL
+from meshhealth.wire.types import MAX_CONTROL, MAX_QUERY_MS
 
 JSON, MSGPACK, TEXT = "application/json", "application/msgpack", "text/plain"
 SIGNED = "signedRequest"  # the security scheme of the signed reads
@@ -129,7 +129,8 @@ def _query(name: str, schema: Doc, description: str, required: bool = False) -> 
 
 
 def _ms_query(name: str, description: str, required: bool = False) -> Doc:
-    return _query(name, _schema("UnixMs"), description, required)
+    schema = {"type": "integer", "format": "int64", "minimum": 0, "maximum": MAX_QUERY_MS}
+    return _query(name, schema, description + " Unix ms, at most year 9999.", required)
 
 
 def _json(description: str, schema: Doc) -> Doc:
@@ -644,7 +645,7 @@ def _paths() -> dict[str, Doc]:
                     _ms_query("to", "End of the range (inclusive).", required=True),
                     _query(
                         "after",
-                        {"type": "integer", "minimum": 0, "maximum": MAX_MS, "default": 0},
+                        {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_MS, "default": 0},
                         "Page cursor: the `next` of the previous answer.",
                     ),
                 ],

@@ -23,16 +23,35 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
 import nacl.exceptions
 import nacl.signing
 
 from meshhealth.crypto.hashing import h
-from meshhealth.errors import RemoteError
+from meshhealth.errors import MalformedMessage, RemoteError
 from meshhealth.net.limits import NonceCache
 from meshhealth.wire.codec import signing_bytes
 
 HEADERS = ("X-MH-Key", "X-MH-Time", "X-MH-Nonce", "X-MH-Signature")
+
+
+def signed_target(raw_path: str) -> tuple[list[str], dict[str, str]]:
+    """The path segments and the query of a signed request's raw path, derived one way
+    for the node that serves it and the patient who later verifies its log: a ``%`` in
+    the path or a query key given twice is refused (:class:`MalformedMessage`), so no
+    two parsers (the server's: first value, decoded path; another's: last value, raw
+    path) can read the one signed path two ways."""
+    parts = urlsplit(raw_path)
+    if "%" in parts.path:
+        raise MalformedMessage("a signed request's path may not be %-encoded")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = dict(pairs)
+    if len(query) != len(pairs):
+        raise MalformedMessage("a signed request may not repeat a query parameter")
+    return parts.path.split("/"), query
+
+
 TAG = "RQ1"
 
 

@@ -16,9 +16,8 @@ readings), never that the reader asked.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
-
-from meshhealth.net.signed_request import SignedRequest
+from meshhealth.errors import MalformedMessage
+from meshhealth.net.signed_request import SignedRequest, signed_target
 from meshhealth.wire.types import AccessLog, AccessLogV2, AnyAccessLog
 
 VERIFIED, FORGED, UNSIGNED = "verified", "forged", "unsigned"
@@ -31,8 +30,10 @@ def request_of(log: AccessLogV2) -> SignedRequest:
 
 
 def _matches(log: AccessLogV2) -> bool:
-    parts = urlsplit(log.path)
-    segs = parts.path.split("/")
+    try:  # the same derivation as the node's (a path it would have refused: forged)
+        segs, q = signed_target(log.path)
+    except MalformedMessage:
+        return False
     if log.method != "GET" or len(segs) != 5 or segs[:3] != ["", "v1", "patients"]:
         return False
     try:
@@ -40,7 +41,6 @@ def _matches(log: AccessLogV2) -> bool:
             return False
     except ValueError:
         return False
-    q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     window = (("from", log.from_ms), ("to", log.to_ms))
     if segs[4] == "audit":
         return log.stream == "audit" and all(k not in q or _int(q[k]) == v for k, v in window)

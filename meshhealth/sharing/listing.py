@@ -32,7 +32,7 @@ def device_txs(
     naming it (only ``patient``'s, if given), newest first, at most ``max_bytes`` as a
     msgpack array; and whether any were left out for the bound."""
     latest: dict[tuple[bytes, str], Rechain] = {}
-    for rc in access.rechains.values():
+    for rc in access.rechains_to(device).values():
         if patient is not None and rc.patient != patient:
             continue
         if not any(k.to == device for k in rc.devices):
@@ -42,7 +42,7 @@ def device_txs(
             latest[(rc.patient, rc.stream)] = rc
     enrols: list[EnrollDevice] = [
         tx
-        for tx in access.enrolments.values()
+        for tx in access.enrolments_of(device).values()
         if tx.device == device and (patient is None or tx.patient == patient)
     ]
     ordered = [

@@ -61,10 +61,8 @@ def decide(
         return Decision(((lo_floor, to_ms),), b"", "")
     mine = [
         (gid, g)
-        for gid, g in access.grants.items()
-        if g.patient == patient
-        and g.grantee == reader
-        and any(s.stream == stream for s in g.streams)
+        for gid, g in access.grants_to(reader).items()
+        if g.patient == patient and any(s.stream == stream for s in g.streams)
     ]
     if not mine:
         return Decision((), b"", "no_grant")

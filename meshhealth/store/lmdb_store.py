@@ -427,7 +427,7 @@ class Store:
             if pid is None or sid is None:
                 return out
             prefix = bytes(pid) + bytes(sid)
-            lo = prefix + struct.pack(">I", max(0, from_ms // HOUR_MS - 1))
+            lo = prefix + struct.pack(">I", min(0xFFFF_FFFF, max(0, from_ms // HOUR_MS - 1)))
             hi = to_ms // HOUR_MS
             nodes: dict[bytes, bytes | None] = {}
             cur = txn.cursor(db=self.db["readings"])

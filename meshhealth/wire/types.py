@@ -680,6 +680,7 @@ class AccessLog(Signed):
 
 
 MAX_REQUEST_PATH = 1024  # a logged read's path and query (the API refuses longer ones)
+MAX_QUERY_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the latest time a read may name
 
 
 def path_str(v: Any) -> str:
