@@ -187,6 +187,10 @@ class GossipConfig:
     # blocks waiting for their parent or links, per sending peer and in total (MiB) ...
     buffer_peer_mb: float = 32.0
     buffer_total_mb: float = 128.0
+    # ... in blocks per sending peer (4,096 in all), and how long a chain's waiting blocks
+    # may wait for its head to move before they are dropped (seconds)
+    buffer_peer_blocks: int = 1024
+    buffer_gap_s: float = 60.0
     # ... and frames queued to send (pull replies, pushes, digests), per peer and in total
     send_peer_mb: float = 32.0
     send_total_mb: float = 128.0
@@ -340,6 +344,10 @@ class NodeConfig:
             1 << 24 <= g.chain_bytes_per_hour <= 1 << 50
         ):
             raise ConfigError(f"{source}: gossip.chain_bytes_per_hour must be in [2^24, 2^50]")
+        if not 1 <= g.buffer_peer_blocks <= 4096:
+            raise ConfigError(f"{source}: gossip.buffer_peer_blocks must be in [1, 4096]")
+        if not 1 <= g.buffer_gap_s <= 3600:
+            raise ConfigError(f"{source}: gossip.buffer_gap_s must be in [1, 3600]")
         # a maximal block (8 MiB + 64 KiB) must fit in one peer's send queue; a block
         # too big for the buffer is not held but pulled again once its parent is in
         for key, peer, total, least in (

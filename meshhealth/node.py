@@ -120,6 +120,8 @@ class Node:
             send_total_bytes=int(gc.send_total_mb * mib),
             slow_peer_s=gc.slow_peer_s,
             claim_timeout_s=gc.claim_timeout_s,
+            buffer_peer_blocks=gc.buffer_peer_blocks,
+            buffer_gap_s=gc.buffer_gap_s,
         )
         self.gossip = GossipShell(
             self,

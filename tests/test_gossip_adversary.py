@@ -535,3 +535,139 @@ async def test_checks_of_a_dropped_block_are_not_run(tmp_path, monkeypatch):
         p._pool.shutdown()
     finally:
         store.close()
+
+
+# --- attacker review: thousands of tiny signed blocks above a gap nobody fills ------------
+
+PEER_BLOCKS, GAP_S = 32, 3.0
+
+
+@pytest.fixture(scope="module")
+def gapnet(broker: BrokerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One victim node, A (a small per-peer block count and gap time); the test holds the
+    keys of authorities C and D."""
+    root = tmp_path_factory.mktemp("gapnet")
+    cfgs = setup_network(root / "net", 4, broker=broker.url, shared_group="mh")
+    cfgs[0] = gossip(
+        cfgs[0], peers=[], peer_exchange=False, buffer_peer_blocks=PEER_BLOCKS, buffer_gap_s=GAP_S
+    )
+    nodes = launch(cfgs[:1], root)
+    keys = [load_identity(c.key_path) for c in cfgs]
+    try:
+        yield nodes[0], keys, Genesis.load(cfgs[0].genesis_path).network_id
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+async def test_tiny_blocks_above_an_unfilled_gap_are_counted_per_peer_and_evicted(gapnet):
+    """An authority pushes twice its per-peer block count of tiny signed blocks of its own
+    chain at head+2.. and never head+1: it holds at most ``buffer_peer_blocks`` of them,
+    another peer's out-of-order block is still held, and after ``buffer_gap_s`` without
+    the gap filling every waiting block is evicted (counted)."""
+    a, keys, net = gapnet
+    c, d = keys[2], keys[3]
+    cs, ds = c.public.hex()[:8], d.public.hex()[:8]
+    async with GossipPeer(a.url, c, net) as pc, GossipPeer(a.url, d, net) as pd:
+        for h in range(2, 2 + 2 * PEER_BLOCKS):
+            await pc.send(wire.encode(Push(c.public, h, 0), [block(c, net, h)]))
+
+        def settled() -> dict[str, Any] | None:
+            g = a.status()["gossip"]
+            held = g["buffered_by_peer"].get(cs, 0)
+            return g if held + g.get("buffer_dropped", 0) >= 2 * PEER_BLOCKS else None
+
+        g = await eventually(settled, 30, "A to take C's blocks")
+        assert g["buffered_by_peer"][cs] == PEER_BLOCKS, g
+        assert g["buffer_dropped"] >= PEER_BLOCKS, g
+        # an honest peer's out-of-order block still finds room
+        await pd.send(wire.encode(Push(d.public, 1, 0), [block(d, net, 1)]))
+        g = await eventually(
+            lambda: (s := a.status()["gossip"])["buffered_by_peer"].get(ds) and s,
+            10,
+            "A to hold D's block",
+        )
+        assert g["buffered_by_peer"][ds] == 1, g
+        # neither gap is filled: after buffer_gap_s both chains' waiting blocks are gone
+        g = await eventually(
+            lambda: (s := a.status()["gossip"])["buffered"] == 0 and s,
+            GAP_S + 10,
+            "the waiting blocks to be evicted",
+        )
+    assert g["buffer_evicted"] == PEER_BLOCKS + 1, g
+    assert g["buffered_bytes"] == 0 and g["buffered_by_peer"] == {}, g
+    assert a.proc is not None and a.proc.poll() is None
+
+
+async def test_a_liar_answering_pulls_with_blocks_we_hold_does_not_keep_the_catch_up(
+    broker, tmp_path
+):
+    """Attacker review of issue 11 #12: the liar claims head+2 of a chain, sends head+1 (a
+    true block) unsolicited, then answers every pull with a block the victim holds.  Such
+    a reply is no answer: the victim drops the liar's claim and catches up from the honest
+    node (on main it asked the liar forever and stayed at height 0)."""
+    from meshhealth.gossip.messages import Blocks
+
+    cfgs = setup_network(tmp_path / "net", 4, broker=broker.url)
+    net = Genesis.load(cfgs[0].genesis_path).network_id
+    keys = [load_identity(c.key_path) for c in cfgs]
+    liar, producer = keys[2], keys[3]
+    top, raws, prev = 19, [], net
+    for h in range(top + 1):
+        raws.append(block(producer, net, h, prev=prev))
+        prev = build_hash(raws[-1][0])
+    honest_cfg = gossip(cfgs[1], peers=[], peer_exchange=False)
+    honest = node_process(honest_cfg, tmp_path / "honest.log")
+    proxy = FaultProxy(honest_cfg.api.port)  # the victim reaches the honest node only later
+    await proxy.start()
+    proxy.cut()
+    first = wire.encode(Blocks(producer.public, 0, 0, 0), [raws[0]])
+    pulls = []
+
+    async def lie_and_stall(ws: Any) -> None:
+        await ws.send_bytes(wire.encode(FullHeads(((producer.public, 1),))))
+        await ws.send_bytes(first)  # unsolicited, and true
+
+        async def keep_claiming() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                await ws.send_bytes(wire.encode(FullHeads(((producer.public, 1),))))
+
+        task = asyncio.create_task(keep_claiming())
+        try:
+            async for frame in ws:
+                msg, _ = wire.decode(frame.data)
+                if isinstance(msg, Pull) and msg.chain == producer.public:
+                    pulls.append(msg)
+                    await ws.send_bytes(first)  # a block it holds: no progress
+        finally:
+            task.cancel()
+
+    server = GossipServer(liar, net, lie_and_stall)
+    await server.start(cfgs[2].api.port)
+    victim_cfg = gossip(
+        cfgs[0], peers=[proxy.url, server.url], peer_exchange=False, startup_sync_s=1
+    )
+    victim = node_process(victim_cfg, tmp_path / "victim.log")
+    try:
+        await asyncio.to_thread(honest.start, 30)
+        async with GossipPeer(honest.url, producer, net) as p:
+            for h, raw in enumerate(raws):
+                await p.send(wire.encode(Push(producer.public, h, 0), [raw]))
+            await eventually(
+                lambda: height(honest, producer.public) == top, 30, "the honest node's copy"
+            )
+        await asyncio.to_thread(victim.start, 30)
+        await eventually(lambda: height(victim, producer.public) == 0, 20, "the liar's block")
+        await eventually(lambda: pulls, 20, "a pull to the liar")
+        proxy.heal()
+        await eventually(
+            lambda: height(victim, producer.public) == top, 30, "catch-up from the honest peer"
+        )
+        core = victim.status()["gossip"]["core"]
+        assert core["pull_timeouts"] >= 1, core  # the liar's pull expired: no progress
+    finally:
+        victim.stop()
+        honest.stop()
+        await proxy.close()
+        await server.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -191,3 +192,123 @@ def test_claims_about_our_own_chain_are_left_to_the_shell() -> None:
     assert g.wanted() == {}
     # once the shell checked our own header at that height, it asks the core to fetch
     assert g.want(B, A, 3, 1.2) == [Send(B, Pull(A, 0, 3))]
+
+
+def _serve(g: Gossip, sends: list[Send], now: float, honest: bytes, liar: bytes) -> list[Send]:
+    """Answer ``g``'s pulls: ``honest`` with the blocks asked, ``liar`` with a block we
+    hold (a reply that moves nothing), then apply what arrived, in order.  Returns what
+    ``g`` sends next (answered on the next round)."""
+    more: list[Send] = []
+    for s in sends:
+        if not isinstance(s.message, Pull):
+            continue
+        chain, lo, hi = s.message.chain, s.message.from_height, s.message.to_height
+        if s.peer == liar:
+            held = g.head(chain)
+            more += g.on_blocks_arrived(liar, chain, held, now, from_height=held)
+            g.on_duplicate(liar, now)
+        elif s.peer == honest:
+            more += g.on_blocks_arrived(honest, chain, hi, now, from_height=lo)
+            for h in range(lo, hi + 1):
+                if h == g.head(chain) + 1:
+                    more += g.on_block_stored(honest, chain, h, now, forward=False)
+    return more
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["other_chain", "own_chain"])
+def test_a_liar_answering_with_blocks_we_hold_cannot_keep_the_catch_up(own: bool) -> None:
+    """issue 11 #12 (attacker review): a peer claims head+2, pushes head+1 unsolicited,
+    then answers every pull with a block we already hold.  An unsolicited Blocks frame
+    does not take the pull over, and a reply that does not move our head is no answer
+    (the claim is dropped, the next peer asked), so the honest peer's 1,000 blocks
+    arrive.  For our own chain the shell re-adds every proved claim each second
+    (core.want): a distrusted peer is skipped there too."""
+    liar, honest = B, C  # on a tie the lower key is asked first: the liar
+    chain = A if own else D
+    g = core(A, pull_batch=64, pull_timeout_s=2.0, distrust_s=10.0)
+    g.restore({chain: 5})
+
+    def claim(p: bytes, h: int, t: float) -> list[Send]:
+        if own:
+            return g.want(p, chain, h, t)
+        return g.on_message(p, FullHeads(((chain, h),)), t)
+
+    now = 0.0
+    pending = claim(honest, 1000, now)
+    assert pending == [Send(honest, Pull(chain, 6, 69))]
+    # the liar's lie and its one true block, unsolicited: the pull stays where it was
+    pending += claim(liar, 1000 if own else 7, now)
+    took = g.on_blocks_arrived(liar, chain, 6, now, from_height=6)
+    assert took == []
+    pending = took + g.on_block_stored(liar, chain, 6, now, forward=False)
+    assert g._pulls[chain].src == honest
+    # (the honest peer's reply to that first pull is lost: it must be asked again)
+    pulls: Counter[bytes] = Counter(s.peer for s in pending)
+    while now < 30.0 and g.head(chain) < 1000:
+        now += 0.2
+        # the liar keeps its claim just ahead of us (the lowest claim is asked first; our
+        # own chain: it proved 1,000 too), and the shell re-wants every proved claim; a
+        # claim may come in after a pull's deadline, before the tick that expires it
+        sends = pending + claim(liar, 1000 if own else g.head(chain) + 2, now)
+        sends += claim(honest, 1000, now) + g.on_tick(now)
+        pulls.update(s.peer for s in sends if isinstance(s.message, Pull))
+        pending = _serve(g, sends, now, honest, liar)
+    assert g.head(chain) == 1000, (g.head(chain), pulls)
+    assert pulls[honest] > 0
+
+
+def test_a_buffered_blocks_charge_covers_its_decoded_entries_and_check_results() -> None:
+    """issue 11 #7 (attacker review): a block waiting in the buffer is charged at least
+    what its decoded entries and its check results (a reading's fields, rebuilt in the
+    parent from the verifier's reply) take, measured, so the buffer's byte bounds hold."""
+    import asyncio
+    import pickle
+    import time
+    import tracemalloc
+
+    from core_helpers import make_rogue
+
+    from meshhealth.chain.block import decode_body, encode_body
+    from meshhealth.ingest import verify
+    from meshhealth.net.gossip_shell import Arrival, arrival_cost
+
+    rogue = make_rogue(time.time_ns() // 1_000_000)
+    n, t0 = 1000, 1_700_000_000_000
+    body = encode_body([rogue.reading(i + 1, t0 + i) for i in range(n)])
+    reply = pickle.dumps(verify.check_entries(list(decode_body(body))))  # as from a worker
+    loop = asyncio.new_event_loop()
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        entries = list(decode_body(body))
+        checked = loop.create_future()
+        checked.set_result(pickle.loads(reply))
+        taken = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        a = Arrival(B, B, 5, (b"h" * 200, body), 0, checked, entries)
+        cost = arrival_cost(a) - len(body) - 200  # the raw frame is charged as is
+        assert taken <= cost <= 2 * taken, (taken, cost)
+    finally:
+        loop.close()
+
+
+def test_a_peer_that_keeps_leaving_pulls_without_progress_is_distrusted_longer() -> None:
+    """Each further pull of a chain a peer leaves without progress doubles how long its
+    claims about that chain are ignored (up to ``max_distrust_s``); progress clears it."""
+    g = core(A, pull_timeout_s=2.0, distrust_s=10.0, max_distrust_s=35.0)
+    now, held = 0.0, []
+    for _ in range(4):
+        assert g.on_message(C, FullHeads(((D, 100),)), now) != []  # heard again, asked
+        now += 2.5
+        g.on_tick(now)  # no progress: ignored for a while
+        held.append(g._distrust[(C, D)] - now)
+        assert g.on_message(C, FullHeads(((D, 100),)), now + held[-1] - 0.1) == []
+        now += held[-1]
+    assert held == [10.0, 20.0, 35.0, 35.0]
+    g.on_connected(C, now - 1.0, fresh=False)  # a second link: nothing forgiven
+    assert g.on_message(C, FullHeads(((D, 100),)), now - 1.0) == []
+    g.on_connected(C, now - 1.0)  # its only link, new (a partition healed): forgiven
+    assert g._strikes == {} and g._distrust == {}
+    assert g.on_message(C, FullHeads(((D, 100),)), now) == [Send(C, Pull(D, 0, 63))]
+    g.on_block_stored(C, D, 0, now, forward=False)  # progress: a clean slate
+    assert (C, D) not in g._strikes

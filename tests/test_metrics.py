@@ -255,6 +255,7 @@ def test_a_full_gossip_buffer_leaves_the_catchup_backlog_computable():
     shell = gs.GossipShell.__new__(gs.GossipShell)
     shell.buffer, shell.buffered = {}, 0
     shell.buffer_bytes, shell.buffer_by_peer, shell.limits = 0, Counter(), gs.GossipLimits()
+    shell.buffer_blocks_by_peer, shell._gap_since = Counter(), {}
     shell.counters = Counter()
     shell.core = SimpleNamespace(wanted=dict, head=lambda chain: {b"a": 3}.get(chain, -1))
     shell._hold(gs.Arrival(b"p", b"a", 7, (b"", b""), 0))

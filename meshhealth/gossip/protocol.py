@@ -75,6 +75,9 @@ class GossipParams:
     # a peer whose pull for a chain went unanswered: its claims about that chain are
     # ignored this long, and the catch-up goes on from the other peers' claims
     distrust_s: float = 10.0
+    # ... doubled for each further pull of that chain it leaves without progress, up to this
+    # (a new connection to it starts it afresh: a partition that healed is no lie)
+    max_distrust_s: float = 120.0
 
 
 class PeerStatus(Enum):
@@ -93,6 +96,19 @@ class Peer:
     backoff_until: float = 0.0
     backoff_s: float = 0.0
     penalties: int = 0
+
+
+@dataclass(slots=True)
+class _Pull:
+    """The batch of one chain in flight: asked of ``src``, heights ``start..end``."""
+
+    start: int
+    end: int
+    deadline: float
+    src: NodeId
+    # a block of this chain from ``src`` was stored since this pull was sent: only that
+    # counts as an answer (a reply of blocks we hold, or of junk, is no answer at all)
+    progressed: bool = False
 
 
 def _entry_hash(chain: NodeId, height: int) -> int:
@@ -123,13 +139,15 @@ class Gossip:
     stats: Statistics = field(default_factory=Statistics)
     _advanced: OrderedDict[NodeId, float] = field(default_factory=OrderedDict)
     _digest: int = 0
-    # chain -> the batch in flight: (its last height, deadline, asked peer, answered)
-    _pulls: dict[NodeId, tuple[int, float, NodeId, bool]] = field(default_factory=dict)
+    # chain -> the batch in flight
+    _pulls: dict[NodeId, _Pull] = field(default_factory=dict)
     # chain -> {peer: the head it claims for that chain}; one claim per peer and chain, so
     # one peer's lie cannot hide another's truth (catch-up asks the others when it stalls)
     _want: dict[NodeId, dict[NodeId, int]] = field(default_factory=dict)
     # (peer, chain) -> until when that peer's claims about that chain are ignored
     _distrust: dict[tuple[NodeId, NodeId], float] = field(default_factory=dict)
+    # (peer, chain) -> pulls in a row it left without progress (cleared by progress)
+    _strikes: dict[tuple[NodeId, NodeId], int] = field(default_factory=dict)
     _alive_cache: list[NodeId] | None = None
     _cache_until: float = 0.0
     # peer exchange: where each known peer can be dialed
@@ -152,14 +170,20 @@ class Gossip:
             if not claims:
                 del self._want[chain]
         self._distrust = {k: t for k, t in self._distrust.items() if k[0] != peer}
+        self._strikes = {k: n for k, n in self._strikes.items() if k[0] != peer}
 
-    def on_connected(self, peer: NodeId, now: float) -> list[Send]:
+    def on_connected(self, peer: NodeId, now: float, *, fresh: bool = True) -> list[Send]:
         """A connection to ``peer`` came up: compare full head vectors at once.
 
         This is how a restarted or wiped node learns, before it seals
         anything, how far its own chain (and every other) already got.
+        ``fresh``: no other connection to ``peer`` was up (it was cut off, or
+        partitioned away), so its pulls that went unanswered are forgiven.
         """
         self._heard(peer, now)
+        if fresh:
+            self._distrust = {k: t for k, t in self._distrust.items() if k[0] != peer}
+            self._strikes = {k: n for k, n in self._strikes.items() if k[0] != peer}
         self.stats.full_heads_requested += 1
         return [Send(peer, FullHeadsRequest())]
 
@@ -244,7 +268,7 @@ class Gossip:
         self._advanced[chain] = now
         self._advanced.move_to_end(chain)
         pull = self._pulls.get(chain)
-        if pull is not None and height >= pull[0]:
+        if pull is not None and height >= pull.end:
             del self._pulls[chain]
 
     def restore(self, heads: dict[NodeId, int]) -> None:
@@ -290,6 +314,10 @@ class Gossip:
             return []
         if height != self.head(chain) + 1:
             raise ValueError(f"block {height} stored above head {self.head(chain)}: not contiguous")
+        pull = self._pulls.get(chain)
+        if pull is not None and src == pull.src:
+            pull.progressed = True  # it moved our head: the one answer that counts
+            self._strikes.pop((src, chain), None)
         self._advance(chain, height, now)
         sends = self._continue_pull(chain, now)
         if forward:
@@ -329,41 +357,66 @@ class Gossip:
         """Pull ``chain`` up to ``upto`` from ``src`` (a claim the caller accepts)."""
         if upto <= self.head(chain):
             return []
+        until = self._distrust.get((src, chain))
+        if until is not None and until > now:
+            return []  # it was asked and did not deliver: the others' turn (see _expire_pulls)
         claims = self._want.setdefault(chain, {})
         if upto > claims.get(src, -1):
             claims[src] = upto
         pending = self._pulls.get(chain)
-        if pending is not None and pending[1] > now:
+        if pending is None:
+            return self._issue_pull(chain, now)
+        if pending.deadline > now:
             return []
-        return self._issue_pull(chain, now)
+        # past its deadline, before the tick saw it: expire it here, as the tick would (a
+        # claim renewed every tick must not re-issue an unanswered pull to its liar)
+        return self._expire(chain, pending, now)
 
     def wanted(self) -> dict[NodeId, int]:
         """Per chain, the highest head a peer claims that we have not reached."""
         return {c: max(claims.values()) for c, claims in self._want.items() if claims}
 
     def on_blocks_arrived(
-        self, src: NodeId, chain: NodeId, to_height: int, now: float
+        self,
+        src: NodeId,
+        chain: NodeId,
+        to_height: int,
+        now: float,
+        *,
+        from_height: int | None = None,
     ) -> list[Send]:
         """A pull reply arrived (its blocks are still to be checked).
 
         During a catch-up, ask for the next batch right away, from where this
         reply ends (a reply may be shorter than asked), so it is on its way
-        while this one is verified and applied.
+        while this one is verified and applied.  Only a reply to the pull in
+        flight does this: from the peer asked, starting where it was asked
+        and within its range (the shell passes ``from_height``).  Anything
+        else (a Blocks frame nobody asked for) changes nothing here: the
+        pull stays with the peer it was sent to.  Arriving is no answer
+        either: only a block that moves our head does (:class:`_Pull`), and
+        the next batch keeps this one's deadline until one has.
         """
         self._heard(src, now)
         pending = self._pulls.get(chain)
-        if pending is not None and pending[2] == src:
-            self._pulls[chain] = (pending[0], pending[1], src, True)
+        if pending is None or pending.src != src:
+            return []
+        if from_height is not None and from_height != pending.start:
+            return []
+        if to_height > pending.end or to_height <= self.head(chain):
+            return []
         claims = self._want.get(chain)
-        if not claims or to_height <= self.head(chain):
+        if not claims or claims.get(src, -1) <= to_height:
             return []
-        if claims.get(src, -1) <= to_height:
-            return []
-        return self._issue_pull(chain, now, start=to_height + 1, src=src)
+        deadline = now + self.params.pull_timeout_s if pending.progressed else pending.deadline
+        return self._issue_pull(chain, now, start=to_height + 1, src=src, deadline=deadline)
 
-    def _source(self, chain: NodeId, prefer: NodeId | None = None) -> NodeId | None:
+    def _source(
+        self, chain: NodeId, prefer: NodeId | None = None, avoid: NodeId | None = None
+    ) -> NodeId | None:
         """Whom to pull ``chain`` from: ``prefer`` if its claim is still ahead of us, else
-        the peer with the lowest claim ahead of us (the least a liar can make us wait)."""
+        the peer with the lowest claim ahead of us (the least a liar can make us wait),
+        other than ``avoid`` if there is another."""
         head = self.head(chain)
         claims = self._want.get(chain, {})
         for peer in [p for p, upto in claims.items() if upto <= head]:
@@ -373,20 +426,28 @@ class Gossip:
             return None
         if prefer is not None and prefer in claims:
             return prefer
-        return min(claims, key=lambda p: (claims[p], p))
+        others = [p for p in claims if p != avoid] or list(claims)
+        return min(others, key=lambda p: (claims[p], p))
 
     def _issue_pull(
-        self, chain: NodeId, now: float, start: int | None = None, src: NodeId | None = None
+        self,
+        chain: NodeId,
+        now: float,
+        start: int | None = None,
+        src: NodeId | None = None,
+        *,
+        avoid: NodeId | None = None,
+        deadline: float | None = None,
     ) -> list[Send]:
-        pending = self._pulls.get(chain)
-        src = self._source(chain, src or (pending[2] if pending is not None else None))
+        src = self._source(chain, src, avoid)
         if src is None:
             self._pulls.pop(chain, None)
             return []
         upto = self._want[chain][src]
         start = self.head(chain) + 1 if start is None else start
         end = min(upto, start + self.params.pull_batch - 1)
-        self._pulls[chain] = (end, now + self.params.pull_timeout_s, src, False)
+        deadline = now + self.params.pull_timeout_s if deadline is None else deadline
+        self._pulls[chain] = _Pull(start, end, deadline, src)
         self.stats.pulls_sent += 1
         return [Send(src, Pull(chain, start, end))]
 
@@ -402,23 +463,32 @@ class Gossip:
         return self._issue_pull(chain, now)
 
     def _expire_pulls(self, now: float) -> list[Send]:
-        """Pulls past their deadline: a peer that never answered loses its claim about
-        that chain for ``distrust_s``, and the catch-up goes on from another claim."""
+        """Pulls past their deadline.  A peer that did not move our head (no reply, or a
+        reply of blocks we hold, or of junk) loses its claim about that chain for
+        ``distrust_s``; one that did, but not all the way, keeps it.  Either way the next
+        batch goes to another peer claiming that chain, if there is one, so a peer that
+        answers slowly or not at all cannot keep the catch-up to itself."""
         out: list[Send] = []
-        for chain, (_, deadline, src, answered) in list(self._pulls.items()):
-            if deadline > now:
-                continue
-            self.stats.pull_timeouts += 1
-            if not answered:
-                claims = self._want.get(chain, {})
-                if claims.pop(src, None) is not None:
-                    self.stats.claims_dropped += 1
-                self._distrust[(src, chain)] = now + self.params.distrust_s
-                del self._pulls[chain]
-            out += self._issue_pull(chain, now)
-        if len(self._distrust) > 1024:
+        for chain, pull in list(self._pulls.items()):
+            if pull.deadline <= now:
+                out += self._expire(chain, pull, now)
+        if len(self._distrust) > 1024 or len(self._strikes) > 1024:
             self._distrust = {k: t for k, t in self._distrust.items() if t > now}
+            self._strikes = {k: n for k, n in self._strikes.items() if k in self._distrust}
         return out
+
+    def _expire(self, chain: NodeId, pull: _Pull, now: float) -> list[Send]:
+        self.stats.pull_timeouts += 1
+        del self._pulls[chain]
+        if not pull.progressed:
+            claims = self._want.get(chain, {})
+            if claims.pop(pull.src, None) is not None:
+                self.stats.claims_dropped += 1
+            key = (pull.src, chain)
+            strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+            hold = self.params.distrust_s * 2 ** min(strikes - 1, 32)
+            self._distrust[key] = now + min(self.params.max_distrust_s, hold)
+        return self._issue_pull(chain, now, avoid=pull.src)
 
     # --- control messages ---------------------------------------------------------
 

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from meshhealth.node import Node
 
 log = logging.getLogger(__name__)
-MAX_BUFFERED = 4096  # blocks in the out-of-order buffer (besides its byte bounds)
+MAX_BUFFERED = 4096  # blocks in the out-of-order buffer, in all (besides its byte bounds)
 MAX_QUEUED = 512  # frames in one peer's send queue (besides its byte bounds)
 MiB = 1024 * 1024
 # errors decoding or admitting what a peer sent that are not yet RemoteErrors: a bug in a
@@ -116,6 +116,9 @@ HANDSHAKE_S = 10.0
 MAX_LINKS_PER_PEER = 2  # connections to one peer (one each way); a newer one ends the oldest
 MAX_OBSERVERS = 32  # read-only peers connected at once
 MAX_REPLY_BYTES = 4 * MiB  # a pull reply stops adding blocks here (one always fits)
+# start-up sync: no block of our own chain for this long, while a peer proved it is longer,
+# is logged and shown (gossip.own_sync_stalled_s in /v1/status); the fetch goes on
+OWN_SYNC_STALL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,31 @@ class GossipLimits:
     send_total_bytes: int = 128 * MiB
     slow_peer_s: float = 60.0  # a peer that finishes no frame for this long is cut off
     claim_timeout_s: float = 10.0  # to back a claim about our own chain with our header
+    # blocks one peer can have waiting (besides bytes: thousands of tiny signed blocks are
+    # cheap to make), and how long a chain's waiting blocks may wait for its head to move
+    buffer_peer_blocks: int = MAX_BUFFERED // 4
+    buffer_gap_s: float = 60.0
+
+
+# what one decoded entry costs besides its bytes: a bytes object's header and its list slot
+ENTRY_OVERHEAD = 40
+# what one entry's check result costs besides its bytes: a reading's is a tuple of twelve
+# fields, each its own object (measured with tracemalloc: ~450 bytes above the reading's
+# size, so a 225-byte reading's result takes ~680; tests/test_gossip_core.py)
+RESULT_OVERHEAD = 512
 
 
 def arrival_cost(a: Arrival) -> int:
-    """The bytes a buffered block keeps alive: raw header and body, and the body decoded."""
+    """The bytes a buffered block keeps alive: raw header and body, the body decoded, and
+    its entries' check results."""
     cost = len(a.raw[0]) + len(a.raw[1]) + 256
     if a.entries is not None:
-        cost += sum(len(e) + 40 for e in a.entries)  # a bytes object's overhead, and its slot
-    if a.checked is not None:
-        cost += len(a.raw[1])  # the checks' results (a reading's fields, rebuilt) at most
+        n, size = len(a.entries), sum(map(len, a.entries))
+        cost += size + n * ENTRY_OVERHEAD
+        if a.checked is not None:
+            cost += size + n * RESULT_OVERHEAD
+    elif a.checked is not None:  # (not made so: checks start from the decoded body)
+        cost += 4 * len(a.raw[1])
     return cost
 
 
@@ -206,6 +225,9 @@ class GossipShell:
         self.buffered = 0
         self.buffer_bytes = 0  # what the buffer holds, in all and per sending peer
         self.buffer_by_peer: Counter[bytes] = Counter()
+        self.buffer_blocks_by_peer: Counter[bytes] = Counter()
+        # chain -> since when its buffered blocks wait without its head moving
+        self._gap_since: dict[bytes, float] = {}
         self.send_bytes = 0  # what every send queue holds, in all and per peer (every
         self.send_by_peer: Counter[bytes] = Counter()  # connection of that peer together)
         self.counters: Counter[str] = Counter()
@@ -216,6 +238,7 @@ class GossipShell:
         # peer -> (height, deadline, when to ask again for our header there)
         self.own_claims: dict[bytes, tuple[int, float, float]] = {}
         self.liars: set[bytes] = set()  # peers that could not back a claim about our chain
+        self.own_stalled_since: float | None = None  # our chain's fetch moved no block since
         self.synced = not peer_urls
         if not self.synced:
             node.pipeline.may_seal.clear()  # sync_own_chain sets it again
@@ -336,9 +359,27 @@ class GossipShell:
         first: float | None = None
         ok, behind, next_log = self.synced, False, time.monotonic() + timeout
         next_want = time.monotonic() + 1.0
+        last_mine, moved = -2, time.monotonic()
         while not ok:
             self._expire_own_claims()
             mine = (self.node.store.head(self.me) or (-1, b""))[0]
+            if mine != last_mine:
+                last_mine, moved, self.own_stalled_since = mine, time.monotonic(), None
+            elif (
+                behind
+                and self.own_stalled_since is None
+                and time.monotonic() - moved >= OWN_SYNC_STALL_S
+            ):
+                self.own_stalled_since = moved
+                self.counters["own_sync_stalled"] += 1
+                log.warning(
+                    "gossip: no peer delivered a block of our own chain for %.0f s "
+                    "(we hold %d, peers proved %d): not sealing below a proved head; "
+                    "still asking every peer that proved one, in turn",
+                    time.monotonic() - moved,
+                    mine,
+                    max(self.own_reports.values()),
+                )
             if self.own_reports:
                 first = first or time.monotonic()
                 connected = {p for p, c in self.conns.items() if c.authority} - self.liars
@@ -363,6 +404,7 @@ class GossipShell:
                 next_log = time.monotonic() + timeout
             await asyncio.sleep(0.05)
         self.synced = True
+        self.own_stalled_since = None
         self.own_claims.clear()
         self.node.pipeline.may_seal.set()
         self.counters["startup_sync_ok" if ok else "startup_sync_timeout"] += 1
@@ -372,6 +414,22 @@ class GossipShell:
         while True:
             await asyncio.sleep(self.core.params.tick_s)
             self.dispatch(self.core.on_tick(time.monotonic()))
+            self._evict_stale(time.monotonic())
+
+    def _evict_stale(self, now: float) -> None:
+        """Drop the buffered blocks of every chain whose head has not moved for
+        ``buffer_gap_s`` while they waited: a gap nobody fills (a peer that pushes blocks
+        far ahead and never the one that follows our head) must not hold the buffer for
+        good.  They are counted (``buffer_evicted``) and pulled again when the gap fills."""
+        for chain, since in list(self._gap_since.items()):
+            if now - since < self.limits.buffer_gap_s:
+                continue
+            for h in list(self.buffer.get(chain, {})):
+                old = self._take(chain, h)
+                if old is not None:
+                    self._discard(old)
+                    self.counters["buffer_evicted"] += 1
+            self._gap_since.pop(chain, None)
 
     async def _dial_forever(self, session: aiohttp.ClientSession, url: str) -> None:
         delay = 0.5
@@ -496,7 +554,8 @@ class GossipShell:
         self.conns[conn.peer] = conn
         self.counters["connected"] += 1
         writer = asyncio.create_task(self._write(conn))
-        self.dispatch(self.core.on_connected(conn.peer, time.monotonic()))
+        fresh = len(self._links.get(conn.peer, ())) <= 1  # its first link, or its only one
+        self.dispatch(self.core.on_connected(conn.peer, time.monotonic(), fresh=fresh))
         if self.peer_exchange:
             self.dispatch([Send(conn.peer, self.core.peer_list(self.advertise_url))])
         try:
@@ -595,7 +654,11 @@ class GossipShell:
                 except RemoteError:
                     bodies.append(None)  # _apply decodes it again and rejects it
             checks = iter(self.node.pipeline.verify_blocks([b for b in bodies if b is not None]))
-            self.dispatch(self.core.on_blocks_arrived(conn.peer, msg.chain, msg.to_height, now))
+            self.dispatch(
+                self.core.on_blocks_arrived(
+                    conn.peer, msg.chain, msg.to_height, now, from_height=msg.from_height
+                )
+            )
             heights = range(msg.from_height, msg.to_height + 1)
             for h, raw, body in zip(heights, raws, bodies, strict=True):
                 checked = None if body is None else next(checks)
@@ -844,6 +907,8 @@ class GossipShell:
             self._peer_fault(src, "invalid_block", f"block {chain.hex()[:8]}#{height}", exc)
             return False
         self.counters["blocks_applied"] += 1
+        if chain in self._gap_since:
+            self._gap_since[chain] = now  # its head moved: what waits may apply next
         self.latency.append((chain, height, time.time() * 1000 - header.ts_ms))
         self.dispatch(
             self.core.on_block_stored(src, chain, height, now, hops=a.hops, forward=forward)
@@ -867,6 +932,7 @@ class GossipShell:
         cost, lim = arrival_cost(a), self.limits
         if (
             self.buffered >= MAX_BUFFERED
+            or self.buffer_blocks_by_peer[a.src] >= lim.buffer_peer_blocks
             or self.buffer_by_peer[a.src] + cost > lim.buffer_peer_bytes
             or self.buffer_bytes + cost > lim.buffer_total_bytes
         ):
@@ -874,10 +940,12 @@ class GossipShell:
             self._discard(a)
             return
         self.buffer[a.chain] = held  # only a chain with a block in it has an entry
+        self._gap_since.setdefault(a.chain, time.monotonic())
         held[a.height] = a
         self.buffered += 1
         self.buffer_bytes += cost
         self.buffer_by_peer[a.src] += cost
+        self.buffer_blocks_by_peer[a.src] += 1
 
     def _take(self, chain: bytes, height: int) -> Arrival | None:
         held = self.buffer.get(chain)
@@ -889,8 +957,12 @@ class GossipShell:
             self.buffer_by_peer[block.src] -= cost
             if self.buffer_by_peer[block.src] <= 0:
                 del self.buffer_by_peer[block.src]
+            self.buffer_blocks_by_peer[block.src] -= 1
+            if self.buffer_blocks_by_peer[block.src] <= 0:
+                del self.buffer_blocks_by_peer[block.src]
         if held is not None and not held:
             del self.buffer[chain]
+            self._gap_since.pop(chain, None)
         return block
 
     async def _drain(self, chain: bytes) -> None:
@@ -934,13 +1006,20 @@ class GossipShell:
         return {
             "connections": sorted(p.hex()[:8] for p in self.conns),
             "synced": self.synced,
+            "own_sync_stalled_s": None
+            if self.own_stalled_since is None
+            else round(time.monotonic() - self.own_stalled_since, 1),
             "buffered": self.buffered,
             "buffered_bytes": self.buffer_bytes,
             "buffered_bytes_by_peer": {p.hex()[:8]: n for p, n in self.buffer_by_peer.items()},
+            "buffered_by_peer": {p.hex()[:8]: n for p, n in self.buffer_blocks_by_peer.items()},
             "send_queued_bytes": self.send_bytes,
             "limits": {
                 "buffer_peer_bytes": self.limits.buffer_peer_bytes,
                 "buffer_total_bytes": self.limits.buffer_total_bytes,
+                "buffer_peer_blocks": self.limits.buffer_peer_blocks,
+                "buffer_total_blocks": MAX_BUFFERED,
+                "buffer_gap_s": self.limits.buffer_gap_s,
                 "send_peer_bytes": self.limits.send_peer_bytes,
                 "send_total_bytes": self.limits.send_total_bytes,
             },
