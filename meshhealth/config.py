@@ -143,6 +143,8 @@ class ApiConfig:
     # each patient's erasures and the rechains after a revocation, removal or erasure,
     # per hour: outside the budgets above, so strangers cannot spend them away
     cut_bytes_per_patient_hour: int = 131_072
+    # ...and all unregistered patients' such cuts together, per hour
+    stranger_cut_bytes_per_hour: int = 2_097_152
     # what the access state may hold per patient (this node refuses more)
     max_grants_per_patient: int = 1_024
     max_held_bytes_per_patient: int = 8_388_608
@@ -382,6 +384,7 @@ def _check_api(cfg: NodeConfig, source: str) -> None:
         "registered_bytes_per_hour",
         "registrar_bytes_per_hour",
         "cut_bytes_per_patient_hour",
+        "stranger_cut_bytes_per_hour",
         "max_held_bytes_per_patient",
         "max_stranger_held_bytes",
     ):

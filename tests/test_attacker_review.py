@@ -357,6 +357,29 @@ def test_a_drained_strangers_budget_stops_no_erase_nor_the_rechain_after_a_cut()
     assert refused >= 2 * cut // 100 - CUT_ERASES_PER_HOUR  # a few an hour, no more
 
 
+def test_throwaway_patients_cuts_share_one_pool_so_they_cannot_multiply_it() -> None:
+    """Each throwaway key holding a transaction has a cut allowance of its own; their sum is
+    held to one strangers' pool, else a stranger's bytes per hour would grow with the
+    number of keys it made (the lead's review of the item-6 exemption)."""
+    pool = 70_000  # the strangers' cut pool, and their ordinary budget: ~450 erasures each
+    lim = ApiLimits(ApiConfig(stranger_cut_bytes_per_hour=pool, stranger_bytes_per_hour=pool))
+    acc, now = AccessState(), 10.0
+    admitted = refused = spent = 0
+    for _ in range(4 * pool // 150):  # twice what both hold, one erasure per fresh patient
+        rogue = make_rogue(1)
+        assert acc.apply(rogue.enrolment)  # it holds something here (from another node)
+        e = Erase.create(rogue.patient.signing, patient=rogue.patient.public, ts_ms=40)
+        try:
+            lim.tx_admission(e, e.encode(), acc, now)()
+        except RateLimited:
+            refused += 1
+            continue
+        admitted += 1
+        spent += len(e.encode())
+    assert admitted > 0 and refused > 0
+    assert spent <= 2 * pool  # the two full buckets (no time passes), however many keys
+
+
 # --- item 7: other chains' strangers do not use up this node's stranger quota ---------------
 
 

@@ -127,6 +127,12 @@ class ApiLimits:
         # per registering authority: few keys (the genesis), never dropped
         self.registrars: TokenBuckets[bytes] = hourly(cfg.registrar_bytes_per_hour)
         self.cuts: TokenBuckets[bytes] = hourly(cfg.cut_bytes_per_patient_hour, max_keys=n)
+        # ...and what all unregistered patients' cuts take together: each throwaway key
+        # has an allowance of its own, so without this pool their sum would grow with
+        # the number of throwaway keys holding a transaction here
+        self.stranger_cuts: TokenBuckets[bytes] = hourly(
+            cfg.stranger_cut_bytes_per_hour, max_keys=1
+        )
         self.cut_erases: TokenBuckets[bytes] = hourly(CUT_ERASES_PER_HOUR, max_keys=n)
         # what this node admitted for unregistered patients (the local stranger quota):
         # at most max_stranger_held_bytes in all, so at most that / 100 B patients
@@ -178,6 +184,7 @@ class ApiLimits:
             _follows_cut(tx, access)
             and not self.cuts.wait_s(patient, cost, now)
             and not (isinstance(tx, Erase) and self.cut_erases.wait_s(patient, 1, now))
+            and (registered or not self.stranger_cuts.wait_s(STRANGERS, cost, now))
         ):
             if access.held_bytes[patient] + len(raw) > self.cfg.max_held_bytes_per_patient:
                 raise Rejected(
@@ -189,6 +196,8 @@ class ApiLimits:
             def charge_cut() -> None:
                 self.tx_patient.take(patient, cost, now)
                 self.cuts.take(patient, cost, now)
+                if not registered:
+                    self.stranger_cuts.take(STRANGERS, cost, now)
                 if isinstance(tx, Erase):
                     self.cut_erases.take(patient, 1, now)
 
