@@ -625,6 +625,14 @@ class EquivocationProof:
         return self
 
 
+def _check_access_log(outcome: str, grant: bytes) -> None:
+    """What both access log versions require of their outcome and grant."""
+    if outcome not in ("read", "denied"):
+        raise MalformedMessage("an access log's outcome is read or denied")
+    if len(grant) not in (0, 32):
+        raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
+
+
 @dataclass(frozen=True, slots=True)
 class AccessLog(Signed):
     """Node-signed: ``reader`` asked this node for ``patient``'s ``stream`` in
@@ -673,10 +681,7 @@ class AccessLog(Signed):
     sig: bytes
 
     def __post_init__(self) -> None:
-        if self.outcome not in ("read", "denied"):
-            raise MalformedMessage("an access log's outcome is read or denied")
-        if len(self.grant) not in (0, 32):
-            raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
+        _check_access_log(self.outcome, self.grant)
 
 
 MAX_REQUEST_PATH = 1024  # a logged read's path and query (the API refuses longer ones)
@@ -717,18 +722,7 @@ class AccessLogV2(Signed):
     MAX_LEN: ClassVar[int] = 2048
     SIGNER: ClassVar[str] = "node"
     FIELDS: ClassVar[Fields] = (
-        ("network", KEY),
-        ("node", KEY),
-        ("reader", KEY),
-        ("patient", KEY),
-        ("stream", name_str),
-        ("from_ms", u_int()),
-        ("to_ms", u_int()),
-        ("ts_ms", u_int()),
-        ("outcome", name_str),
-        ("reason", b_max(64)),
-        ("grant", b_max(32)),
-        ("readings", u_int(0, MAX_U32)),
+        *AccessLog.FIELDS[:-1],  # L1's, up to ``readings``; L1's ``request`` is derived here
         ("count", u_int(1, MAX_U32)),
         ("method", method_str),
         ("path", path_str),
@@ -760,10 +754,7 @@ class AccessLogV2(Signed):
     sig: bytes
 
     def __post_init__(self) -> None:
-        if self.outcome not in ("read", "denied"):
-            raise MalformedMessage("an access log's outcome is read or denied")
-        if len(self.grant) not in (0, 32):
-            raise MalformedMessage("an access log names a grant by its 32-byte id, or none")
+        _check_access_log(self.outcome, self.grant)
 
     @property
     def request(self) -> bytes:
