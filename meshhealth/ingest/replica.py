@@ -266,8 +266,11 @@ def _admit_remote(
     # Each pending seq adds at most one to the stored gap set, whatever order batches are
     # sealed in, except the one right after the mark's contiguous part (it only shrinks the
     # set); so mark + this block + pending, counted so, bounds every mark we will store.
+    new_marks: dict[bytes, SeqMark] = {}  # each device's mark once this block is in
     for device, seqs in adds.items():
-        mark = b.marks.get(device, SeqMark()).copy()
+        if not seqs:
+            continue
+        mark = new_marks[device] = b.marks.get(device, SeqMark()).copy()
         for s in seqs:
             mark.add(s)
         pending = b.pending_seqs(device)
@@ -306,14 +309,8 @@ def _admit_remote(
             b.erasures_due.append((tx.patient, tx.ts_ms))
     for accused, at in faults.items():
         b.faulty.setdefault(accused, at)
-    touched: dict[bytes, SeqMark] = {}
-    for device, seqs in adds.items():
-        if not seqs:
-            continue
-        mark = b.marks.setdefault(device, SeqMark())
-        for s in seqs:
-            mark.add(s)
-        touched[device] = mark.copy()
+    b.marks.update(new_marks)
+    touched = {device: mark.copy() for device, mark in new_marks.items()}
     block = Block(header, tuple(entries))
     b.note_remote_head(node, height, block.hash, carries_entries=bool(entries), now_ms=now_ms)
     return Commit(block, tuple(index), touched, tuple(txs), tuple(audit), frozenset(prune))
