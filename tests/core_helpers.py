@@ -312,3 +312,20 @@ def stranger_rechain(device: bytes, ts_ms: int) -> Rechain:
         devices=tuple(keys),
         grants=grants,
     )
+
+
+def junk_grant(
+    patient: Identity, keys: int, *, ts_ms: int = 1, until_ms: int | None = None
+) -> Grant:
+    """A bounded Grant of ``keys`` one-second epochs with random key bytes, about
+    ``32 * keys`` bytes, to a random grantee: volume for the quota and budget tests."""
+    s = GrantStream("hr", os.urandom(8), 0, 1000, 0, keys - 1, os.urandom(48 + 32 * keys))
+    return Grant.create(
+        patient.signing,
+        grantee=os.urandom(32),
+        ts_ms=ts_ms,
+        from_ms=0,
+        until_ms=keys * 1000 if until_ms is None else until_ms,
+        pseudonymous=0,
+        streams=(s,),
+    )

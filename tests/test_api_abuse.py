@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import NodeProcess
+from core_helpers import junk_grant
 from test_cli import mh
 
 from meshhealth.bench.procs import MOSQUITTO, BrokerProcess
@@ -36,7 +37,7 @@ from meshhealth.net.signed_request import sign_request
 from meshhealth.sharing.audit import FORGED, VERIFIED, request_status
 from meshhealth.sharing.export import access_log_doc
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import AccessLogV2, Grant, GrantStream, decode_entry
+from meshhealth.wire import AccessLogV2, Grant, decode_entry
 from meshhealth.wire.codec import peek_tag, unpack
 from meshhealth.wire.types import ACCESS_LOGS
 
@@ -87,16 +88,7 @@ def post_tx(url: str, raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
 
 def big_grant(patient: Identity, keys: int, now: int) -> bytes:
     """A bounded grant of ``keys`` one-second epochs: about ``32 * keys`` bytes."""
-    s = GrantStream("hr", os.urandom(8), 0, 1000, 0, keys - 1, os.urandom(48 + 32 * keys))
-    return Grant.create(
-        patient.signing,
-        grantee=os.urandom(32),
-        ts_ms=now,
-        from_ms=0,
-        until_ms=keys * 1000 - 1,
-        pseudonymous=0,
-        streams=(s,),
-    ).encode()
+    return junk_grant(patient, keys, ts_ms=now, until_ms=keys * 1000 - 1).encode()
 
 
 def chain_entries(node: NodeProcess) -> list[bytes]:

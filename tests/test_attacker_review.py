@@ -16,7 +16,7 @@ from typing import Any
 import nacl.signing
 import pytest
 from conftest import NodeProcess
-from core_helpers import make_rogue
+from core_helpers import junk_grant, make_rogue
 from yarl import URL
 
 from meshhealth.bench.procs import MOSQUITTO, BrokerProcess
@@ -39,7 +39,6 @@ from meshhealth.wire import (
     AccessLogV2,
     Erase,
     Grant,
-    GrantStream,
     Rechain,
     RegisterPatient,
     RemoveDevice,
@@ -384,16 +383,7 @@ def test_throwaway_patients_cuts_share_one_pool_so_they_cannot_multiply_it() -> 
 
 
 def _grant(patient: Identity, keys: int = 60) -> Grant:
-    s = GrantStream("hr", os.urandom(8), 0, 1000, 0, keys - 1, os.urandom(48 + 32 * keys))
-    return Grant.create(
-        patient.signing,
-        grantee=os.urandom(32),
-        ts_ms=1,
-        from_ms=0,
-        until_ms=keys * 1000,
-        pseudonymous=0,
-        streams=(s,),
-    )
+    return junk_grant(patient, keys)
 
 
 def test_a_bad_authoritys_stranger_grants_do_not_lock_strangers_out_of_this_node() -> None:

@@ -6,7 +6,7 @@ import os
 
 import nacl.signing
 import pytest
-from core_helpers import T0, make_batcher, make_world
+from core_helpers import T0, junk_grant, make_batcher, make_world
 from test_replica import two_nodes
 
 from meshhealth.chain.acl import AccessState
@@ -23,20 +23,11 @@ from meshhealth.sharing.audit import UNSIGNED, request_status
 from meshhealth.sharing.registration import registration
 from meshhealth.store.lattice_view import replay_control
 from meshhealth.store.lmdb_store import Store
-from meshhealth.wire import AccessLog, Grant, GrantStream, Revoke, decode_entry
+from meshhealth.wire import AccessLog, Grant, Revoke, decode_entry
 
 
 def grant(patient: Identity, keys: int = 100) -> Grant:
-    s = GrantStream("hr", os.urandom(8), 0, 1000, 0, keys - 1, os.urandom(48 + 32 * keys))
-    return Grant.create(
-        patient.signing,
-        grantee=os.urandom(32),
-        ts_ms=1,
-        from_ms=0,
-        until_ms=keys * 1000,
-        pseudonymous=0,
-        streams=(s,),
-    )
+    return junk_grant(patient, keys)
 
 
 def test_a_bucket_refills_at_its_rate_and_says_how_long_to_wait() -> None:
